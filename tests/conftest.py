@@ -1,0 +1,29 @@
+"""Shared fixtures: a tiny random Llama with a small BPE tokenizer, saved with save_pretrained."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import torch
+
+from qlora_ga.testing import make_tiny_model
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """Folder with a 3-layer Llama (hidden 64) and its tokenizer; fp32 weights in safetensors."""
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sharded_model_dir(tmp_path_factory):
+    """Same kind of model written in several safetensors shards (for the streaming export)."""
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-llama-sharded"), max_shard_size="60KB", seed=1)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
