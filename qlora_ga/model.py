@@ -159,6 +159,7 @@ def load_model(
             "or a hub id you can reach (set HF_TOKEN for gated models)"
         ) from None
     model.config.use_cache = False
+    keep_4bit_trainable(model)
     model.eval()
     model.qlora_ga_source = source  # where the 16-bit weights live (used by the merged export)
     return model, tokenizer
@@ -203,6 +204,25 @@ def target_linears(module: nn.Module, target_modules=DEFAULT_TARGETS, prefix: st
         if name and name.split(".")[-1] in targets and is_linear(mod):
             out[f"{prefix}{name}"] = mod
     return out
+
+
+def keep_4bit_trainable(model: nn.Module) -> None:
+    """Stop bitsandbytes from repacking 4-bit weights for CPU inference.
+
+    On CPUs with AVX512-BF16, bitsandbytes converts a Linear4bit's weight to an inference-only
+    layout on the first eval-mode forward without grad; after that the layer has no autograd path
+    (no gradient flows through it) and its stored bytes differ. The gradient pass and training both
+    need the trainable layout, so the conversion is switched off (and undone where it happened).
+    """
+    import bitsandbytes as bnb
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+    for mod in model.modules():
+        if isinstance(mod, bnb.nn.Linear4bit):
+            mod.support_avx512bf16_for_cpu = False
+            w = mod.weight
+            if getattr(getattr(w, "quant_state", None), "packing_format_for_cpu", False):
+                w.data, w.quant_state = _convert_weight_packed_for_cpu_inverse(w.data, w.quant_state)
 
 
 def dequantized_weight(linear: nn.Module) -> torch.Tensor:

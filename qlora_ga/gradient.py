@@ -1,0 +1,493 @@
+"""Step 2 of the pipeline: the serial, block-by-block gradient pass (DESIGN section 2).
+
+For every target linear W (m x n) of the 4-bit model, compute the exact mean gradient
+
+    G = dL/dW_hat,   L = (sum of token cross-entropies over all label tokens of the sample) / N_tokens
+
+where W_hat = deQ(Q(W)) is the weight the model really computes with. L is token-weighted over the
+whole sample batch, so G does not depend on the micro-batch size or on padding.
+
+How (memory bounded by one decoder block, never by the model):
+1. forward the sample micro-batch by micro-batch without grad; forward pre-hooks on the decoder
+   layers record each layer's input hidden states (every k-th layer when the store's budget is
+   short) and the keyword arguments it was called with (position embeddings, masks);
+2. the loss head (final norm + LM head, chunked over label tokens) gives dL/dh at the top;
+3. for block l = L-1 ... 0: recompute block l from its stored input with grad, backpropagate the
+   incoming dL/dh_{l+1} micro-batch by micro-batch; hooks on each target linear add delta^T x to
+   its fp32 G (no dequantized weight copy, no .grad on a 4-bit parameter); pass dL/dh_l down. When
+   the block is done, each G is handed to ``reduce_fn`` (a truncated SVD for the inits) and freed.
+
+The model is left exactly as it was (hooks removed, requires_grad / training flags restored), also
+when the pass fails.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .errors import QloraGaError
+from .model import DEFAULT_TARGETS, find_decoder_layers, find_final_norm, keep_4bit_trainable, target_linears
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class Factors:
+    """Truncated SVD ``G ~= U diag(S) V^T`` of one module's gradient (fp32, CPU)."""
+
+    U: torch.Tensor  # m x k
+    S: torch.Tensor  # k
+    V: torch.Tensor  # n x k
+    shape: tuple[int, int]
+    grad_norm: float  # ||G||_F
+    svd_seconds: float = 0.0
+
+
+@dataclass
+class PassReport:
+    n_sequences: int = 0
+    n_label_tokens: int = 0
+    n_padded_tokens: int = 0
+    n_blocks: int = 0
+    loss: float = float("nan")
+    seconds: float = 0.0
+    state_device: str = ""
+    state_stride: int = 1
+    state_bytes_per_layer: int = 0
+    peak_live_grad_bytes: int = 0
+    max_block_grad_bytes: int = 0
+    peak_gpu_bytes: int | None = None
+    modules: dict = field(default_factory=dict)  # name -> {"shape", "grad_norm", "top_singular_values", "svd_seconds"}
+
+
+# ------------------------------------------------------------------ live gradient accounting
+
+
+class _GradLedger:
+    """Counts the bytes of live gradient buffers (freed ones leave via weakref.finalize)."""
+
+    def __init__(self):
+        self.live = 0
+        self.peak = 0
+
+    def new(self, shape, device) -> torch.Tensor:
+        g = torch.zeros(shape, dtype=torch.float32, device=device)
+        nbytes = g.numel() * 4
+        self.live += nbytes
+        self.peak = max(self.peak, self.live)
+        weakref.finalize(g, self._free, nbytes)
+        return g
+
+    def _free(self, nbytes):
+        self.live -= nbytes
+
+
+def new_grad_buffer(ledger: _GradLedger, shape, device) -> torch.Tensor:
+    """Allocate one module's fp32 gradient accumulator (a seam the tests instrument)."""
+    return ledger.new(shape, device)
+
+
+# ------------------------------------------------------------------ SVD
+
+
+def truncated_svd(G: torch.Tensor, k: int, method: str = "lowrank", niter: int = 4) -> tuple[torch.Tensor, ...]:
+    """Top-``k`` singular triplets of ``G``: ``(U[:, :k], S[:k], V[:, :k])``.
+
+    ``lowrank``: ``torch.svd_lowrank`` with ``q = min(2k, m, n)`` (= 4r for the 2r vectors LoRA-GA
+    needs) and ``niter`` power iterations; ``exact``: full ``torch.linalg.svd``.
+    """
+    m, n = G.shape
+    if method == "exact" or min(m, n) <= 2 * k:
+        U, S, Vh = torch.linalg.svd(G, full_matrices=False)
+        return U[:, :k], S[:k], Vh[:k].T
+    if method != "lowrank":
+        raise QloraGaError(f"unknown SVD method '{method}': use 'lowrank' or 'exact'")
+    U, S, V = torch.svd_lowrank(G, q=min(2 * k, m, n), niter=niter)
+    return U[:, :k], S[:k], V[:, :k]
+
+
+def svd_reducer(k: int, method: str = "lowrank", niter: int = 4, transform: Callable | None = None):
+    """``reduce_fn`` for :func:`gradient_pass` that keeps the top-``k`` SVD factors of each G (on CPU)."""
+
+    def reduce(name: str, G: torch.Tensor) -> Factors:
+        t = time.perf_counter()
+        norm = float(torch.linalg.matrix_norm(G))
+        target = transform(G) if transform is not None else G
+        U, S, V = truncated_svd(target, k, method, niter)
+        return Factors(U.cpu(), S.cpu(), V.cpu(), tuple(G.shape), norm, time.perf_counter() - t)
+
+    return reduce
+
+
+# ------------------------------------------------------------------ batching
+
+
+def _as_list(x) -> list[int]:
+    return x.tolist() if torch.is_tensor(x) else list(x)
+
+
+def make_micro_batches(examples: Sequence[dict], micro_batch_size: int, pad_token_id: int = 0) -> list[dict]:
+    """Sort by length (dynamic padding), pad on the right per micro-batch; labels -100 on padding.
+
+    Examples are dicts with ``input_ids`` and ``labels`` (lists or 1-D tensors, labels -100 where no
+    loss) and optionally ``attention_mask`` (0 = padding already present in the example).
+    """
+    if micro_batch_size < 1:
+        raise QloraGaError(f"micro-batch size must be >= 1, got {micro_batch_size}")
+    rows = []
+    for ex in examples:
+        ids = _as_list(ex["input_ids"])
+        labels = _as_list(ex.get("labels", ids))
+        mask = _as_list(ex["attention_mask"]) if "attention_mask" in ex else [1] * len(ids)
+        if not (len(ids) == len(labels) == len(mask)):
+            raise QloraGaError("an example's input_ids, labels and attention_mask differ in length: fix the data collation")
+        labels = [lab if m else IGNORE_INDEX for lab, m in zip(labels, mask)]
+        rows.append((ids, labels, mask))
+    rows.sort(key=lambda r: -len(r[0]))
+    batches = []
+    for i in range(0, len(rows), micro_batch_size):
+        chunk = rows[i : i + micro_batch_size]
+        T = max(len(r[0]) for r in chunk)
+        ids = torch.full((len(chunk), T), pad_token_id, dtype=torch.long)
+        labels = torch.full((len(chunk), T), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(chunk), T), dtype=torch.long)
+        for j, (a, b, c) in enumerate(chunk):
+            ids[j, : len(a)] = torch.tensor(a)
+            labels[j, : len(b)] = torch.tensor(b)
+            mask[j, : len(c)] = torch.tensor(c)
+        batches.append({"input_ids": ids, "labels": labels, "attention_mask": mask})
+    return batches
+
+
+def count_label_tokens(labels: torch.Tensor) -> int:
+    """Label tokens that get a loss in a causal LM (position t predicts labels[t+1])."""
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+# ------------------------------------------------------------------ state store
+
+
+def _free_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
+        return 8 << 30
+
+
+def plan_state_store(n_layers: int, bytes_per_layer: int, compute_device: torch.device,
+                     state_device: str | None = None, budget_bytes: int | None = None) -> tuple[torch.device, int]:
+    """Choose where block inputs live and the stride k (keep every k-th layer's inputs).
+
+    Memory used: ceil(L/k) stored layers + (k-1) recomputed ones for the segment being walked.
+    Order of preference: all layers on the compute device; every k-th layer there (smallest k);
+    host memory (pinned on CUDA). ``state_device``/``budget_bytes`` override the choice.
+    """
+
+    def need(k: int) -> int:
+        return (math.ceil(n_layers / k) + (k - 1)) * bytes_per_layer
+
+    candidates = []
+    if state_device is not None:
+        candidates.append(torch.device(state_device))
+    else:
+        candidates.append(compute_device)
+        if compute_device.type != "cpu":
+            candidates.append(torch.device("cpu"))
+    for dev in candidates:
+        budget = budget_bytes
+        if budget is None:
+            free = _free_bytes(dev)
+            # leave room for one block's backward (activations + fp32 G) on the GPU; half the free host RAM
+            budget = int(free * 0.7) - (2 << 30) if dev.type == "cuda" else free // 2
+        for k in range(1, n_layers + 1):
+            if need(k) <= budget:
+                return dev, k
+    raise QloraGaError(
+        f"the gradient sample's hidden states ({bytes_per_layer / 2**20:.2f} MiB per layer) do not fit the state "
+        "budget even with recomputation: lower --init-samples or --max-length"
+    )
+
+
+# ------------------------------------------------------------------ the pass
+
+
+class _Capture:
+    """Forward pre-hooks that record the decoder layers' inputs and keyword arguments."""
+
+    def __init__(self, layers: nn.ModuleList, keep: set[int], store_device: torch.device, pin: bool):
+        self.layers, self.keep, self.store_device, self.pin = layers, keep, store_device, pin
+        self.inputs: dict[int, list] = {i: [] for i in range(len(layers))}
+        self.kwargs: dict[int, list] = {i: [] for i in range(len(layers))}
+        self.handles = [layer.register_forward_pre_hook(self._hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
+        self.enabled = True
+
+    def _hook(self, i):
+        def hook(module, args, kwargs):
+            if not self.enabled:
+                return None
+            hidden = args[0] if args else kwargs["hidden_states"]
+            kw = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+            kw["use_cache"] = False
+            kw.pop("past_key_values", None)
+            kw.pop("past_key_value", None)
+            self.kwargs[i].append((args[1:], kw))
+            if i in self.keep:
+                self.inputs[i].append(_store(hidden, self.store_device, self.pin))
+            return None
+
+        return hook
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+def _store(t: torch.Tensor, device: torch.device, pin: bool) -> torch.Tensor:
+    t = t.detach()
+    if t.device == device:
+        return t.clone()
+    out = torch.empty(t.shape, dtype=t.dtype, device=device, pin_memory=pin)
+    out.copy_(t, non_blocking=pin)
+    return out
+
+
+def _run_block(layer: nn.Module, hidden: torch.Tensor, call) -> torch.Tensor:
+    args, kw = call
+    out = layer(hidden, *args, **kw)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _loss_head_grad(h_last: torch.Tensor, labels: torch.Tensor, norm: nn.Module, lm_head: nn.Module,
+                    n_total: int, chunk_tokens: int) -> tuple[torch.Tensor, float]:
+    """dL/dh for the last block's output (zero where no label), and this micro-batch's summed loss / N."""
+    B, T, H = h_last.shape
+    grad = torch.zeros_like(h_last)
+    targets = labels[:, 1:].to(h_last.device)
+    pos = (targets != IGNORE_INDEX).nonzero(as_tuple=False)  # (N_mb, 2): (b, t)
+    loss_sum = 0.0
+    for s in range(0, pos.shape[0], chunk_tokens):
+        p = pos[s : s + chunk_tokens]
+        x = h_last[p[:, 0], p[:, 1]].detach().requires_grad_(True)
+        with torch.enable_grad():
+            logits = lm_head(norm(x)).float()
+            loss = F.cross_entropy(logits, targets[p[:, 0], p[:, 1]], reduction="sum") / n_total
+            (gx,) = torch.autograd.grad(loss, x)
+        grad[p[:, 0], p[:, 1]] = gx.to(grad.dtype)
+        loss_sum += float(loss)
+    return grad, loss_sum
+
+
+def gradient_pass(
+    model: nn.Module,
+    examples: Sequence[dict],
+    reduce_fn: Callable[[str, torch.Tensor], object],
+    *,
+    target_modules: Sequence[str] = DEFAULT_TARGETS,
+    micro_batch_size: int = 8,
+    pad_token_id: int = 0,
+    state_device: str | None = None,
+    state_budget_bytes: int | None = None,
+    loss_chunk_tokens: int = 4096,
+    progress: bool = True,
+    report: PassReport | None = None,
+) -> dict[str, object]:
+    """Run the serial gradient pass; return ``{module name: reduce_fn(name, G)}``.
+
+    ``examples``: dicts with ``input_ids`` and ``labels`` (-100 = no loss); see :func:`make_micro_batches`.
+    ``reduce_fn`` gets each module's exact mean gradient G (fp32, m x n) once its block is done; G is
+    freed right after. Module names are the model's own (e.g. ``model.layers.3.mlp.down_proj``).
+    """
+    report = report if report is not None else PassReport()
+    t0 = time.perf_counter()
+    if len(examples) == 0:
+        raise QloraGaError("the gradient sample batch is empty: give --init-samples >= 1 and a non-empty dataset")
+    layers_name, layers = find_decoder_layers(model)
+    blocks = [target_linears(layer, target_modules, prefix=f"{layers_name}.{i}.") for i, layer in enumerate(layers)]
+    if not any(blocks):
+        raise QloraGaError(f"no target linears named {list(target_modules)} in the decoder layers: check --target-modules")
+    keep_4bit_trainable(model)
+    norm = find_final_norm(model)
+    lm_head = model.get_output_embeddings()
+    device = next(p for p in layers.parameters()).device
+    dtype = model.get_input_embeddings().weight.dtype
+
+    batches = make_micro_batches(examples, micro_batch_size, pad_token_id)
+    n_total = sum(count_label_tokens(b["labels"]) for b in batches)
+    if n_total == 0:
+        raise QloraGaError("the gradient sample batch has no label tokens (every token is masked): check the data format and prompt masking")
+    n_layers = len(layers)
+    hidden = model.config.hidden_size
+    elem = torch.finfo(dtype).bits // 8
+    padded_tokens = sum(b["input_ids"].numel() for b in batches)
+    per_layer = padded_tokens * hidden * elem
+    store_dev, stride = plan_state_store(n_layers, per_layer, device, state_device, state_budget_bytes)
+    pin = store_dev.type == "cpu" and device.type == "cuda"
+    report.n_sequences, report.n_label_tokens, report.n_padded_tokens = len(examples), n_total, padded_tokens
+    report.n_blocks, report.state_device, report.state_stride = n_layers, str(store_dev), stride
+    report.state_bytes_per_layer = per_layer
+    report.max_block_grad_bytes = max(sum(m.out_features * m.in_features * 4 for m in b.values()) for b in blocks)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    saved_flags = [(p, p.requires_grad) for p in model.parameters()]
+    was_training = model.training
+    capture = None
+    ledger = _GradLedger()
+    results: dict[str, object] = {}
+    bar = None
+    try:
+        for p, _ in saved_flags:
+            p.requires_grad_(False)
+        model.eval()
+        keep = set(range(0, n_layers, stride))
+        capture = _Capture(layers, keep, store_dev, pin)
+        decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+        top_grads = []
+        last_out: list[torch.Tensor] = []
+        tail = layers[-1].register_forward_hook(
+            lambda m, a, o: last_out.append((o[0] if isinstance(o, (tuple, list)) else o).detach())
+        )
+        loss_total = 0.0
+        try:
+            with torch.no_grad():
+                for b in tqdm(batches, desc="gradient pass: forward", disable=not progress, leave=False):
+                    decoder(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device), use_cache=False)
+                    g, loss = _loss_head_grad(last_out.pop(), b["labels"], norm, lm_head, n_total, loss_chunk_tokens)
+                    loss_total += loss
+                    top_grads.append(_store(g, store_dev, pin))
+                    del g
+        finally:
+            tail.remove()
+            capture.enabled = False
+        report.loss = loss_total
+        if not math.isfinite(loss_total):
+            raise QloraGaError(f"the sample loss is not finite ({loss_total}): check the data and the model weights")
+
+        grad_out = top_grads
+        bar = tqdm(total=n_layers, desc="gradient pass: blocks", disable=not progress)
+        for li in reversed(range(n_layers)):
+            layer = layers[li]
+            # Inputs of this block: stored, or recomputed for the whole segment on entering it.
+            if not capture.inputs[li]:
+                start = (li // stride) * stride
+                with torch.no_grad():
+                    for mb in range(len(batches)):
+                        h = capture.inputs[start][mb].to(device, non_blocking=pin)
+                        for j in range(start, li):
+                            h = _run_block(layers[j], h, capture.kwargs[j][mb])
+                            capture.inputs[j + 1].append(_store(h, store_dev, pin))
+            G = {name: new_grad_buffer(ledger, (m.out_features, m.in_features), device) for name, m in blocks[li].items()}
+            handles = [m.register_forward_hook(_accumulate_hook(G[name])) for name, m in blocks[li].items()]
+            new_grad = []
+            try:
+                for mb in range(len(batches)):
+                    # x needs grad even for block 0: the 4-bit weights have none, so without it no graph is built
+                    x = capture.inputs[li][mb].to(device, non_blocking=pin).requires_grad_(True)
+                    with torch.enable_grad():
+                        out = _run_block(layer, x, capture.kwargs[li][mb])
+                        go = grad_out[mb].to(device, non_blocking=pin)
+                        (gx,) = torch.autograd.grad(out, x, go)
+                    if li > 0:
+                        new_grad.append(_store(gx, store_dev, pin))
+                    grad_out[mb] = None
+                    del out, x, gx
+            finally:
+                for h in handles:
+                    h.remove()
+            grad_out = new_grad
+            capture.inputs[li] = []  # this block is done; a segment's stored start is its last block
+            for name, g in G.items():
+                if not torch.isfinite(g).all():
+                    raise QloraGaError(
+                        f"the gradient of {name} is not finite (NaN/inf): check the data, lower --max-length, "
+                        "or load the model in a wider compute dtype"
+                    )
+                results[name] = reduce_fn(name, g)
+                f = results[name]
+                if isinstance(f, Factors):
+                    report.modules[name] = {
+                        "shape": list(f.shape), "grad_norm": f.grad_norm,
+                        "top_singular_values": [round(float(s), 8) for s in f.S[:8]],
+                        "svd_seconds": round(f.svd_seconds, 4),
+                    }
+            del g
+            G.clear()
+            bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+        if capture is not None:
+            capture.remove()
+        for p, flag in saved_flags:
+            p.requires_grad_(flag)
+        model.train(was_training)
+    report.peak_live_grad_bytes = ledger.peak
+    report.seconds = time.perf_counter() - t0
+    if device.type == "cuda":
+        report.peak_gpu_bytes = int(torch.cuda.max_memory_allocated(device))
+    return results
+
+
+def _accumulate_hook(G: torch.Tensor):
+    """Forward hook on a target linear: when its output's gradient delta arrives, G += delta^T x."""
+
+    def hook(module, args, output):
+        x = args[0].detach()
+
+        def on_grad(delta):
+            G.addmm_(delta.reshape(-1, delta.shape[-1]).float().T, x.reshape(-1, x.shape[-1]).float())
+
+        if output.requires_grad:
+            output.register_hook(on_grad)
+
+    return hook
+
+
+def estimate_factors(
+    model: nn.Module,
+    examples: Sequence[dict],
+    *,
+    rank: int,
+    target_modules: Sequence[str] = DEFAULT_TARGETS,
+    n_vectors: int | None = None,
+    svd: str = "lowrank",
+    niter: int = 4,
+    transform: Callable | None = None,
+    report: PassReport | None = None,
+    **pass_kwargs,
+) -> dict[str, Factors]:
+    """Gradient pass + truncated SVD: ``{module name: Factors}`` with ``n_vectors`` (default 2*rank) triplets."""
+    check_rank(model, rank, target_modules, n_vectors or 2 * rank)
+    k = n_vectors or 2 * rank
+    return gradient_pass(model, examples, svd_reducer(k, svd, niter, transform), target_modules=target_modules,
+                         report=report, **pass_kwargs)
+
+
+def check_rank(model: nn.Module, rank: int, target_modules: Sequence[str], needed: int | None = None):
+    """Raise a clear error for a rank that is <= 0 or larger than a target layer allows."""
+    if not isinstance(rank, int) or rank <= 0:
+        raise QloraGaError(f"--rank must be a positive integer, got {rank}")
+    needed = needed or rank
+    linears = target_linears(model, target_modules)
+    if not linears:
+        raise QloraGaError(f"no target linears named {list(target_modules)} in the model: check --target-modules")
+    name, smallest = min(linears.items(), key=lambda kv: min(kv[1].out_features, kv[1].in_features))
+    limit = min(smallest.out_features, smallest.in_features)
+    if needed > limit:
+        what = f"rank {rank}" if needed == rank else f"rank {rank} (this init needs {needed} singular vectors)"
+        raise QloraGaError(
+            f"{what} is too large for {name} ({smallest.out_features} x {smallest.in_features}, at most {limit}): lower --rank"
+        )

@@ -1,0 +1,130 @@
+"""Step 3 of the pipeline: LoRA adapters started from the gradient's SVD (DESIGN section 3).
+
+Methods (G is a module's m x n mean gradient, ``G ~= U diag(S) V^T``):
+
+- ``lora-ga`` (Wang et al. 2024, ArB2r + stable scale): ``A0 = V[:, :r]^T c``, ``B0 = U[:, r:2r] c``,
+  ``c = m^(1/4) / sqrt(gamma)``; rsLoRA scaling ``s = alpha / sqrt(r)``; a frozen residual
+  ``-s B0 A0`` keeps the function unchanged at init (see residual.py).
+- ``lora-ga-sign``: the same on ``sign(G)`` (the "speculative" Adam variant of the LoRA-GA blog).
+- ``lora-one`` (Zhang et al. 2025): SVD of ``-G``; ``B0 = U_r sqrt(S_r / S_0) / sqrt(gamma)``,
+  ``A0 = sqrt(S_r / S_0) V_r^T / sqrt(gamma)``; no offset by default: the function moves by one
+  scaled gradient step at init (``residual=True`` keeps it unchanged instead).
+- ``gaussian`` / ``kaiming`` (vanilla LoRA, PEFT's own init): ``B = 0``, ``A`` random; no gradient pass.
+
+Adapters are PEFT's (``LoraConfig`` + ``get_peft_model``); only their starting values are set here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from .errors import QloraGaError
+from .gradient import Factors
+from .model import DEFAULT_TARGETS
+from .residual import attach_residual
+
+METHODS = ("lora-ga", "lora-ga-sign", "lora-one", "gaussian", "kaiming")
+GRADIENT_METHODS = ("lora-ga", "lora-ga-sign", "lora-one")
+DEFAULT_GAMMA = {"lora-ga": 16.0, "lora-ga-sign": 16.0, "lora-one": 128.0}
+PEFT_PREFIX = "base_model.model."
+
+
+def check_method(method: str):
+    if method not in METHODS:
+        raise QloraGaError(f"unknown init '{method}': choose one of {', '.join(METHODS)}")
+
+
+def singular_vectors_needed(method: str, rank: int) -> int:
+    """How many singular triplets of G a method uses (LoRA-GA takes U[:, r:2r])."""
+    return 2 * rank if method.startswith("lora-ga") else rank
+
+
+def svd_transform(method: str):
+    """What the SVD is taken of: ``sign(G)`` for lora-ga-sign, G otherwise."""
+    return torch.sign if method == "lora-ga-sign" else None
+
+
+def lora_ga_factors(f: Factors, rank: int, gamma: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A0, B0)`` of LoRA-GA (ArB2r, stable scale) from the SVD factors of G."""
+    m = f.shape[0]
+    c = m**0.25 / gamma**0.5
+    return f.V[:, :rank].T * c, f.U[:, rank : 2 * rank] * c
+
+
+def lora_one_factors(f: Factors, rank: int, gamma: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A0, B0)`` of LoRA-One from the SVD factors of G (the SVD of -G is (-U) S V^T)."""
+    w = torch.sqrt(f.S[:rank] / f.S[0]) / gamma**0.5
+    return w[:, None] * f.V[:, :rank].T, -f.U[:, :rank] * w
+
+
+def lora_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """``{base module name: PEFT LoRA layer}`` (names without PEFT's ``base_model.model.`` prefix)."""
+    from peft.tuners.lora import LoraLayer
+
+    return {n.removeprefix(PEFT_PREFIX): m for n, m in model.named_modules() if isinstance(m, LoraLayer)}
+
+
+def init_adapters(
+    model: nn.Module,
+    factors: dict[str, Factors] | None = None,
+    *,
+    method: str = "lora-ga",
+    rank: int = 8,
+    alpha: float = 16.0,
+    gamma: float | None = None,
+    use_rslora: bool | None = None,
+    residual: bool | None = None,
+    target_modules: Sequence[str] = DEFAULT_TARGETS,
+    lora_dropout: float = 0.0,
+    residual_dtype: torch.dtype | None = None,
+):
+    """Wrap ``model`` with PEFT LoRA adapters and set their starting values; return the ``PeftModel``.
+
+    ``factors``: output of :func:`qlora_ga.gradient.estimate_factors` (needed by the gradient
+    methods). ``use_rslora`` defaults to True for the gradient methods (s = alpha / sqrt(r)) and False
+    for vanilla LoRA (s = alpha / r). ``residual`` defaults to True for lora-ga*, False otherwise.
+    ``residual_dtype``: the compute dtype by default (bf16 on GPU, fp32 on CPU).
+    """
+    from peft import LoraConfig, get_peft_model
+
+    check_method(method)
+    if not isinstance(rank, int) or rank <= 0:
+        raise QloraGaError(f"--rank must be a positive integer, got {rank}")
+    gradient_method = method in GRADIENT_METHODS
+    if gradient_method and not factors:
+        raise QloraGaError(f"init '{method}' needs the gradient factors: run estimate_factors first")
+    use_rslora = gradient_method if use_rslora is None else use_rslora
+    residual = method.startswith("lora-ga") if residual is None else residual
+    gamma = DEFAULT_GAMMA.get(method) if gamma is None else gamma
+    config = LoraConfig(
+        r=rank, lora_alpha=alpha, lora_dropout=lora_dropout, target_modules=list(target_modules),
+        use_rslora=use_rslora, bias="none", task_type="CAUSAL_LM",
+        init_lora_weights="gaussian" if method == "gaussian" else True,
+    )
+    peft_model = get_peft_model(model, config)
+    if not gradient_method:
+        return peft_model
+    compute_dtype = residual_dtype or getattr(model.config, "dtype", None) or torch.float32
+    if isinstance(compute_dtype, str):
+        compute_dtype = getattr(torch, compute_dtype)
+    layers = lora_layers(peft_model)
+    missing = sorted(set(layers) - set(factors))
+    if missing:
+        raise QloraGaError(f"no gradient factors for {missing[0]} (and {len(missing) - 1} more): estimate with the same --target-modules")
+    make = lora_one_factors if method == "lora-one" else lora_ga_factors
+    with torch.no_grad():
+        for name, layer in layers.items():
+            A0, B0 = make(factors[name], rank, gamma)
+            lora_A, lora_B = layer.lora_A["default"], layer.lora_B["default"]
+            lora_A.weight.copy_(A0.to(lora_A.weight.device, lora_A.weight.dtype))
+            lora_B.weight.copy_(B0.to(lora_B.weight.device, lora_B.weight.dtype))
+            if residual:
+                # the frozen copy is made from the very values the adapter starts from (rounded to the
+                # compute dtype, as autocast rounds them), so the branch is exactly zero at init
+                attach_residual(layer, lora_A.weight, lora_B.weight, dtype=compute_dtype)
+    peft_model.qlora_ga_init = {"method": method, "rank": rank, "alpha": alpha, "gamma": gamma,
+                                "use_rslora": use_rslora, "residual": residual}
+    return peft_model

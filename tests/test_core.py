@@ -1,0 +1,346 @@
+"""Core engine: 4-bit loading, the serial gradient pass, the inits and the residual."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import qlora_ga.gradient as gradient_mod
+from qlora_ga import QloraGaError, estimate_factors, gradient_pass, init_adapters, load_model
+from qlora_ga.gradient import PassReport, make_micro_batches, truncated_svd
+from qlora_ga.init import lora_layers
+from qlora_ga.model import dequantized_weight, find_decoder_layers, target_linears
+from qlora_ga.residual import iter_residuals
+from qlora_ga.testing import make_tiny_model
+
+
+def make_examples(vocab, lengths=(5, 9, 13, 7, 20, 3, 11), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for L in lengths:
+        ids = torch.randint(3, vocab, (L,), generator=g).tolist()
+        out.append({"input_ids": ids, "labels": [-100] * (L // 3) + ids[L // 3 :]})
+    return out
+
+
+def reference_grads(model_dir, qmodel, examples):
+    """Plain autograd on an fp32 copy whose target weights are the 4-bit model's dequantized weights."""
+    ref, _ = load_model(model_dir, quantize=False)
+    q, r = target_linears(qmodel), target_linears(ref)
+    with torch.no_grad():
+        for n in q:
+            r[n].weight.copy_(dequantized_weight(q[n]))
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    for n in r:
+        r[n].weight.requires_grad_(True)
+    b = make_micro_batches(examples, len(examples))[0]
+    logits = ref(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1]
+    labels = b["labels"][:, 1:]
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="sum") / (labels != -100).sum()
+    loss.backward()
+    return {n: r[n].weight.grad for n in r}, float(loss.detach())
+
+
+@pytest.fixture(scope="module")
+def qmodel(tiny_model_dir):
+    model, tok = load_model(tiny_model_dir)
+    return model, tok
+
+
+def rel(a, b):
+    return float(torch.linalg.norm(a - b) / torch.linalg.norm(b))
+
+
+# ------------------------------------------------------------------ loading
+
+
+def test_load_quantizes_every_target_linear(qmodel):
+    import bitsandbytes as bnb
+
+    model, tok = qmodel
+    lins = target_linears(model)
+    assert len(lins) == 3 * 7
+    for name, m in lins.items():
+        assert isinstance(m, bnb.nn.Linear4bit), name
+        assert m.weight.quant_type == "nf4" and m.weight.compress_statistics  # NF4 + double quant
+    assert not isinstance(model.lm_head, bnb.nn.Linear4bit)
+    assert tok.pad_token is not None
+    assert find_decoder_layers(model)[0] == "model.layers"
+
+
+def test_missing_model_is_a_clear_error(tmp_path):
+    with pytest.raises(QloraGaError, match="does not exist"):
+        load_model(str(tmp_path / "nope"))
+    with pytest.raises(QloraGaError, match="does not exist"):
+        load_model(str(tmp_path / "nope.gguf"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(QloraGaError, match="config.json"):
+        load_model(str(tmp_path / "empty"))
+    with pytest.raises(QloraGaError, match="cannot load model"):
+        load_model("no-such-org/no-such-model-xyz")
+
+
+# ------------------------------------------------------------------ gradient pass
+
+
+def test_gradient_matches_autograd_for_every_micro_batch_size(tiny_model_dir, qmodel):
+    model, tok = qmodel
+    examples = make_examples(len(tok))
+    ref, ref_loss = reference_grads(tiny_model_dir, model, examples)
+    for mbs in (1, 3, len(examples)):
+        report = PassReport()
+        G = gradient_pass(model, examples, lambda n, g: g.clone(), micro_batch_size=mbs,
+                          pad_token_id=tok.pad_token_id, progress=False, report=report)
+        assert set(G) == set(ref)
+        worst = max(rel(G[n], ref[n]) for n in ref)
+        assert worst < 1e-4, (mbs, worst)
+        assert math.isclose(report.loss, ref_loss, rel_tol=1e-5)
+        assert report.n_label_tokens == sum(sum(1 for x in e["labels"][1:] if x != -100) for e in examples)
+
+
+def test_strided_state_store_gives_the_same_gradient(tmp_path):
+    model, tok = load_model(make_tiny_model(tmp_path, layers=6))
+    examples = make_examples(len(tok), lengths=(5, 9, 13, 7))
+    full = gradient_pass(model, examples, lambda n, g: g.clone(), micro_batch_size=2, progress=False)
+    per_layer = sum(b["input_ids"].numel() for b in make_micro_batches(examples, 2)) * 64 * 4
+    report = PassReport()
+    strided = gradient_pass(model, examples, lambda n, g: g.clone(), micro_batch_size=2, progress=False,
+                            state_budget_bytes=4 * per_layer, report=report)
+    assert report.state_stride == 2  # 6 layers in 4 layers' worth of memory: keep every 2nd, recompute the rest
+    for n in full:
+        torch.testing.assert_close(strided[n], full[n], rtol=1e-6, atol=1e-9)
+    with pytest.raises(QloraGaError, match="lower --init-samples"):
+        gradient_pass(model, examples, lambda n, g: g, micro_batch_size=2, progress=False, state_budget_bytes=3 * per_layer)
+
+
+def test_pass_never_holds_more_than_one_block_of_gradients(qmodel, monkeypatch):
+    model, tok = qmodel
+    import weakref
+
+    live, peak, seen = [0], [0], []
+
+    def counting_buffer(ledger, shape, device):
+        g = torch.zeros(shape, dtype=torch.float32, device=device)
+        nbytes = g.numel() * 4
+        live[0] += nbytes
+        peak[0] = max(peak[0], live[0])
+        seen.append(nbytes)
+
+        def free():
+            live[0] -= nbytes
+
+        weakref.finalize(g, free)
+        return g
+
+    monkeypatch.setattr(gradient_mod, "new_grad_buffer", counting_buffer)
+    report = PassReport()
+    kept = []
+    gradient_pass(model, make_examples(len(tok)), lambda n, g: kept.append(g.shape) or None,
+                  micro_batch_size=3, progress=False, report=report)
+    block_bytes = sum(m.out_features * m.in_features * 4 for m in target_linears(find_decoder_layers(model)[1][0]).values())
+    assert len(kept) == 21 and sum(seen) == 3 * block_bytes
+    assert peak[0] == block_bytes  # exactly one block's fp32 gradients alive at any time
+    assert live[0] == 0  # and all of them freed at the end
+
+
+def test_pass_leaves_the_model_as_it_was(qmodel):
+    model, tok = qmodel
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    hooks = sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
+    model.train()
+
+    def boom(name, g):
+        raise RuntimeError("reduce failed")
+
+    with pytest.raises(RuntimeError, match="reduce failed"):
+        gradient_pass(model, make_examples(len(tok)), boom, progress=False)
+    assert model.training
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules()) == hooks
+    assert all(p.grad is None for p in model.parameters())
+    model.eval()
+
+
+def test_pass_rejects_no_label_tokens_and_non_finite_gradients(qmodel):
+    model, tok = qmodel
+    masked = [{"input_ids": [5, 6, 7], "labels": [-100, -100, -100]}]
+    with pytest.raises(QloraGaError, match="no label tokens"):
+        gradient_pass(model, masked, lambda n, g: g, progress=False)
+    with pytest.raises(QloraGaError, match="empty"):
+        gradient_pass(model, [], lambda n, g: g, progress=False)
+    # NaN in one layer's norm weight poisons the gradients below it: the error names a module
+    norm = model.model.layers[1].post_attention_layernorm.weight
+    saved = norm.detach().clone()
+    with torch.no_grad():
+        norm[0] = float("nan")
+    try:
+        with pytest.raises(QloraGaError, match=r"(gradient of model\.layers\.\d\.\S+ is not finite|loss is not finite)") as e:
+            gradient_pass(model, make_examples(len(tok)), lambda n, g: g, progress=False)
+        assert "\n" not in str(e.value)
+    finally:
+        with torch.no_grad():
+            norm.copy_(saved)
+
+
+def test_rank_errors(qmodel):
+    model, tok = qmodel
+    ex = make_examples(len(tok))
+    for bad in (0, -3):
+        with pytest.raises(QloraGaError, match="positive integer"):
+            estimate_factors(model, ex, rank=bad, progress=False)
+    # k_proj is 32 x 64: LoRA-GA needs 2r <= 32
+    with pytest.raises(QloraGaError, match=r"too large for model\.layers\.\d\.self_attn\.k_proj.*lower --rank"):
+        estimate_factors(model, ex, rank=17, progress=False)
+
+
+def test_lowrank_svd_matches_exact_subspace():
+    torch.manual_seed(0)
+    G = torch.randn(96, 8) @ torch.diag(torch.logspace(0, -2, 8)) @ torch.randn(8, 160) + 1e-5 * torch.randn(96, 160)
+    U, S, V = truncated_svd(G, 4, "lowrank")
+    Ue, Se, Ve = truncated_svd(G, 4, "exact")
+    torch.testing.assert_close(S, Se, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(U @ U.T, Ue @ Ue.T, rtol=0, atol=1e-4)
+    torch.testing.assert_close(V @ V.T, Ve @ Ve.T, rtol=0, atol=1e-4)
+
+
+# ------------------------------------------------------------------ inits + residual
+
+
+def ref_lora_ga(G, r, gamma):
+    U, S, Vh = torch.linalg.svd(G, full_matrices=False)
+    c = G.shape[0] ** 0.25 / gamma**0.5
+    return Vh[:r] * c, U[:, r : 2 * r] * c  # A0, B0
+
+
+def ref_lora_one(G, r, gamma):
+    U, S, Vh = torch.linalg.svd(-G, full_matrices=False)
+    w = torch.sqrt(S[:r] / S[0]) / gamma**0.5
+    return w[:, None] * Vh[:r], U[:, :r] * w
+
+
+@pytest.fixture()
+def fresh_model(tiny_model_dir):
+    return load_model(tiny_model_dir)
+
+
+def _grads(model, examples):
+    return gradient_pass(model, examples, lambda n, g: g.clone(), micro_batch_size=4, progress=False)
+
+
+@pytest.mark.parametrize("method", ["lora-ga", "lora-ga-sign", "lora-one"])
+def test_init_equals_reference_formula(fresh_model, method):
+    model, tok = fresh_model
+    ex = make_examples(len(tok))
+    G = _grads(model, ex)
+    r = 4
+    factors = estimate_factors(model, ex, rank=r, svd="exact", micro_batch_size=4, progress=False,
+                               transform=torch.sign if method == "lora-ga-sign" else None)
+    pm = init_adapters(model, factors, method=method, rank=r, alpha=8)
+    gamma = 128.0 if method == "lora-one" else 16.0
+    for name, layer in lora_layers(pm).items():
+        A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+        if method == "lora-one":
+            A0, B0 = ref_lora_one(G[name], r, gamma)
+            torch.testing.assert_close(B @ A, B0 @ A0, rtol=1e-4, atol=1e-7)  # sign-invariant product
+        else:
+            target = torch.sign(G[name]) if method == "lora-ga-sign" else G[name]
+            A0, B0 = ref_lora_ga(target, r, gamma)
+            # LoRA-GA pairs U[:, r:2r] with V[:, :r]: B@A depends on the SVD's sign choices, the spans do not
+            torch.testing.assert_close(A.T @ A, A0.T @ A0, rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(B @ B.T, B0 @ B0.T, rtol=1e-4, atol=1e-6)
+        assert layer.scaling["default"] == pytest.approx(8 / math.sqrt(r))  # rsLoRA
+    assert len(list(iter_residuals(pm))) == (0 if method == "lora-one" else 21)
+
+
+def test_vanilla_inits_start_at_zero(fresh_model):
+    model, tok = fresh_model
+    pm = init_adapters(model, None, method="gaussian", rank=4, alpha=8)
+    for layer in lora_layers(pm).values():
+        assert torch.count_nonzero(layer.lora_B["default"].weight) == 0
+        assert torch.count_nonzero(layer.lora_A["default"].weight) > 0
+        assert layer.scaling["default"] == 2.0  # alpha / r
+    with pytest.raises(QloraGaError, match="unknown init"):
+        init_adapters(model, None, method="pissa")
+
+
+def _logits(model, batch):
+    with torch.no_grad():
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+
+def test_residual_keeps_the_function_exactly_and_only_adapters_train(fresh_model):
+    model, tok = fresh_model
+    ex = make_examples(len(tok))
+    batch = make_micro_batches(ex, len(ex), tok.pad_token_id)[0]
+    before = _logits(model, batch)
+    bytes_before = {n: m.weight.data.clone() for n, m in target_linears(model).items()}
+    factors = estimate_factors(model, ex, rank=4, micro_batch_size=3, progress=False)
+    pm = init_adapters(model, factors, method="lora-ga", rank=4, alpha=16)
+    # the adapter really is non-zero, and the model computes exactly what the 4-bit base computed
+    assert all(torch.count_nonzero(layer.lora_B["default"].weight) > 0 for layer in lora_layers(pm).values())
+    after = _logits(pm, batch)
+    assert float((after - before).abs().max()) <= 1e-5
+    with pm.disable_adapter():
+        assert torch.equal(_logits(pm, batch), before)
+    # train a few steps: loss goes down, only adapter parameters move, 4-bit bytes and residual do not
+    trainable = {n: p.detach().clone() for n, p in pm.named_parameters() if p.requires_grad}
+    frozen = {n: p.detach().clone() for n, p in pm.named_parameters() if not p.requires_grad and p.dtype.is_floating_point}
+    residual = {n: (a.clone(), b.clone()) for n, _, a, b in iter_residuals(pm)}
+    assert trainable and all("lora_" in n for n in trainable)
+    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=2e-3)
+    pm.train()
+    losses = []
+    for _ in range(8):
+        out = pm(**batch)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(float(out.loss))
+    pm.eval()
+    assert losses[-1] < losses[0]
+    assert all(not torch.equal(p, trainable[n]) for n, p in pm.named_parameters() if n in trainable)
+    assert all(torch.equal(p, frozen[n]) for n, p in pm.named_parameters() if n in frozen)
+    for n, m in target_linears(pm.base_model.model).items():
+        assert torch.equal(m.base_layer.weight.data if hasattr(m, "base_layer") else m.weight.data, bytes_before[n])
+    for n, _, a, b in iter_residuals(pm):
+        assert torch.equal(a, residual[n][0]) and torch.equal(b, residual[n][1])
+
+
+def test_lora_one_moves_the_function_by_a_gradient_step(fresh_model):
+    model, tok = fresh_model
+    ex = make_examples(len(tok))
+    batch = make_micro_batches(ex, len(ex), tok.pad_token_id)[0]
+    loss0 = float(model(**batch).loss)
+    factors = estimate_factors(model, ex, rank=4, micro_batch_size=3, progress=False)
+    pm = init_adapters(model, factors, method="lora-one", rank=4, alpha=64, gamma=1.0)
+    with torch.no_grad():
+        loss1 = float(pm(**batch).loss)
+    assert loss1 < loss0  # a step along -G lowers the sample loss
+
+
+# ------------------------------------------------------------------ the real SmolLM2 GGUF
+
+
+def test_smollm2_gguf_gradient_pass_and_init(tmp_path, monkeypatch):
+    from qlora_ga.model import default_model_path
+
+    monkeypatch.setenv("QLORA_GA_CACHE", str(tmp_path / "cache"))
+    model, tok = load_model(default_model_path())
+    assert len(find_decoder_layers(model)[1]) == 30
+    msgs = ["What is 2 + 3?", "Name a colour.", "Count to three."]
+    answers = ["2 + 3 = 5.", "Blue.", "One, two, three."]
+    ex = []
+    for q, a in zip(msgs, answers):
+        p = tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False)
+        pi, ai = tok(p, add_special_tokens=False).input_ids, tok(a, add_special_tokens=False).input_ids + [tok.eos_token_id]
+        ex.append({"input_ids": pi + ai, "labels": [-100] * len(pi) + ai})
+    batch = make_micro_batches(ex, 3, tok.pad_token_id)[0]
+    before = _logits(model, batch)
+    report = PassReport()
+    factors = estimate_factors(model, ex, rank=8, micro_batch_size=2, progress=False, report=report)
+    assert len(factors) == 30 * 7 and report.n_label_tokens > 0
+    assert all(torch.isfinite(f.S).all() and f.S[0] > 0 for f in factors.values())
+    pm = init_adapters(model, factors, method="lora-ga", rank=8, alpha=16)
+    assert float((_logits(pm, batch) - before).abs().max()) <= 1e-4
