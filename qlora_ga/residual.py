@@ -53,8 +53,9 @@ def attach_residual(layer: nn.Module, A0: torch.Tensor, B0: torch.Tensor, adapte
     device = lora_A.weight.device
     layer.register_buffer(A0_NAME, A0.detach().to(device=device, dtype=dtype).clone(), persistent=False)
     layer.register_buffer(B0_NAME, B0.detach().to(device=device, dtype=dtype).clone(), persistent=False)
-    layer._qlora_ga_lora_A = lora_A
-    layer._qlora_ga_handles = (
+    # plain attributes (not submodules), so state dicts and named_modules() stay PEFT's own
+    layer.__dict__["_qlora_ga_lora_A"] = lora_A
+    layer.__dict__["_qlora_ga_handles"] = (
         lora_A.register_forward_pre_hook(_stash_input),
         lora_B.register_forward_hook(_subtract_residual(layer)),
     )

@@ -1,0 +1,217 @@
+"""``scripts/finetune.py``: load -> estimate -> init -> train -> export, as one command.
+
+Every user mistake ends with one line on stderr and exit code 2 (no traceback); nothing already
+saved is removed or half-written.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+import warnings
+from dataclasses import asdict, replace
+from pathlib import Path
+
+from .config import FinetuneConfig, parse_config, resolved, save_yaml
+from .errors import QloraGaError
+
+RUN_MARKERS = ("run_config.yaml", "metrics.jsonl", "checkpoints", "adapter", "init_report.json")
+
+
+def _say(msg: str):
+    print(msg, flush=True)
+
+
+def check_output_dir(cfg: FinetuneConfig) -> Path:
+    out = Path(cfg.output_dir)
+    if out.exists() and not out.is_dir():
+        raise QloraGaError(f"--output-dir '{out}' is a file: pass a folder")
+    holds_run = out.is_dir() and any((out / m).exists() for m in RUN_MARKERS)
+    if holds_run and not cfg.resume and not cfg.overwrite:
+        raise QloraGaError(f"--output-dir '{out}' already holds a run: pass --resume to continue it, --overwrite to replace it, or another --output-dir")
+    return out
+
+
+def resolve_device(cfg: FinetuneConfig):
+    import torch
+
+    if cfg.device:
+        dev = torch.device(cfg.device)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise QloraGaError(f"--device {cfg.device} asks for CUDA but no CUDA GPU is available: use --device cpu or run on a GPU machine")
+        return dev
+    from .model import default_device
+
+    return default_device()
+
+
+def _sample_prompts(examples: list[dict], n: int) -> list[list[int]]:
+    prompts = []
+    for ex in examples[:n]:
+        k = next((i for i, lab in enumerate(ex["labels"]) if lab != -100), 0)
+        if k > 0:
+            prompts.append(ex["input_ids"][:k])
+    return prompts
+
+
+def show_samples(model, tokenizer, prompts: list[list[int]], title: str, max_new_tokens: int = 64) -> list[str]:
+    import torch
+
+    device = next(model.parameters()).device
+    outs = []
+    for ids in prompts:
+        with torch.no_grad():
+            gen = model.generate(input_ids=torch.tensor([ids], device=device), attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=device),
+                                 max_new_tokens=max_new_tokens, do_sample=False, use_cache=True, pad_token_id=tokenizer.pad_token_id)
+        text = tokenizer.decode(gen[0, len(ids):], skip_special_tokens=True).strip()
+        outs.append(text)
+        _say(f"--- {title}\n[prompt] {tokenizer.decode(ids, skip_special_tokens=True).strip()}\n[answer] {text}")
+    return outs
+
+
+def run(cfg: FinetuneConfig) -> dict:
+    """The whole job for a parsed config; returns a summary (also written to ``summary.json``)."""
+    import torch
+
+    from .data import DataConfig, build_data, sample_batch
+    from .gradient import PassReport, estimate_factors
+    from .init import GRADIENT_METHODS, init_adapters, singular_vectors_needed, svd_transform
+    from .metrics import plot_losses
+    from .model import load_model
+    from .train import TrainSettings, find_checkpoint, load_checkpoint_weights, train
+
+    cfg = resolved(cfg)
+    out = check_output_dir(cfg)
+    device = resolve_device(cfg)
+    t_start = time.perf_counter()
+    ckpt = None
+    if cfg.resume:
+        ckpt = find_checkpoint(out, cfg.resume)
+    elif cfg.overwrite and out.is_dir():
+        for m in RUN_MARKERS + ("loss.png", "summary.json", "merged"):
+            p = out / m
+            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+
+    torch.manual_seed(cfg.seed)
+    _say(f"loading {cfg.model or 'the built-in SmolLM2-135M-Instruct'} in 4-bit on {device} ...")
+    model, tok = load_model(cfg.model, device=device)
+    compute_dtype = model.config.dtype if isinstance(model.config.dtype, torch.dtype) else getattr(torch, str(model.config.dtype))
+    data_cfg = DataConfig(
+        dataset=cfg.dataset, format=cfg.format, prompt_column=cfg.prompt_column, response_column=cfg.response_column,
+        messages_column=cfg.messages_column, text_column=cfg.text_column, max_length=cfg.max_length,
+        overlong=cfg.overlong, eval_split=cfg.eval_fraction if cfg.eval_fraction is not None else cfg.eval_split_name,
+        n_builtin=cfg.n_builtin, seed=cfg.seed,
+    )
+    data = build_data(tok, data_cfg)
+    st = data.stats
+    _say(f"data: {st.n_train} train / {st.n_eval} eval examples, {st.n_label_tokens} label tokens "
+         f"(dropped {st.n_empty_dropped} empty, {st.n_overlong_dropped} over-long; truncated {st.n_truncated})")
+    out.mkdir(parents=True, exist_ok=True)
+    save_yaml(cfg, out / "run_config.yaml")
+    targets = cfg.target_modules_list
+    lora_kw = dict(rank=cfg.rank, alpha=cfg.alpha, target_modules=targets, lora_dropout=cfg.lora_dropout,
+                   use_rslora=cfg.use_rslora)
+    prompts = _sample_prompts(data.eval or data.train, cfg.sample_prompts)
+    before = show_samples(model, tok, prompts, "before training") if prompts and not ckpt else []
+
+    if ckpt is not None:
+        _say(f"resuming from {ckpt}")
+        # the adapters' starting values are in the checkpoint: no gradient pass needed
+        pm = init_adapters(model, None, method="kaiming", **lora_kw)
+        load_checkpoint_weights(pm, ckpt)
+        start_step = json.loads((ckpt / "trainer_state.json").read_text())["step"]
+    else:
+        factors = None
+        if cfg.init in GRADIENT_METHODS:
+            sample = sample_batch(data.train, cfg.init_samples, cfg.seed)
+            report = PassReport()
+            factors = estimate_factors(
+                model, sample, rank=cfg.rank, target_modules=targets, n_vectors=singular_vectors_needed(cfg.init, cfg.rank),
+                transform=svd_transform(cfg.init), micro_batch_size=cfg.init_micro_batch, pad_token_id=tok.pad_token_id,
+                report=report,
+            )
+            _write_json(out / "init_report.json", {k: v for k, v in asdict(report).items()})
+            _say(f"gradient pass: {report.n_sequences} sequences, {report.n_label_tokens} label tokens, "
+                 f"{report.seconds:.1f} s, sample loss {report.loss:.4f}")
+        pm = init_adapters(model, factors, method=cfg.init, gamma=cfg.gamma, **lora_kw)
+        start_step = 0
+
+    settings = TrainSettings(
+        batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, lr=cfg.lr, epochs=cfg.epochs, max_steps=cfg.max_steps,
+        warmup=cfg.warmup, weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm, optim=cfg.optim,
+        seed=cfg.seed, eval_every=cfg.eval_every, save_every=cfg.save_every, log_every=cfg.log_every,
+        gradient_checkpointing=not cfg.no_gradient_checkpointing,
+    )
+    summary = {"output_dir": str(out), "init": cfg.init}
+    if cfg.max_steps != 0:
+        stop_after = int(os.environ["QLORA_GA_STOP_AFTER"]) if os.environ.get("QLORA_GA_STOP_AFTER") else None
+        summary.update(train(pm, tok, data.train, data.eval, settings, out, start_step=start_step, checkpoint=ckpt,
+                             compute_dtype=compute_dtype, stop_after=stop_after))
+        if (out / "metrics.jsonl").is_file():
+            plot_losses(out / "metrics.jsonl", out / "loss.png", title=f"{cfg.init}, r={cfg.rank}, lr={cfg.lr:g}")
+
+    from .export import merge_export, save_adapter
+
+    save_adapter(pm, out / "adapter")
+    _say(f"adapter written to {out / 'adapter'} (PEFT format)")
+    after = show_samples(pm, tok, prompts, "after training") if prompts and cfg.max_steps != 0 else []
+    if cfg.export_merged:
+        merge_export(out / "adapter", out / "merged", dtype=cfg.merged_dtype)
+        _say(f"merged {cfg.merged_dtype} model written to {out / 'merged'}")
+    summary.update(seconds=round(time.perf_counter() - t_start, 1), samples_before=before, samples_after=after)
+    _write_json(out / "summary.json", summary)
+    _say(f"done in {summary['seconds']} s: {out}")
+    return summary
+
+
+def _write_json(path: Path, obj):
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=str))
+    os.replace(tmp, path)
+
+
+def _quiet():
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", message=r".*(paged|needs CUDA|MatMul4Bit|torch.utils.checkpoint|use_reentrant).*")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    for name in ("transformers", "bitsandbytes", "peft", "datasets"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    _quiet()
+    try:
+        cfg = parse_config(argv)
+        run(cfg)
+        return 0
+    except QloraGaError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: the last checkpoint is kept; continue with --resume", file=sys.stderr)
+        return 130
+    except MemoryError:
+        print("error: out of host memory: lower --batch-size, --max-length or --init-samples", file=sys.stderr)
+        return 2
+    except Exception as e:  # CUDA out-of-memory is a RuntimeError subclass
+        import torch
+
+        if isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower():
+            print("error: out of GPU memory: lower --batch-size (raise --grad-accum to keep the effective batch), "
+                  "--max-length, or --init-samples / --init-micro-batch for the gradient pass", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
