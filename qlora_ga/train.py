@@ -229,7 +229,7 @@ def _checkpointing(model, on: bool):
     """Gradient (activation) checkpointing through transformers' own switch (renamed in v5)."""
     name = "activation_checkpointing" if hasattr(model, "activation_checkpointing_enable") else "gradient_checkpointing"
     if on:
-        getattr(model, f"{name}_enable")(gradient_checkpointing_kwargs={"use_reentrant": False})
+        getattr(model, f"{name}_enable")(**{f"{name}_kwargs": {"use_reentrant": False}})
     else:
         getattr(model, f"{name}_disable")()
 
