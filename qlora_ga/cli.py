@@ -91,10 +91,6 @@ def run(cfg: FinetuneConfig) -> dict:
     ckpt = None
     if cfg.resume:
         ckpt = find_checkpoint(out, cfg.resume)
-    elif cfg.overwrite and out.is_dir():
-        for m in RUN_MARKERS + ("loss.png", "summary.json", "merged"):
-            p = out / m
-            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
 
     torch.manual_seed(cfg.seed)
     _say(f"loading {cfg.model or 'the built-in SmolLM2-135M-Instruct'} in 4-bit on {device} ...")
@@ -110,8 +106,6 @@ def run(cfg: FinetuneConfig) -> dict:
     st = data.stats
     _say(f"data: {st.n_train} train / {st.n_eval} eval examples, {st.n_label_tokens} label tokens "
          f"(dropped {st.n_empty_dropped} empty, {st.n_overlong_dropped} over-long; truncated {st.n_truncated})")
-    out.mkdir(parents=True, exist_ok=True)
-    save_yaml(cfg, out / "run_config.yaml")
     targets = cfg.target_modules_list
     lora_kw = dict(rank=cfg.rank, alpha=cfg.alpha, target_modules=targets, lora_dropout=cfg.lora_dropout,
                    use_rslora=cfg.use_rslora)
@@ -125,7 +119,7 @@ def run(cfg: FinetuneConfig) -> dict:
         load_checkpoint_weights(pm, ckpt)
         start_step = json.loads((ckpt / "trainer_state.json").read_text())["step"]
     else:
-        factors = None
+        factors, init_report = None, None
         if cfg.init in GRADIENT_METHODS:
             sample = sample_batch(data.train, cfg.init_samples, cfg.seed)
             report = PassReport()
@@ -134,11 +128,21 @@ def run(cfg: FinetuneConfig) -> dict:
                 transform=svd_transform(cfg.init), micro_batch_size=cfg.init_micro_batch, pad_token_id=tok.pad_token_id,
                 report=report,
             )
-            _write_json(out / "init_report.json", {k: v for k, v in asdict(report).items()})
+            init_report = asdict(report)
             _say(f"gradient pass: {report.n_sequences} sequences, {report.n_label_tokens} label tokens, "
                  f"{report.seconds:.1f} s, sample loss {report.loss:.4f}")
         pm = init_adapters(model, factors, method=cfg.init, gamma=cfg.gamma, **lora_kw)
         start_step = 0
+
+    # Everything the run needs is in hand: only now is an old run (with --overwrite) replaced.
+    if cfg.overwrite and not ckpt and out.is_dir():
+        for m in RUN_MARKERS + ("loss.png", "summary.json", "merged"):
+            p = out / m
+            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    save_yaml(cfg, out / "run_config.yaml")
+    if ckpt is None and init_report is not None:
+        _write_json(out / "init_report.json", init_report)
 
     settings = TrainSettings(
         batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, lr=cfg.lr, epochs=cfg.epochs, max_steps=cfg.max_steps,
@@ -178,8 +182,10 @@ def _quiet():
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore", message=r".*(paged|needs CUDA|MatMul4Bit|torch.utils.checkpoint|use_reentrant).*")
     warnings.filterwarnings("ignore", category=FutureWarning)
-    for name in ("transformers", "bitsandbytes", "peft", "datasets"):
+    for name in ("transformers", "bitsandbytes", "peft"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    # datasets logs parse failures with a traceback before raising; the one-line error says it all
+    logging.getLogger("datasets").setLevel(logging.CRITICAL)
     try:
         from transformers.utils import logging as hf_logging
 

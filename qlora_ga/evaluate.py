@@ -1,0 +1,324 @@
+"""Evaluation: held-out loss and GSM8K-style exact match.
+
+* **Loss**: token-weighted mean cross-entropy over the answer tokens of every example (the prompt
+  is masked), so it does not depend on the batch size or padding. An example is
+  ``prompt + answer + eos`` where the prompt is the tokenizer's chat template applied to one user
+  message (the question) with ``add_generation_prompt=True``, or ``question + "\\n"`` when the
+  tokenizer has no chat template.
+* **Exact match**: greedy decoding (``model.generate``, batched, LEFT padding) from the same
+  prompt; the predicted answer is the number after the first ``####`` of the generated text if
+  there is one, else the last number of the text (:func:`extract_answer`; commas and ``$`` are
+  stripped); the gold answer is the number after ``####`` in the reference. They are compared as
+  numbers (``"3.50" == "3.5"``).
+
+``main`` is the command line of ``scripts/evaluate.py``; it writes a JSON report with ``n``,
+``exact_match`` (count), ``exact_match_rate``, ``loss`` and per-example predictions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import re
+import sys
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+
+import torch
+
+from .errors import QloraGaError
+
+log = logging.getLogger(__name__)
+
+_NUMBER = re.compile(r"(?P<sign>-)?\$?(?P<num>\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+)")
+
+
+# ----------------------------------------------------------------------------- answers
+
+
+def _numbers(text: str) -> list[str]:
+    out = []
+    for m in _NUMBER.finditer(text):
+        num = m.group("num").replace(",", "")
+        neg = False
+        if m.group("sign"):
+            prev = text[m.start() - 1] if m.start() > 0 else " "
+            neg = not (prev.isalnum() or prev in ")]}")  # "10-3" is a subtraction, not -3
+        try:
+            d = Decimal(num)
+        except InvalidOperation:  # pragma: no cover - the regex only admits valid numbers
+            continue
+        d = -d if neg else d
+        out.append(str(int(d)) if d == d.to_integral_value() else format(d.normalize(), "f"))
+    return out
+
+
+def extract_answer(text: str | None) -> str | None:
+    """The numeric answer in ``text``: the first number after ``####`` if any, else the last number.
+
+    Commas (thousands separators) and ``$`` are dropped and the number is normalised
+    (``"$1,234.50"`` -> ``"1234.5"``, ``"3.0"`` -> ``"3"``). ``None`` when there is no number.
+    """
+    if not text:
+        return None
+    if "####" in text:
+        after = _numbers(text.split("####", 1)[1])
+        if after:
+            return after[0]
+    nums = _numbers(text)
+    return nums[-1] if nums else None
+
+
+def answers_match(pred: str | None, gold: str | None) -> bool:
+    """Numeric equality of two extracted answers (``None`` never matches)."""
+    if pred is None or gold is None:
+        return False
+    try:
+        return Decimal(pred) == Decimal(gold)
+    except InvalidOperation:
+        return pred.strip() == gold.strip()
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def load_examples(path, max_examples: int | None = None) -> list[dict]:
+    """``[{"question": ..., "answer": ...}, ...]`` from a JSONL file (GSM8K format)."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise QloraGaError(f"data file '{p}' does not exist: pass a .jsonl file with question/answer records")
+    examples = []
+    with p.open() as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise QloraGaError(f"{p}:{lineno} is not valid JSON ({e.msg}): the file must hold one JSON object per line") from None
+            if not isinstance(rec, dict) or not isinstance(rec.get("question"), str) or not isinstance(rec.get("answer"), str):
+                raise QloraGaError(f"{p}:{lineno} needs string fields 'question' and 'answer'")
+            examples.append({"question": rec["question"], "answer": rec["answer"]})
+            if max_examples is not None and len(examples) >= max_examples:
+                break
+    if not examples:
+        raise QloraGaError(f"data file '{p}' has no examples")
+    return examples
+
+
+def prompt_ids(tokenizer, question: str) -> list[int]:
+    """Token ids of the prompt: chat template (user message, generation prompt) or ``question + "\\n"``."""
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": question}], add_generation_prompt=True, tokenize=False
+        )
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return list(tokenizer(question + "\n")["input_ids"])
+
+
+def answer_ids(tokenizer, answer: str) -> list[int]:
+    ids = list(tokenizer(answer, add_special_tokens=False)["input_ids"])
+    if tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    return ids
+
+
+def _device(model) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:  # pragma: no cover
+        return torch.device("cpu")
+
+
+def _pad_id(tokenizer) -> int:
+    for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
+        if tid is not None:
+            return tid
+    return 0  # pragma: no cover
+
+
+# ----------------------------------------------------------------------------- loss
+
+
+@torch.no_grad()
+def held_out_loss(model, tokenizer, examples, *, batch_size: int = 8, max_length: int = 1024) -> tuple[float, int]:
+    """``(token-weighted mean loss over answer tokens, number of answer tokens)``."""
+    device = _device(model)
+    seqs = []
+    for ex in examples:
+        p, a = prompt_ids(tokenizer, ex["question"]), answer_ids(tokenizer, ex["answer"])
+        ids = (p + a)[:max_length]
+        labels = ([-100] * len(p) + a)[:max_length]
+        seqs.append((ids, labels))
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][0]))
+    total, count = 0.0, 0
+    pad = _pad_id(tokenizer)
+    for start in range(0, len(order), batch_size):
+        batch = [seqs[i] for i in order[start:start + batch_size]]
+        width = max(len(ids) for ids, _ in batch)
+        ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        labels = torch.full((len(batch), width), -100, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for j, (x, y) in enumerate(batch):  # right padding for the loss
+            ids[j, :len(x)] = torch.tensor(x)
+            labels[j, :len(y)] = torch.tensor(y)
+            mask[j, :len(x)] = 1
+        ids, labels, mask = ids.to(device), labels.to(device), mask.to(device)
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        target = labels[:, 1:]
+        keep = target != -100
+        if not keep.any():
+            continue
+        sel = logits[:, :-1][keep].float()
+        total += torch.nn.functional.cross_entropy(sel, target[keep], reduction="sum").item()
+        count += int(keep.sum())
+    return (total / count if count else float("nan")), count
+
+
+# ----------------------------------------------------------------------------- generation
+
+
+@torch.no_grad()
+def generate_texts(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int = 256, batch_size: int = 8,
+                   progress: bool = True) -> list[str]:
+    """Greedy continuations of ``prompts`` (token id lists), batched with left padding; decoded text only."""
+    from tqdm.auto import tqdm
+
+    device = _device(model)
+    pad = _pad_id(tokenizer)
+    eos = [t for t in {tokenizer.eos_token_id, *_as_list(getattr(getattr(model, "generation_config", None), "eos_token_id", None))}
+           if t is not None]
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    out: list[str | None] = [None] * len(prompts)
+    bar = tqdm(total=len(prompts), desc="generating", unit="ex", disable=not progress)
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        width = max(len(prompts[i]) for i in idx)
+        ids = torch.full((len(idx), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        for j, i in enumerate(idx):  # LEFT padding: every prompt ends at the last column
+            p = prompts[i]
+            ids[j, width - len(p):] = torch.tensor(p)
+            mask[j, width - len(p):] = 1
+        gen = model.generate(
+            input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+            do_sample=False, num_beams=1, pad_token_id=pad, eos_token_id=eos or None, use_cache=True,
+        )
+        for j, i in enumerate(idx):
+            out[i] = tokenizer.decode(gen[j, width:], skip_special_tokens=True)
+        bar.update(len(idx))
+    bar.close()
+    return [o or "" for o in out]
+
+
+def _as_list(x):
+    if x is None:
+        return []
+    return list(x) if isinstance(x, (list, tuple)) else [x]
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def evaluate(model, tokenizer, examples: list[dict], *, max_new_tokens: int = 256, batch_size: int = 8,
+             max_length: int = 1024, compute_loss: bool = True, progress: bool = True) -> dict:
+    """Held-out loss and exact match of ``model`` on ``examples``; returns the report dict."""
+    model.eval()
+    loss, tokens = (held_out_loss(model, tokenizer, examples, batch_size=batch_size, max_length=max_length)
+                    if compute_loss else (None, 0))
+    prompts = [prompt_ids(tokenizer, ex["question"]) for ex in examples]
+    texts = generate_texts(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                           progress=progress)
+    preds = []
+    for i, (ex, text) in enumerate(zip(examples, texts)):
+        gold, pred = extract_answer(ex["answer"]), extract_answer(text)
+        preds.append({"index": i, "question": ex["question"], "gold": gold, "prediction": pred,
+                      "correct": answers_match(pred, gold), "output": text})
+    n = len(examples)
+    correct = sum(p["correct"] for p in preds)
+    return {
+        "n": n,
+        "exact_match": correct,
+        "exact_match_rate": correct / n if n else 0.0,
+        "loss": loss,
+        "loss_tokens": tokens,
+        "max_new_tokens": max_new_tokens,
+        "predictions": preds,
+    }
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser(prog: str = "evaluate.py") -> argparse.ArgumentParser:
+    p = _Parser(prog=prog, description="Held-out loss and GSM8K-style exact match of a (fine-tuned) model.")
+    p.add_argument("--model", default=None,
+                   help="base or merged model: folder, hub id or .gguf (default: the SmolLM2-135M GGUF)")
+    p.add_argument("--no-quantize", action="store_true", help="load the model as is instead of in 4-bit NF4")
+    p.add_argument("--adapter", default=None, help="PEFT adapter folder to put on the model")
+    p.add_argument("--data", required=True, help="JSONL file with question/answer records (GSM8K format)")
+    p.add_argument("--max-examples", type=int, default=None, help="evaluate the first N examples only")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-length", type=int, default=1024, help="truncate loss sequences to this many tokens")
+    p.add_argument("--no-loss", action="store_true", help="skip the held-out loss")
+    p.add_argument("--out", default=None, help="write the JSON report here")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def _check_positive(args):
+    for name in ("max_examples", "max_new_tokens", "batch_size", "max_length"):
+        v = getattr(args, name)
+        if v is not None and v <= 0:
+            raise QloraGaError(f"--{name.replace('_', '-')} must be positive, got {v}")
+
+
+def main(argv=None, prog: str = "evaluate.py") -> int:
+    args = build_parser(prog).parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        _check_positive(args)
+        examples = load_examples(args.data, args.max_examples)
+        if args.adapter and not Path(args.adapter).expanduser().is_dir():
+            raise QloraGaError(f"adapter folder '{args.adapter}' does not exist: pass the folder written by export")
+        from .model import load_model
+
+        model, tokenizer = load_model(args.model, quantize=not args.no_quantize)
+        if args.adapter:
+            from peft import PeftModel
+
+            try:
+                model = PeftModel.from_pretrained(model, str(Path(args.adapter).expanduser()))
+            except (ValueError, OSError, KeyError) as e:
+                raise QloraGaError(f"cannot load adapter '{args.adapter}': {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
+        report = evaluate(model, tokenizer, examples, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                          max_length=args.max_length, compute_loss=not args.no_loss, progress=not args.quiet)
+        report = {"model": args.model, "adapter": args.adapter, "data": str(args.data), "quantized": not args.no_quantize,
+                  **report}
+        if report["loss"] is not None and not math.isfinite(report["loss"]):
+            log.warning("the held-out loss is not finite")
+        if args.out:
+            out = Path(args.out).expanduser()
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = out.with_name(out.name + ".tmp")
+            tmp.write_text(json.dumps(report, indent=2) + "\n")
+            tmp.replace(out)
+        loss = f"{report['loss']:.4f}" if report["loss"] is not None else "n/a"
+        print(f"n={report['n']} exact_match={report['exact_match']} ({report['exact_match_rate']:.1%}) loss={loss}"
+              + (f" -> {args.out}" if args.out else ""))
+    except QloraGaError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (OSError, MemoryError) as e:
+        msg = getattr(e, "strerror", None) or str(e) or type(e).__name__
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,137 @@
+"""Evaluation: answer extraction, exact-match counting with faked generations, a real tiny run."""
+
+import json
+import math
+
+import pytest
+
+from qlora_ga import evaluate as ev
+
+EXAMPLES = [
+    {"question": "Ava has 3 apples and buys 4 more. How many apples?", "answer": "3 + 4 = 7.\n#### 7"},
+    {"question": "Ben packs 2 boxes of 6 coins. How many coins?", "answer": "2 * 6 = 12.\n#### 12"},
+    {"question": "Cleo has 1,000 stamps and gets 250 more. How many?", "answer": "1000 + 250 = 1250\n#### 1,250"},
+    {"question": "Dan shares 20 cards among 4 friends. How many each?", "answer": "20 / 4 = 5\n#### 5"},
+    {"question": "Eli pays $3.50 for each of 2 pens. How much in total?", "answer": "2 * 3.50 = 7\n#### 7"},
+]
+# What the fake model "generates" for each question: 3 of 5 are right.
+FAKE = {
+    EXAMPLES[0]["question"]: "3 + 4 = 7\n#### 7",  # right
+    EXAMPLES[1]["question"]: "2 * 6 = 11 so the answer is 11",  # wrong (last number)
+    EXAMPLES[2]["question"]: "The total is $1,250.",  # right (commas, $, trailing period)
+    EXAMPLES[3]["question"]: "#### 4\n#### 5",  # wrong (first #### wins)
+    EXAMPLES[4]["question"]: "He pays 7.00 dollars",  # right (numeric comparison)
+}
+
+
+@pytest.mark.parametrize("text, want", [
+    ("The answer is 42.", "42"),
+    ("#### 1,234", "1234"),
+    ("costs $5.50 each\n#### $5.50", "5.5"),
+    ("she had 3 apples, then 7\n#### 10 apples", "10"),
+    ("#### 72\n\nQuestion: next one\n#### 15", "72"),
+    ("no numbers here", None),
+    ("", None),
+    (None, None),
+    ("It was -3 degrees", "-3"),
+    ("10-3 = 7", "7"),
+    ("so 5-3", "3"),
+    ("1,000,000 people", "1000000"),
+    ("we get 5 ####", "5"),
+    ("3.0", "3"),
+    ("1,2,3", "3"),
+    ("#### -12", "-12"),
+    ("The answer: 12,345.60 dollars", "12345.6"),
+    ("x = .5", "0.5"),
+])
+def test_extract_answer(text, want):
+    assert ev.extract_answer(text) == want
+
+
+def test_answers_match():
+    assert ev.answers_match("3", "3.00") and ev.answers_match(ev.extract_answer("$1,250"), "1250")
+    assert not ev.answers_match(None, "3") and not ev.answers_match("3", None) and not ev.answers_match("4", "3")
+
+
+@pytest.fixture
+def data_file(tmp_path):
+    p = tmp_path / "heldout.jsonl"
+    p.write_text("".join(json.dumps(e) + "\n" for e in EXAMPLES))
+    return p
+
+
+def test_exact_match_count_with_faked_generation(tiny_model_dir, data_file, tmp_path, monkeypatch, capsys):
+    seen = {}
+
+    def fake_generate(model, tokenizer, prompts, **kw):
+        seen.update(kw)
+        texts = [tokenizer.decode(p) for p in prompts]
+        out = []
+        for t in texts:
+            (q,) = [q for q in FAKE if q in t]
+            assert t.rstrip().endswith("assistant")  # chat template with the generation prompt
+            out.append(FAKE[q])
+        return out
+
+    monkeypatch.setattr(ev, "generate_texts", fake_generate)
+    out = tmp_path / "report.json"
+    rc = ev.main(["--model", str(tiny_model_dir), "--data", str(data_file), "--out", str(out), "--batch-size", "2",
+                  "--max-new-tokens", "5", "--quiet"])
+    assert rc == 0
+    assert "exact_match=3" in capsys.readouterr().out
+    report = json.loads(out.read_text())
+    assert report["n"] == 5 and report["exact_match"] == 3 and report["exact_match_rate"] == pytest.approx(0.6)
+    assert [p["correct"] for p in report["predictions"]] == [True, False, True, False, True]
+    assert [p["gold"] for p in report["predictions"]] == ["7", "12", "1250", "5", "7"]
+    assert [p["prediction"] for p in report["predictions"]] == ["7", "11", "1250", "4", "7"]
+    assert math.isfinite(report["loss"]) and report["loss_tokens"] > 0
+    assert seen == {"max_new_tokens": 5, "batch_size": 2, "progress": False}
+
+
+def test_loss_is_token_weighted_and_batch_independent(tiny_model_dir):
+    from qlora_ga.model import load_model
+
+    model, tok = load_model(tiny_model_dir, quantize=False)
+    l1, n1 = ev.held_out_loss(model, tok, EXAMPLES, batch_size=1)
+    l5, n5 = ev.held_out_loss(model, tok, EXAMPLES, batch_size=5)
+    assert n1 == n5 > 0 and l1 == pytest.approx(l5, rel=1e-5)
+    # the token-weighted mean: sum of per-example (loss * tokens) over all tokens
+    parts = [ev.held_out_loss(model, tok, [e]) for e in EXAMPLES]
+    assert l1 == pytest.approx(sum(l * n for l, n in parts) / sum(n for _, n in parts), rel=1e-5)
+
+
+def test_real_run_on_tiny_model(tiny_model_dir, data_file, tmp_path):
+    out = tmp_path / "report.json"
+    rc = ev.main(["--model", str(tiny_model_dir), "--data", str(data_file), "--out", str(out), "--batch-size", "2",
+                  "--max-new-tokens", "3", "--max-examples", "3", "--quiet"])
+    assert rc == 0
+    report = json.loads(out.read_text())
+    assert report["n"] == 3 and len(report["predictions"]) == 3 and report["quantized"] is True
+    assert 0 <= report["exact_match"] <= 3 and math.isfinite(report["loss"])
+    for p in report["predictions"]:
+        assert set(p) == {"index", "question", "gold", "prediction", "correct", "output"}
+        assert isinstance(p["output"], str)
+
+
+def test_left_padded_generation_matches_unbatched(tiny_model_dir):
+    from qlora_ga.model import load_model
+
+    model, tok = load_model(tiny_model_dir, quantize=False)
+    prompts = [ev.prompt_ids(tok, e["question"]) for e in EXAMPLES[:3]]
+    assert len({len(p) for p in prompts}) > 1  # different lengths: padding is exercised
+    batched = ev.generate_texts(model, tok, prompts, max_new_tokens=4, batch_size=3, progress=False)
+    single = ev.generate_texts(model, tok, prompts, max_new_tokens=4, batch_size=1, progress=False)
+    assert batched == single
+
+
+def test_bad_inputs_are_one_line_errors(tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "q"}\n')
+    assert ev.main(["--data", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "'answer'" in err
+    assert ev.main(["--data", str(tmp_path / "missing.jsonl")]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+    with pytest.raises(SystemExit) as e:
+        ev.main(["--data", str(bad), "--batch-size", "x"])
+    assert e.value.code == 2 and capsys.readouterr().err.count("\n") == 1

@@ -1,0 +1,295 @@
+"""Export: vanilla-PEFT adapter (rank-2r with a residual), streamed merged checkpoints, the CLI."""
+
+import json
+import shutil
+import subprocess
+import sys
+import weakref
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from qlora_ga import export
+from qlora_ga.errors import QloraGaError
+from qlora_ga.model import DEFAULT_TARGETS, load_model
+from qlora_ga.residual import attach_residual, iter_residuals, residual_state_dict
+
+REPO = Path(__file__).resolve().parents[1]
+R, ALPHA = 4, 8
+TOL = 1e-4
+
+
+def _peft_model(model_dir, seed=0):
+    from peft import LoraConfig, get_peft_model
+
+    model, _ = load_model(model_dir)
+    pm = get_peft_model(model, LoraConfig(r=R, lora_alpha=ALPHA, use_rslora=True, target_modules=list(DEFAULT_TARGETS)))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    pm.eval()
+    return pm
+
+
+def _lora_layers(pm):
+    return {n: m for n, m in pm.named_modules() if hasattr(m, "lora_A") and "default" in getattr(m, "lora_A", {})}
+
+
+def _attach_random_residuals(pm, skip=("layers.2.mlp.down_proj",), seed=1):
+    g = torch.Generator().manual_seed(seed)
+    for name, layer in _lora_layers(pm).items():
+        if any(name.endswith(s) for s in skip):
+            continue
+        A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+        attach_residual(layer, torch.randn(A.shape, generator=g) * 0.1, torch.randn(B.shape, generator=g) * 0.1)
+
+
+def _inputs():
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(3, 300, (2, 12), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    return ids, mask
+
+
+@torch.no_grad()
+def _logits(model):
+    ids, mask = _inputs()
+    return model(input_ids=ids, attention_mask=mask).logits.float()
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model_dir, tmp_path_factory):
+    """One PeftModel exported twice: without residuals, then with residuals on all but one layer."""
+    root = tmp_path_factory.mktemp("export")
+    pm = _peft_model(tiny_model_dir)
+    plain_logits = _logits(pm)
+    export.save_adapter(pm, root / "plain")
+    _attach_random_residuals(pm)
+    res_logits = _logits(pm)
+    assert (res_logits - plain_logits).abs().max() > 1e-2  # the residual really changes the function
+    export.save_adapter(pm, root / "res")
+    ref = {}  # module -> (A, B, A0 or None, B0 or None, s), for the tensor-by-tensor merge check
+    res = {export._module_key(n): (a0, b0) for n, _, a0, b0 in iter_residuals(pm)}
+    for name, layer in _lora_layers(pm).items():
+        key = export._module_key(name)
+        a0, b0 = res.get(key, (None, None))
+        ref[key] = (layer.lora_A["default"].weight.detach().clone(), layer.lora_B["default"].weight.detach().clone(),
+                    a0, b0, layer.scaling["default"])
+    return dict(root=root, pm=pm, plain=root / "plain", res=root / "res", plain_logits=plain_logits,
+                res_logits=res_logits, ref=ref)
+
+
+def _reload(model_dir, adapter_dir):
+    from peft import PeftModel
+
+    base, _ = load_model(model_dir)
+    return PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+
+
+def test_adapter_without_residual_reloads_in_vanilla_peft(trained, tiny_model_dir):
+    cfg = json.loads((trained["plain"] / "adapter_config.json").read_text())
+    assert cfg["r"] == R and cfg["lora_alpha"] == ALPHA and cfg["use_rslora"] is True
+    meta = export.read_metadata(trained["plain"])
+    assert meta["has_residual"] is False and meta["rank"] == R and meta["scaling"] == pytest.approx(ALPHA / R**0.5)
+    assert meta["base_model"] == str(tiny_model_dir)
+    diff = (_logits(_reload(tiny_model_dir, trained["plain"])) - trained["plain_logits"]).abs().max().item()
+    print(f"vanilla reload, no residual: max |dlogit| = {diff:.2e}")
+    assert diff <= TOL
+
+
+def test_adapter_with_residual_is_rank_2r_and_reloads_in_vanilla_peft(trained, tiny_model_dir):
+    d = trained["res"]
+    cfg = json.loads((d / "adapter_config.json").read_text())
+    assert cfg["r"] == 2 * R and cfg["use_rslora"] is True
+    assert cfg["lora_alpha"] / (2 * R) ** 0.5 == pytest.approx(ALPHA / R**0.5)
+    assert cfg["rank_pattern"] == {"model.layers.2.mlp.down_proj": R}  # the one layer without a residual
+    meta = export.read_metadata(d)
+    assert meta["has_residual"] and meta["rank"] == R and meta["exported_rank"] == 2 * R
+    assert len(meta["residual_modules"]) == 3 * 7 - 1
+    sd = load_file(str(d / "adapter_model.safetensors"))
+    a, b, a0, b0, _ = trained["ref"]["model.layers.0.self_attn.q_proj"]
+    A2 = sd["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"]
+    B2 = sd["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"]
+    assert torch.equal(A2, torch.cat([a, a0])) and torch.equal(B2, torch.cat([b, -b0], dim=1))
+
+    (d / export.METADATA_FILE).rename(d.parent / "meta.bak")  # the adapter must not need qlora_ga.json
+    try:
+        diff = (_logits(_reload(tiny_model_dir, d)) - trained["res_logits"]).abs().max().item()
+    finally:
+        (d.parent / "meta.bak").rename(d / export.METADATA_FILE)
+    print(f"vanilla reload, rank-2r with residual: max |dlogit| = {diff:.2e}")
+    assert diff <= TOL
+
+
+@pytest.mark.parametrize("residual_file", export.RESIDUAL_FILES)
+def test_residual_file_next_to_rank_r_adapter_is_folded(trained, tmp_path, residual_file):
+    pm = trained["pm"]
+    ckpt = tmp_path / "ckpt"
+    pm.save_pretrained(str(ckpt))
+    save_file(residual_state_dict(pm), str(ckpt / residual_file))
+    export.export_adapter(ckpt, tmp_path / "out")
+    got, want = load_file(str(tmp_path / "out" / "adapter_model.safetensors")), load_file(str(trained["res"] / "adapter_model.safetensors"))
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+    cfg = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    want_cfg = json.loads((trained["res"] / "adapter_config.json").read_text())
+    assert (cfg["r"], cfg["rank_pattern"], cfg["alpha_pattern"]) == (want_cfg["r"], want_cfg["rank_pattern"], want_cfg["alpha_pattern"])
+    assert cfg["lora_alpha"] == pytest.approx(want_cfg["lora_alpha"])
+
+
+def test_save_adapter_is_atomic(trained, tmp_path, monkeypatch):
+    out = tmp_path / "adapter"
+    out.mkdir()
+    (out / "keep.txt").write_text("old")
+
+    def boom(*a, **k):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(export, "_save_safetensors", boom)
+    with pytest.raises(RuntimeError):
+        export.save_adapter(trained["pm"], out)
+    assert (out / "keep.txt").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]  # no temp folder left
+    monkeypatch.undo()
+    export.save_adapter(trained["pm"], out)
+    assert not (out / "keep.txt").exists() and (out / "adapter_model.safetensors").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+
+
+def test_merged_dequantized_reproduces_trained_logits(trained, tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "merged"
+    stats = export.merge_export(trained["res"], out, dtype="fp32", merge_base="dequantized")
+    assert stats.tensors_merged == 21 and stats.tensors_dequantized == 21 and stats.shards == 1
+    cfg = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in cfg and cfg["dtype"] == "float32"
+    for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        assert (out / f).is_file(), f
+    model = AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    diff = (_logits(model) - trained["res_logits"]).abs().max().item()
+    print(f"merged (dequantized, fp32) vs trained 4-bit+LoRA+residual: max |dlogit| = {diff:.2e}")
+    assert diff <= TOL
+
+    # Without qlora_ga.json the quantized weights come from the model structure: same result.
+    bare = tmp_path / "bare"
+    shutil.copytree(trained["res"], bare)
+    (bare / export.METADATA_FILE).unlink()
+    export.merge_export(bare, tmp_path / "merged2", dtype="fp32", merge_base="dequantized")
+    a, b = load_file(str(out / "model.safetensors")), load_file(str(tmp_path / "merged2" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_merged_original_is_w_plus_s_ba_minus_b0a0(trained, tiny_model_dir, tmp_path):
+    out = tmp_path / "merged"
+    stats = export.merge_export(trained["res"], out, dtype="fp32")
+    assert stats.tensors_merged == 21 and stats.tensors_dequantized == 0
+    ref = trained["ref"]
+    merged = load_file(str(out / "model.safetensors"))
+    n_target = n_copied = 0
+    with safe_open(str(tiny_model_dir / "model.safetensors"), "pt") as f:
+        assert set(f.keys()) == set(merged)
+        for key in f.keys():
+            w = f.get_tensor(key)
+            mod = key.removesuffix(".weight")
+            if mod in ref:
+                a, b, a0, b0, s = ref[mod]
+                delta = b @ a - (b0 @ a0 if a0 is not None else 0)
+                torch.testing.assert_close(merged[key], w + s * delta, rtol=0, atol=1e-6)
+                n_target += 1
+            else:
+                assert merged[key].dtype == w.dtype and torch.equal(merged[key], w), key
+                n_copied += 1
+    assert n_target == 21 and n_copied > 0
+
+
+def test_merge_streams_one_shard_at_a_time(trained, tiny_sharded_model_dir, tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    live = {"bytes": 0, "peak": 0, "reads": 0}
+    real = export._read_tensor
+
+    def _release(n):
+        live["bytes"] -= n
+
+    def tracked(handle, name):
+        t = real(handle, name)
+        n = t.numel() * t.element_size()
+        live["bytes"] += n
+        live["reads"] += 1
+        live["peak"] = max(live["peak"], live["bytes"])
+        weakref.finalize(t, _release, n)
+        return t
+
+    monkeypatch.setattr(export, "_read_tensor", tracked)
+    in_shards = list(tiny_sharded_model_dir.glob("model-*.safetensors"))
+    assert len(in_shards) > 2
+    out = tmp_path / "merged"
+    stats = export.merge_export(trained["res"], out, base=str(tiny_sharded_model_dir), dtype="fp32",
+                                max_shard_size="60KB")
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    out_shards = sorted(out.glob("model-*.safetensors"))
+    assert stats.shards == len(out_shards) > 2 and len(set(index["weight_map"].values())) == len(out_shards)
+    assert stats.tensors_written == live["reads"] == len(index["weight_map"])
+    largest_shard = max(p.stat().st_size for p in out_shards)
+    print(f"streaming: peak read bytes live {live['peak']}, largest shard {largest_shard}, "
+          f"largest tensor {stats.largest_tensor_bytes}, reported peak {stats.peak_bytes}, total {stats.total_bytes}")
+    assert live["peak"] <= largest_shard + stats.largest_tensor_bytes
+    assert live["peak"] < stats.total_bytes / 2
+    assert stats.peak_bytes <= export.parse_size("60KB") + 3 * stats.largest_tensor_bytes
+    model = AutoModelForCausalLM.from_pretrained(str(out))
+    assert model.config.num_hidden_layers == 3
+
+
+def test_fp16_overflow_is_a_one_line_error_and_leaves_nothing(trained, tiny_model_dir, tmp_path):
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model_dir, base)
+    sd = load_file(str(base / "model.safetensors"))
+    sd["model.layers.1.mlp.up_proj.weight"][3, 5] = 1e5
+    save_file(sd, str(base / "model.safetensors"), metadata={"format": "pt"})
+    out = tmp_path / "merged"
+    with pytest.raises(QloraGaError) as e:
+        export.merge_export(trained["res"], out, base=str(base), dtype="fp16")
+    msg = str(e.value)
+    assert "\n" not in msg and "--dtype bf16" in msg and "model.layers.1.mlp.up_proj.weight" in msg
+    assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base"]
+    out.mkdir()
+    (out / "keep.txt").write_text("old")  # an existing output survives a failed export
+    with pytest.raises(QloraGaError):
+        export.merge_export(trained["res"], out, base=str(base), dtype="fp16")
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    stats = export.merge_export(trained["res"], out, base=str(base), dtype="bf16")  # bf16 holds it
+    assert stats.dtype == "bfloat16" and not (out / "keep.txt").exists()
+
+
+def test_export_cli(trained, tmp_path, capsys):
+    assert export.main(["--adapter", str(trained["res"]), "--out", str(tmp_path / "a")]) == 0
+    assert (tmp_path / "a" / "adapter_model.safetensors").read_bytes() == (trained["res"] / "adapter_model.safetensors").read_bytes()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        export.main(["--adapter", "x", "--out", "y", "--dtype", "fp8"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--dtype" in err
+    assert export.main(["--adapter", str(trained["res"]), "--out", str(tmp_path / "b"), "--merge", "--base",
+                        str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "does not exist" in err and not (tmp_path / "b").exists()
+
+
+def test_export_script_bad_adapter_exits_2_with_one_line(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "export.py"), "--adapter", str(tmp_path / "missing"), "--out",
+         str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip() and "kernels" not in line]
+    assert len(lines) == 1 and "does not exist" in lines[0] and "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists()
