@@ -19,6 +19,20 @@ from pathlib import Path
 from .config import FinetuneConfig, parse_config, resolved, save_yaml
 from .errors import QloraGaError
 
+# The built-in demo (no --model, no --dataset, no --config): sized to finish in a few minutes on a
+# 2-core CPU. Applied only to options left at their defaults; see configs/default.yaml.
+DEMO_PRESET = dict(max_length=256, batch_size=4, grad_accum=2, max_steps=24, init_samples=32, eval_split="0.05",
+                   output_dir="outputs/demo", no_gradient_checkpointing=True, sample_prompts=1)
+
+
+def apply_demo_preset(cfg: FinetuneConfig) -> FinetuneConfig:
+    if cfg.model is not None or cfg.dataset is not None or cfg.config is not None:
+        return cfg
+    defaults = FinetuneConfig()
+    changes = {k: v for k, v in DEMO_PRESET.items() if getattr(cfg, k) == getattr(defaults, k)}
+    return replace(cfg, **changes)
+
+
 RUN_MARKERS = ("run_config.yaml", "metrics.jsonl", "checkpoints", "adapter", "init_report.json")
 
 
@@ -197,7 +211,7 @@ def _quiet():
 def main(argv: list[str] | None = None) -> int:
     _quiet()
     try:
-        cfg = parse_config(argv)
+        cfg = apply_demo_preset(parse_config(argv))
         run(cfg)
         return 0
     except QloraGaError as e:
