@@ -297,7 +297,7 @@ def test_residual_keeps_the_function_exactly_and_only_adapters_train(fresh_model
         out.loss.backward()
         opt.step()
         opt.zero_grad()
-        losses.append(float(out.loss))
+        losses.append(float(out.loss.detach()))
     pm.eval()
     assert losses[-1] < losses[0]
     assert all(not torch.equal(p, trainable[n]) for n, p in pm.named_parameters() if n in trainable)
