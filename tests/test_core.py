@@ -312,7 +312,8 @@ def test_lora_one_moves_the_function_by_a_gradient_step(fresh_model):
     model, tok = fresh_model
     ex = make_examples(len(tok))
     batch = make_micro_batches(ex, len(ex), tok.pad_token_id)[0]
-    loss0 = float(model(**batch).loss)
+    with torch.no_grad():
+        loss0 = float(model(**batch).loss)
     factors = estimate_factors(model, ex, rank=4, micro_batch_size=3, progress=False)
     pm = init_adapters(model, factors, method="lora-one", rank=4, alpha=64, gamma=1.0)
     with torch.no_grad():
