@@ -78,8 +78,10 @@ def test_max_steps_zero_writes_an_adapter_that_keeps_the_function(tiny_model_dir
     from qlora_ga.model import load_model
 
     out = tmp_path / "init-only"
-    assert main(base_args(tiny_model_dir, out, "--max-steps", "0")) == 0
+    assert main(base_args(tiny_model_dir, out, "--max-steps", "0", "--export-merged")) == 0
     assert not (out / "metrics.jsonl").exists()
+    merged_cfg = json.loads((out / "merged" / "config.json").read_text())
+    assert "quantization_config" not in merged_cfg and merged_cfg["dtype"] == "float16"
     base, tok = load_model(tiny_model_dir)
     ids = torch.tensor([tok("Ava has 3 apples. How many apples does Ava have?").input_ids])
     with torch.no_grad():
