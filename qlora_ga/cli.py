@@ -93,7 +93,7 @@ def run(cfg: FinetuneConfig) -> dict:
 
     from .data import DataConfig, build_data, sample_batch
     from .gradient import PassReport, estimate_factors
-    from .init import GRADIENT_METHODS, init_adapters, singular_vectors_needed, svd_transform
+    from .init import GRADIENT_METHODS, factor_reducer, init_adapters, singular_vectors_needed
     from .metrics import plot_losses
     from .model import load_model
     from .train import TrainSettings, find_checkpoint, load_checkpoint_weights, train
@@ -139,7 +139,8 @@ def run(cfg: FinetuneConfig) -> dict:
             report = PassReport()
             factors = estimate_factors(
                 model, sample, rank=cfg.rank, target_modules=targets, n_vectors=singular_vectors_needed(cfg.init, cfg.rank),
-                transform=svd_transform(cfg.init), micro_batch_size=cfg.init_micro_batch, pad_token_id=tok.pad_token_id,
+                reducer=factor_reducer(cfg.init, cfg.rank, cfg.gamma), micro_batch_size=cfg.init_micro_batch,
+                pad_token_id=tok.pad_token_id,
                 report=report,
             )
             init_report = asdict(report)

@@ -43,7 +43,7 @@ from .errors import QloraGaError
 #             LoRA-GA and vanilla LoRA (5e-4 was slightly better in section 7: candidate revision).
 #   gaussian / kaiming (vanilla LoRA, B = 0): lr 1e-3 was best of 2e-4 / 5e-4 / 1e-3; classic
 #             alpha/r scaling; no gamma (no gradient pass).
-#   lora-ga-sign: LoRA-GA on sign(G) (the blog's 'speculative' Adam variant), same defaults as lora-ga.
+#   lora-ga-sign / lora-ga-adam: LoRA-GA's Adam variants (blog: 'speculative' / 'hard-core'), same defaults as lora-ga.
 # ---------------------------------------------------------------------------------------------
 METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
     "lora-ga": dict(lr=5e-5, alpha=16.0, gamma=16.0, use_rslora=True),
@@ -51,6 +51,7 @@ METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
     "gaussian": dict(lr=1e-3, alpha=16.0, gamma=None, use_rslora=False),
     "kaiming": dict(lr=1e-3, alpha=16.0, gamma=None, use_rslora=False),
     "lora-ga-sign": dict(lr=5e-5, alpha=16.0, gamma=16.0, use_rslora=True),
+    "lora-ga-adam": dict(lr=5e-5, alpha=16.0, gamma=16.0, use_rslora=True),
 }
 
 INITS = tuple(METHOD_DEFAULTS)

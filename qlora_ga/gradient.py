@@ -417,12 +417,14 @@ def gradient_pass(
                     )
                 results[name] = reduce_fn(name, g)
                 f = results[name]
-                if isinstance(f, Factors):
+                if hasattr(f, "grad_norm") and hasattr(f, "S"):
                     report.modules[name] = {
                         "shape": list(f.shape), "grad_norm": f.grad_norm,
                         "top_singular_values": [round(float(s), 8) for s in f.S[:8]],
                         "svd_seconds": round(f.svd_seconds, 4),
                     }
+                    if hasattr(f, "objective_end"):
+                        report.modules[name]["adam_objective"] = [f.objective_start, f.objective_end]
             del g
             G.clear()
             bar.update(1)
@@ -466,14 +468,18 @@ def estimate_factors(
     svd: str = "lowrank",
     niter: int = 4,
     transform: Callable | None = None,
+    reducer: Callable | None = None,
     report: PassReport | None = None,
     **pass_kwargs,
 ) -> dict[str, Factors]:
-    """Gradient pass + truncated SVD: ``{module name: Factors}`` with ``n_vectors`` (default 2*rank) triplets."""
+    """Gradient pass + truncated SVD: ``{module name: Factors}`` with ``n_vectors`` (default 2*rank) triplets.
+
+    ``reducer`` replaces the SVD step (see :func:`qlora_ga.init.factor_reducer`).
+    """
     check_rank(model, rank, target_modules, n_vectors or 2 * rank)
     k = n_vectors or 2 * rank
-    return gradient_pass(model, examples, svd_reducer(k, svd, niter, transform), target_modules=target_modules,
-                         report=report, **pass_kwargs)
+    reduce_fn = reducer or svd_reducer(k, svd, niter, transform)
+    return gradient_pass(model, examples, reduce_fn, target_modules=target_modules, report=report, **pass_kwargs)
 
 
 def check_rank(model: nn.Module, rank: int, target_modules: Sequence[str], needed: int | None = None):

@@ -6,6 +6,13 @@ Methods (G is a module's m x n mean gradient, ``G ~= U diag(S) V^T``):
   ``c = m^(1/4) / sqrt(gamma)``; rsLoRA scaling ``s = alpha / sqrt(r)``; a frozen residual
   ``-s B0 A0`` keeps the function unchanged at init (see residual.py).
 - ``lora-ga-sign``: the same on ``sign(G)`` (the "speculative" Adam variant of the LoRA-GA blog).
+- ``lora-ga-adam``: the blog's "hard-core" Adam variant. Adam's first step moves W by about
+  ``-lr sign(G)`` (full fine-tuning) and a LoRA by ``-lr s (B0 sign(B0^T G) + sign(G A0^T) A0)``;
+  starting from the LoRA-GA solution, (A0, B0) are optimised (a bounded number of Adam steps on a
+  tanh-smoothed sign) to align the second with the first, up to a fitted scalar, and then put back
+  to LoRA-GA's norms (the stable scale). Done per module right after its G is ready, inside the
+  gradient pass, so the pass's one-block memory bound holds. The start is kept when the exact (sign)
+  objective does not improve.
 - ``lora-one`` (Zhang et al. 2025): SVD of ``-G``; ``B0 = U_r sqrt(S_r / S_0) / sqrt(gamma)``,
   ``A0 = sqrt(S_r / S_0) V_r^T / sqrt(gamma)``; no offset by default: the function moves by one
   scaled gradient step at init (``residual=True`` keeps it unchanged instead).
@@ -16,19 +23,21 @@ Adapters are PEFT's (``LoraConfig`` + ``get_peft_model``); only their starting v
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from .errors import QloraGaError
-from .gradient import Factors
+from .gradient import Factors, svd_reducer
 from .model import DEFAULT_TARGETS
 from .residual import attach_residual
 
-METHODS = ("lora-ga", "lora-ga-sign", "lora-one", "gaussian", "kaiming")
-GRADIENT_METHODS = ("lora-ga", "lora-ga-sign", "lora-one")
-DEFAULT_GAMMA = {"lora-ga": 16.0, "lora-ga-sign": 16.0, "lora-one": 128.0}
+METHODS = ("lora-ga", "lora-ga-sign", "lora-ga-adam", "lora-one", "gaussian", "kaiming")
+GRADIENT_METHODS = ("lora-ga", "lora-ga-sign", "lora-ga-adam", "lora-one")
+DEFAULT_GAMMA = {"lora-ga": 16.0, "lora-ga-sign": 16.0, "lora-ga-adam": 16.0, "lora-one": 128.0}
 PEFT_PREFIX = "base_model.model."
 
 
@@ -60,6 +69,77 @@ def lora_one_factors(f: Factors, rank: int, gamma: float) -> tuple[torch.Tensor,
     return w[:, None] * f.V[:, :rank].T, -f.U[:, :rank] * w
 
 
+@dataclass
+class StartFactors:
+    """Adapter starting values computed directly for one module (``lora-ga-adam``), fp32 on CPU."""
+
+    A0: torch.Tensor  # r x n
+    B0: torch.Tensor  # m x r
+    shape: tuple[int, int]
+    grad_norm: float
+    objective_start: float  # exact Adam-alignment objective at the LoRA-GA start
+    objective_end: float
+    svd_seconds: float = 0.0  # time of SVD + optimisation (the report's per-module timing)
+
+    @property
+    def S(self) -> torch.Tensor:  # for the init report: none, the factors are not an SVD
+        return torch.zeros(0)
+
+
+def adam_alignment(G: torch.Tensor, A: torch.Tensor, B: torch.Tensor, target: torch.Tensor, tau: float | None = None):
+    """``min_lam ||lam (B sgn(B^T G) + sgn(G A^T) A) - sign(G)||^2 / (m n)``; ``sgn`` = sign, or tanh(x / (tau rms x))."""
+
+    def sgn(x):
+        if tau is None:
+            return torch.sign(x)
+        return torch.tanh(x / (tau * x.detach().pow(2).mean().sqrt().clamp_min(1e-30)))
+
+    M = B @ sgn(B.T @ G) + sgn(G @ A.T) @ A
+    lam = (M * target).sum() / (M * M).sum().clamp_min(1e-30)
+    return ((lam * M - target) ** 2).mean()
+
+
+def optimise_adam_start(G, A0, B0, steps: int = 100, lr: float = 0.02, tau: float = 0.1):
+    """Minimise :func:`adam_alignment` from (A0, B0); return (A, B, objective before, after), norms kept."""
+    G = G.float()
+    target = torch.sign(G)
+    A = A0.to(G.device, torch.float32).clone().requires_grad_(True)
+    B = B0.to(G.device, torch.float32).clone().requires_grad_(True)
+    opt = torch.optim.Adam([{"params": [A], "lr": lr * float(A0.abs().mean())},
+                            {"params": [B], "lr": lr * float(B0.abs().mean())}])
+    with torch.enable_grad():
+        for _ in range(steps):
+            opt.zero_grad(set_to_none=True)
+            adam_alignment(G, A, B, target, tau).backward()
+            opt.step()
+    with torch.no_grad():
+        A *= A0.norm() / A.norm()
+        B *= B0.norm() / B.norm()
+        start = float(adam_alignment(G, A0.to(G.device, torch.float32), B0.to(G.device, torch.float32), target))
+        end = float(adam_alignment(G, A, B, target))
+    if not end < start:
+        return A0, B0, start, start
+    return A.detach(), B.detach(), start, end
+
+
+def factor_reducer(method: str, rank: int, gamma: float | None = None, svd: str = "lowrank", niter: int = 4,
+                   adam_steps: int = 100):
+    """The per-module step of the gradient pass for an init method (SVD factors, or direct starts)."""
+    base = svd_reducer(singular_vectors_needed(method, rank), svd, niter, svd_transform(method))
+    if method != "lora-ga-adam":
+        return base
+    gamma = DEFAULT_GAMMA[method] if gamma is None else gamma
+
+    def reduce(name: str, G: torch.Tensor) -> StartFactors:
+        t = time.perf_counter()
+        f = base(name, G)
+        A0, B0 = lora_ga_factors(f, rank, gamma)
+        A, B, o0, o1 = optimise_adam_start(G, A0.to(G.device), B0.to(G.device), steps=adam_steps)
+        return StartFactors(A.cpu(), B.cpu(), f.shape, f.grad_norm, o0, o1, time.perf_counter() - t)
+
+    return reduce
+
+
 def lora_layers(model: nn.Module) -> dict[str, nn.Module]:
     """``{base module name: PEFT LoRA layer}`` (names without PEFT's ``base_model.model.`` prefix)."""
     from peft.tuners.lora import LoraLayer
@@ -69,7 +149,7 @@ def lora_layers(model: nn.Module) -> dict[str, nn.Module]:
 
 def init_adapters(
     model: nn.Module,
-    factors: dict[str, Factors] | None = None,
+    factors: dict[str, Factors | StartFactors] | None = None,
     *,
     method: str = "lora-ga",
     rank: int = 8,
@@ -117,7 +197,8 @@ def init_adapters(
     make = lora_one_factors if method == "lora-one" else lora_ga_factors
     with torch.no_grad():
         for name, layer in layers.items():
-            A0, B0 = make(factors[name], rank, gamma)
+            f = factors[name]
+            A0, B0 = (f.A0, f.B0) if isinstance(f, StartFactors) else make(f, rank, gamma)
             lora_A, lora_B = layer.lora_A["default"], layer.lora_B["default"]
             lora_A.weight.copy_(A0.to(lora_A.weight.device, lora_A.weight.dtype))
             lora_B.weight.copy_(B0.to(lora_B.weight.device, lora_B.weight.dtype))

@@ -345,3 +345,47 @@ def test_smollm2_gguf_gradient_pass_and_init(tmp_path, monkeypatch):
     assert all(torch.isfinite(f.S).all() and f.S[0] > 0 for f in factors.values())
     pm = init_adapters(model, factors, method="lora-ga", rank=8, alpha=16)
     assert float((_logits(pm, batch) - before).abs().max()) <= 1e-4
+
+
+# ------------------------------------------------------------------ lora-ga-adam (the blog's "hard-core" Adam variant)
+
+
+def test_adam_alignment_objective_matches_its_formula():
+    from qlora_ga.init import adam_alignment
+
+    torch.manual_seed(0)
+    G, A, B = torch.randn(12, 20), torch.randn(3, 20), torch.randn(12, 3)
+    M = B @ torch.sign(B.T @ G) + torch.sign(G @ A.T) @ A
+    T = torch.sign(G)
+    lam = (M * T).sum() / (M * M).sum()
+    assert float(adam_alignment(G, A, B, T)) == pytest.approx(float(((lam * M - T) ** 2).mean()), rel=1e-6)
+    lams = torch.linspace(0.5, 1.5, 11) * lam  # the fitted scalar is the minimiser
+    assert all(float(((lv * M - T) ** 2).mean()) >= float(adam_alignment(G, A, B, T)) - 1e-7 for lv in lams)
+
+
+def test_lora_ga_adam_improves_the_alignment_and_keeps_the_function(fresh_model):
+    from qlora_ga.init import factor_reducer, lora_ga_factors
+
+    model, tok = fresh_model
+    ex = make_examples(len(tok))
+    batch = make_micro_batches(ex, len(ex), tok.pad_token_id)[0]
+    before = _logits(model, batch)
+    G = _grads(model, ex)
+    starts = estimate_factors(model, ex, rank=4, micro_batch_size=4, progress=False, svd="exact",
+                              reducer=factor_reducer("lora-ga-adam", 4, svd="exact", adam_steps=60))
+    assert len(starts) == 21
+    improved = [f.objective_end < f.objective_start for f in starts.values()]
+    assert all(f.objective_end <= f.objective_start for f in starts.values()) and sum(improved) >= 15
+    for name, f in starts.items():
+        A_ga, B_ga = lora_ga_factors(svd_reducer_exact(G[name], 8), 4, 16.0)
+        assert float(f.A0.norm()) == pytest.approx(float(A_ga.norm()), rel=1e-4)
+        assert float(f.B0.norm()) == pytest.approx(float(B_ga.norm()), rel=1e-4)
+    pm = init_adapters(model, starts, method="lora-ga-adam", rank=4, alpha=16)
+    assert float((_logits(pm, batch) - before).abs().max()) <= 1e-5
+    assert len(list(iter_residuals(pm))) == 21
+
+
+def svd_reducer_exact(G, k):
+    from qlora_ga.gradient import svd_reducer
+
+    return svd_reducer(k, "exact")("m", G)
