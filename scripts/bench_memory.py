@@ -1,0 +1,820 @@
+#!/usr/bin/env python
+"""GPU memory / speed benchmark: qlora-ga's gradient init and training step against PEFT's QLoRA.
+
+    python scripts/bench_memory.py                                  # Llama-2-7B architecture, random weights, CUDA
+    python scripts/bench_memory.py --tiny --device cpu --init-shapes 4x64 --train-shapes 1x64 --steps 2   # smoke run
+
+One process measures, side by side (each in its own phase; peaks are reset between phases):
+
+- ``init``: ``estimate_factors`` + ``init_adapters`` (lora-ga) on a sample batch of random token ids
+  (every token a label) for each ``--init-shapes`` NxT: wall time, peak GPU memory
+  (``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``), peak host RSS; and, as the
+  yardstick, one gradient-checkpointed forward+backward over the same tokens (same micro-batch).
+- ``ref_init``: the official-style LoRA-GA estimation: a bf16 (non-quantized) copy of the model with every
+  target weight requiring grad, ``.grad`` accumulated over micro-batches of ``--init-micro-batch``, gradient
+  checkpointing, then the same truncated SVD per weight. Out of memory is recorded as OOM.
+- ``train``: tokens/s and peak memory of a training step (bf16 autocast on CUDA, gradient checkpointing,
+  ``PagedAdamW32bit``, grad-norm clipping: the inner step of ``qlora_ga.train.train``) for
+  ``qlora_ga`` (PEFT LoRA on the 4-bit model with the LoRA-GA init and its frozen residual),
+  ``qlora_ga_no_residual`` (the same with ``detach_residual`` on every layer) and ``peft_qlora``
+  (``prepare_model_for_kbit_training`` + ``get_peft_model`` with ``LoraConfig(r, all 7 linears)``: PEFT's
+  own QLoRA recipe, which also upcasts the non-quantized weights to fp32). The three use one step
+  function, so only the model set-up differs. PEFT is also run at the init's micro-batch shape
+  (``{init micro-batch}xT``) for the memory target.
+
+Then it prints tables, the ratios and PASS/MISS for the targets of the issue, and appends one JSON row per
+measurement to ``--out`` (each with device name, torch/bitsandbytes/transformers/peft versions, date and
+command line).
+
+How the model is made (``--materialize``): ``direct`` (default) builds the Llama-2-7B architecture
+(hidden 4096, 32 layers, 32 heads, intermediate 11008, vocab 32000) on the ``meta`` device and then
+materializes it one decoder layer at a time on the target device with random N(0, 0.02) weights,
+quantizing each target linear at once into a bitsandbytes NF4 ``Linear4bit`` (double quantization,
+blocksize 64: the same settings as ``qlora_ga.model.load_model``) with ``Params4bit(...).to(device)``.
+Nothing is written to disk and the peak while building is the 4-bit model plus one bf16 layer
+(~0.4 GB), so it also builds on a 24 GB card. The model is marked ``is_loaded_in_4bit`` like a
+transformers-loaded one, so PEFT dispatches its bitsandbytes LoRA layers. ``disk`` instead writes the
+random model once as a bf16 safetensors folder under ``--workdir`` (13 GB for 7B; the host builds it in
+RAM) and loads it with ``qlora_ga.model.load_model`` (the package's real loading path). ``--model``
+benchmarks a real checkpoint (hub id, folder or .gguf) through ``load_model`` instead.
+
+Memory notes: the paged optimizer's states live in CUDA unified memory, which
+``max_memory_allocated`` does not count (the same for both implementations; LoRA r=8 on 7B: ~0.16 GB).
+Host RSS peaks are reset per phase through ``/proc/self/clear_refs`` where Linux allows it (else
+they are the process maximum so far: ``rss_peak_resettable`` says which). The state store of the
+gradient pass takes what fits in free GPU memory by default; ``--state-budget-gib`` caps it (as a
+24 GB card would), which decides the init's peak on a large card.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as _dt
+import gc
+import json
+import logging
+import os
+import platform
+import shlex
+import sys
+import time
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+GIB = 2**30
+LLAMA2_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                 num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096)
+TINY = dict(vocab_size=32000, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+            num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=4096)
+FULL_DEFAULTS = dict(init_shapes="64x512,128x1024", train_shapes="1x1024,4x512,4x1024", warmup=2, steps=5)
+TINY_DEFAULTS = dict(init_shapes="4x64", train_shapes="1x64", warmup=1, steps=2)
+PARTS = ("init", "ref", "train", "peft", "residual")
+
+
+# ----------------------------------------------------------------------------- arguments
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tiny", action="store_true", help="4-layer hidden-256 Llama instead of Llama-2-7B (CPU ok)")
+    p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda if available)")
+    p.add_argument("--model", default=None, help="benchmark this checkpoint (hub id, folder, .gguf) instead of a random Llama")
+    p.add_argument("--materialize", choices=("direct", "disk"), default="direct",
+                   help="direct: build the random model in 4-bit on the device; disk: save it under --workdir and load_model it")
+    p.add_argument("--workdir", default="./.bench", help="scratch folder (the random model with --materialize disk)")
+    p.add_argument("--out", default="docs/benchmarks/memory.jsonl", help="JSONL file the rows are appended to")
+    p.add_argument("--init-shapes", default=None, help="sample batches NxT (sequences x tokens), comma-separated "
+                   f"(default {FULL_DEFAULTS['init_shapes']}; --tiny {TINY_DEFAULTS['init_shapes']})")
+    p.add_argument("--ref-shapes", default=None, help="shapes for the official-style bf16 estimation (default: the first init shape)")
+    p.add_argument("--init-micro-batch", type=int, default=8, help="micro-batch of the gradient pass and of the reference")
+    p.add_argument("--train-shapes", default=None, help="training micro-batches BxT, comma-separated "
+                   f"(default {FULL_DEFAULTS['train_shapes']}; --tiny {TINY_DEFAULTS['train_shapes']})")
+    p.add_argument("--warmup", type=int, default=None, help="untimed training steps per shape (default 2; --tiny 1)")
+    p.add_argument("--steps", type=int, default=None, help="timed training steps per shape (default 5; --tiny 2)")
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--alpha", type=float, default=16.0)
+    p.add_argument("--optim", default="paged_adamw_32bit", help="optimizer of both training steps (qlora_ga.train.build_optimizer)")
+    p.add_argument("--peft-prepare", choices=("kbit", "none"), default="kbit",
+                   help="kbit: PEFT's prepare_model_for_kbit_training (upcasts non-4-bit weights to fp32); none: skip it")
+    p.add_argument("--state-budget-gib", type=float, default=None, help="cap on the gradient pass's state store (default: automatic)")
+    p.add_argument("--state-device", default=None, help="where the gradient pass stores block inputs (default: automatic)")
+    p.add_argument("--skip", default="", help=f"comma-separated parts to skip: {', '.join(PARTS)}")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    d = TINY_DEFAULTS if args.tiny else FULL_DEFAULTS
+    for k, v in d.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    args.init_shapes = parse_shapes(args.init_shapes)
+    args.train_shapes = parse_shapes(args.train_shapes)
+    args.ref_shapes = parse_shapes(args.ref_shapes) if args.ref_shapes else args.init_shapes[:1]
+    args.skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    bad = args.skip - set(PARTS)
+    if bad:
+        p.error(f"--skip: unknown part(s) {sorted(bad)}; choose from {', '.join(PARTS)}")
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: no CUDA GPU is available (use --device cpu)")
+    return args
+
+
+def parse_shapes(text: str) -> list[tuple[int, int]]:
+    out = []
+    for part in text.split(","):
+        part = part.strip().lower()
+        if not part:
+            continue
+        try:
+            n, t = (int(x) for x in part.split("x"))
+        except ValueError:
+            raise SystemExit(f"error: bad shape '{part}': use NxT, e.g. 64x512") from None
+        if n < 1 or t < 2:
+            raise SystemExit(f"error: bad shape '{part}': need N >= 1 and T >= 2")
+        out.append((n, t))
+    if not out:
+        raise SystemExit("error: no shapes given")
+    return out
+
+
+def shape_str(s) -> str:
+    return f"{s[0]}x{s[1]}"
+
+
+# ----------------------------------------------------------------------------- measuring
+
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("torch", "bitsandbytes", "transformers", "peft"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:  # pragma: no cover
+            out[name] = None
+    return out
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def _reset_rss_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM (Linux >= 4.0)
+        return True
+    except OSError:
+        return False
+
+
+def _rss_peak_bytes() -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    except ImportError:  # pragma: no cover
+        return None
+
+
+def sync(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def free_memory(device: torch.device):
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def is_oom(e: BaseException) -> bool:
+    return isinstance(e, (torch.cuda.OutOfMemoryError, MemoryError)) or "out of memory" in str(e).lower()
+
+
+class Meter:
+    """Wall time, peak GPU memory (reset on entry) and peak host RSS (reset where Linux allows) of a block."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.seconds = None
+        self.peak_gpu = None
+        self.peak_rss = None
+        self.rss_resettable = False
+
+    def __enter__(self):
+        free_memory(self.device)
+        sync(self.device)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self.rss_resettable = _reset_rss_peak()
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        sync(self.device)
+        self.seconds = time.perf_counter() - self.t0
+        if self.device.type == "cuda":
+            self.peak_gpu = int(torch.cuda.max_memory_allocated(self.device))
+        self.peak_rss = _rss_peak_bytes()
+        return False
+
+    def fields(self) -> dict:
+        return {"wall_s": _r(self.seconds), "peak_gpu_bytes": self.peak_gpu, "peak_gpu_gib": _gib(self.peak_gpu),
+                "peak_rss_bytes": self.peak_rss, "peak_rss_gib": _gib(self.peak_rss),
+                "rss_peak_resettable": self.rss_resettable}
+
+
+def _gib(b):
+    return None if b is None else round(b / GIB, 3)
+
+
+def _r(x, n=4):
+    return None if x is None else round(float(x), n)
+
+
+class Recorder:
+    """Appends rows (with the run's metadata) to the JSONL file and keeps them for the summary."""
+
+    def __init__(self, path: str, meta: dict):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.meta = meta
+        self.rows: list[dict] = []
+
+    def add(self, **row) -> dict:
+        row = {"bench": "memory", **row, **self.meta}
+        self.rows.append(row)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row, default=str) + "\n")
+        return row
+
+    def find(self, **match) -> dict | None:
+        for r in self.rows:
+            if all(r.get(k) == v for k, v in match.items()):
+                return r
+        return None
+
+
+def say(msg: str):
+    print(msg, flush=True)
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def llama_config(tiny: bool, dtype: torch.dtype):
+    from transformers import LlamaConfig
+
+    cfg = LlamaConfig(**(TINY if tiny else LLAMA2_7B), tie_word_embeddings=False, rms_norm_eps=1e-5,
+                      bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    cfg.use_cache = False
+    cfg.dtype = dtype
+    return cfg
+
+
+def _to_4bit(linear: nn.Linear, device: torch.device, compute_dtype: torch.dtype) -> nn.Module:
+    """NF4 ``Linear4bit`` (double quant, blocksize 64: load_model's settings) holding ``linear``'s weight."""
+    import bitsandbytes as bnb
+
+    q = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                          compute_dtype=compute_dtype, compress_statistics=True, quant_type="nf4",
+                          quant_storage=torch.uint8, device="meta")
+    q.weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False, compress_statistics=True, quant_type="nf4",
+                                 quant_storage=torch.uint8, blocksize=64, module=q).to(device)
+    if linear.bias is not None:
+        q.bias = nn.Parameter(linear.bias.data.to(device), requires_grad=False)
+    return q
+
+
+def _materialize(module: nn.Module, device: torch.device, std: float, recurse: bool = True):
+    """Allocate a meta module's parameters on ``device`` (keeping their dtype) and fill them: N(0, std) for
+    matrices, 1 for vectors (norm weights)."""
+    module.to_empty(device=device, recurse=recurse)
+    with torch.no_grad():
+        for p in module.parameters(recurse=recurse):
+            if p.dim() >= 2:
+                p.normal_(0.0, std)
+            else:
+                p.fill_(1.0)
+
+
+def build_random_llama(cfg, device: torch.device, dtype: torch.dtype, quantize: bool, seed: int = 0,
+                       compute_dtype: torch.dtype | None = None):
+    """The Llama of ``cfg`` with random weights, made on ``device`` one decoder layer at a time.
+
+    ``quantize``: every target linear of the decoder layers becomes an NF4 ``Linear4bit`` as soon as its
+    layer exists (peak: the 4-bit model + one ``dtype`` layer); embeddings, norms and LM head stay ``dtype``.
+    """
+    from transformers import LlamaForCausalLM
+
+    from qlora_ga.model import DEFAULT_TARGETS, find_decoder_layers, keep_4bit_trainable
+
+    compute_dtype = compute_dtype or dtype
+    torch.manual_seed(seed)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg)
+    model.to(dtype)
+    std = getattr(cfg, "initializer_range", 0.02)
+    _, layers = find_decoder_layers(model)
+    for layer in layers:
+        _materialize(layer, device, std)
+        if quantize:
+            for name, mod in list(layer.named_modules()):
+                if name and name.split(".")[-1] in DEFAULT_TARGETS and type(mod) is nn.Linear:
+                    parent = layer.get_submodule(name.rsplit(".", 1)[0]) if "." in name else layer
+                    setattr(parent, name.split(".")[-1], _to_4bit(mod, device, compute_dtype))
+                    del mod
+    for mname, mod in list(model.named_modules()):
+        if type(mod).__name__.endswith("RotaryEmbedding"):
+            parent = model.get_submodule(mname.rsplit(".", 1)[0]) if "." in mname else model
+            with torch.device(device):
+                setattr(parent, mname.rsplit(".", 1)[-1], type(mod)(config=cfg))
+            continue
+        if any(p.is_meta for p in mod.parameters(recurse=False)):
+            _materialize(mod, device, std, recurse=False)
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if left:
+        raise RuntimeError(f"tensors left on the meta device: {left[:5]}")
+    model.config.use_cache = False
+    model.config.dtype = compute_dtype if quantize else dtype
+    if quantize:
+        from transformers.utils.quantization_config import QuantizationMethod
+
+        from qlora_ga.model import bnb_config
+
+        model.config.quantization_config = bnb_config(compute_dtype)
+        # what transformers' bitsandbytes quantizer marks on a 4-bit model (PEFT reads is_loaded_in_4bit)
+        model.is_loaded_in_4bit = True
+        model.is_quantized = True
+        model.quantization_method = QuantizationMethod.BITS_AND_BYTES
+        keep_4bit_trainable(model)
+    model.eval()
+    free_memory(device)
+    return model
+
+
+def save_random_llama(cfg, folder: Path, seed: int) -> Path:
+    """The random model as a bf16 safetensors folder (+ a small tokenizer), built once on the host."""
+    if (folder / "config.json").is_file():
+        return folder
+    from qlora_ga.testing import make_tiny_tokenizer
+
+    say(f"writing the random model to {folder} (once) ...")
+    model = build_random_llama(cfg, torch.device("cpu"), torch.bfloat16, quantize=False, seed=seed)
+    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+    model.config.dtype = torch.bfloat16
+    model.save_pretrained(tmp)
+    make_tiny_tokenizer().save_pretrained(tmp)  # load_model wants a tokenizer; the bench feeds random ids
+    del model
+    gc.collect()
+    os.replace(tmp, folder)
+    return folder
+
+
+class ModelFactory:
+    def __init__(self, args, device: torch.device):
+        from qlora_ga.model import default_compute_dtype
+
+        self.args, self.device = args, device
+        self.compute_dtype = default_compute_dtype(device)
+        self.ref_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        self.cfg = llama_config(args.tiny, self.compute_dtype)
+        self.folder = None
+        if args.model is None and args.materialize == "disk":
+            name = f"random-llama-{'tiny' if args.tiny else '7b'}-seed{args.seed}"
+            self.folder = save_random_llama(llama_config(args.tiny, torch.bfloat16), Path(args.workdir) / name, args.seed)
+
+    @property
+    def label(self) -> str:
+        if self.args.model:
+            return self.args.model
+        return ("random tiny Llama (4 layers, hidden 256)" if self.args.tiny else
+                "random Llama-2-7B architecture") + f" [{self.args.materialize}]"
+
+    @property
+    def vocab_size(self) -> int:
+        return self.cfg.vocab_size if self.args.model is None else self._vocab
+
+    def quantized(self):
+        return self._make(quantize=True)
+
+    def reference(self):
+        return self._make(quantize=False)
+
+    def _make(self, quantize: bool):
+        from qlora_ga.model import load_model
+
+        dtype = self.compute_dtype if quantize else self.ref_dtype
+        if self.args.model is not None or self.folder is not None:
+            model, _ = load_model(self.args.model or str(self.folder), quantize=quantize, device=self.device,
+                                  compute_dtype=dtype)
+            self._vocab = model.config.vocab_size
+            return model
+        return build_random_llama(self.cfg, self.device, dtype, quantize=quantize, seed=self.args.seed,
+                                  compute_dtype=self.compute_dtype)
+
+
+def random_examples(n: int, t: int, vocab: int, seed: int) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (n, t), generator=g)
+    return [{"input_ids": row.tolist(), "labels": row.tolist()} for row in ids]
+
+
+def random_batch(b: int, t: int, vocab: int, seed: int, device) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (b, t), generator=g)
+    return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device), "labels": ids.to(device)}
+
+
+# ----------------------------------------------------------------------------- the measured steps
+
+
+def fwd_bwd(model, batches: list[dict], device, dtype):
+    """One gradient-checkpointed forward+backward over ``batches`` (token-weighted loss), no optimizer step."""
+    from qlora_ga.train import _autocast
+
+    n_total = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+    model.train()
+    for b in batches:
+        b = {k: v.to(device) for k, v in b.items()}
+        k = int((b["labels"][:, 1:] != -100).sum())
+        with _autocast(device, dtype):
+            loss = model(**b).loss * (k / n_total)
+        loss.backward()
+    model.zero_grad(set_to_none=True)
+
+
+def train_steps(model, optimizer, batch: dict, device, dtype, n: int, max_grad_norm: float = 1.0) -> float:
+    """``n`` optimizer steps on one micro-batch: the inner step of ``qlora_ga.train.train``."""
+    from qlora_ga.train import _autocast, trainable_parameters
+
+    params = trainable_parameters(model)
+    loss = torch.zeros(())
+    for _ in range(n):
+        with _autocast(device, dtype):
+            loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return float(loss.detach())
+
+
+def bench_train(rec: Recorder, impl: str, model, optimizer, shape, args, device, dtype, vocab: int, role: str = "train"):
+    b, t = shape
+    row = dict(part="train", impl=impl, shape=shape_str(shape), role=role, tokens_per_step=b * t,
+               warmup=args.warmup, steps=args.steps)
+    try:
+        batch = random_batch(b, t, vocab, args.seed + 1, device)
+        train_steps(model, optimizer, batch, device, dtype, args.warmup)
+        with Meter(device) as m:
+            loss = train_steps(model, optimizer, batch, device, dtype, args.steps)
+        step_s = m.seconds / args.steps
+        row.update(m.fields(), step_s=_r(step_s), tokens_per_s=_r(b * t / step_s, 1), loss=_r(loss), oom=False)
+    except Exception as e:  # noqa: BLE001
+        if not is_oom(e):
+            raise
+        optimizer.zero_grad(set_to_none=True)
+        free_memory(device)
+        row.update(oom=True, tokens_per_s=None, peak_gpu_gib=None, error=str(e).splitlines()[0][:200])
+    say(f"  train {impl:<22} {row['shape']:>9}: " + ("OOM" if row["oom"] else
+        f"{row['tokens_per_s']:>9.1f} tok/s, peak GPU {row.get('peak_gpu_gib')} GiB, peak RSS {row.get('peak_rss_gib')} GiB"))
+    return rec.add(**row)
+
+
+# ----------------------------------------------------------------------------- phases
+
+
+def phase_ours(rec: Recorder, factory: ModelFactory, args, device):
+    from qlora_ga.gradient import PassReport, estimate_factors, make_micro_batches
+    from qlora_ga.init import init_adapters, lora_layers, singular_vectors_needed
+    from qlora_ga.residual import attach_residual, detach_residual, has_residual
+    from qlora_ga.train import TrainSettings, _checkpointing, build_optimizer
+
+    dtype = factory.compute_dtype
+    with Meter(device) as m:
+        model = factory.quantized()
+    rec.add(part="model", variant="4bit", build_s=_r(m.seconds),
+            gpu_bytes=int(torch.cuda.memory_allocated(device)) if device.type == "cuda" else None,
+            gpu_gib=_gib(torch.cuda.memory_allocated(device)) if device.type == "cuda" else None)
+    say(f"4-bit model ready in {m.seconds:.1f} s" + (f", {torch.cuda.memory_allocated(device) / GIB:.2f} GiB on the GPU"
+                                                    if device.type == "cuda" else ""))
+    vocab = factory.vocab_size
+    budget = int(args.state_budget_gib * GIB) if args.state_budget_gib is not None else None
+    # warm-up, not recorded: first CUDA/cuBLAS/cuSOLVER calls, bitsandbytes kernels, autograd threads
+    warm = random_examples(2, 64, vocab, args.seed + 7)
+    estimate_factors(model, warm, rank=args.rank, n_vectors=singular_vectors_needed("lora-ga", args.rank),
+                     micro_batch_size=2, pad_token_id=0, progress=False)
+    del warm
+    sync(device)
+    pm = None
+    # with --skip init the adapters for the training step still come from a (small, unrecorded) gradient pass
+    shapes = args.init_shapes if "init" not in args.skip else [min(args.init_shapes, key=lambda s: s[0] * s[1])]
+    for i, shape in enumerate(shapes):
+        n, t = shape
+        examples = random_examples(n, t, vocab, args.seed)
+        report = PassReport()
+        row = dict(part="init", impl="qlora_ga", method="lora-ga", shape=shape_str(shape), tokens=n * t,
+                   micro_batch=args.init_micro_batch, rank=args.rank, measured="init" not in args.skip)
+        try:
+            with Meter(device) as m:
+                t0 = time.perf_counter()
+                factors = estimate_factors(model, examples, rank=args.rank,
+                                           n_vectors=singular_vectors_needed("lora-ga", args.rank),
+                                           micro_batch_size=args.init_micro_batch, pad_token_id=0, progress=False,
+                                           report=report, state_budget_bytes=budget, state_device=args.state_device)
+                sync(device)
+                t1 = time.perf_counter()
+                pm = init_adapters(model, factors, method="lora-ga", rank=args.rank, alpha=args.alpha)
+            row.update(m.fields(), estimate_s=_r(t1 - t0), init_adapters_s=_r(m.seconds - (t1 - t0)),
+                       state_device=report.state_device, state_stride=report.state_stride,
+                       state_gib_per_layer=_gib(report.state_bytes_per_layer),
+                       max_block_grad_gib=_gib(report.max_block_grad_bytes), sample_loss=_r(report.loss), oom=False)
+            del factors
+        except Exception as e:  # noqa: BLE001
+            if not is_oom(e):
+                raise
+            free_memory(device)
+            row.update(oom=True, error=str(e).splitlines()[0][:200])
+            rec.add(**row)
+            say(f"  init {row['shape']}: OOM")
+            continue
+        # the yardstick: one checkpointed forward+backward over the same tokens, same micro-batch
+        batches = make_micro_batches(examples, args.init_micro_batch, 0)
+        _checkpointing(pm, True)
+        try:
+            if i == 0:  # warm-up of the checkpointed backward, not timed
+                fwd_bwd(pm, batches[:1], device, dtype)
+            with Meter(device) as f:
+                fwd_bwd(pm, batches, device, dtype)
+            row.update(fwdbwd_s=_r(f.seconds), fwdbwd_peak_gpu_gib=_gib(f.peak_gpu),
+                       init_over_fwdbwd=_r(row["wall_s"] / f.seconds, 3))
+        except Exception as e:  # noqa: BLE001
+            if not is_oom(e):
+                raise
+            free_memory(device)
+            row.update(fwdbwd_s=None, fwdbwd_oom=True)
+        _checkpointing(pm, False)
+        pm.eval()
+        if row["measured"]:
+            rec.add(**row)
+            say(f"  init {row['shape']:>9}: {row['wall_s']:.2f} s (fwd+bwd {row.get('fwdbwd_s')} s), peak GPU "
+                f"{row['peak_gpu_gib']} GiB, peak RSS {row['peak_rss_gib']} GiB, states on {report.state_device} "
+                f"stride {report.state_stride}")
+        if i < len(shapes) - 1:
+            model = pm.unload()
+            pm = None
+        del examples, batches
+        free_memory(device)
+
+    want_train = not {"train", "residual"} <= args.skip
+    if pm is None and want_train:  # the last init shape ran out of memory: adapters from a small sample
+        say("  (adapters for the training step from a 2x64 sample)")
+        factors = estimate_factors(model, random_examples(2, 64, vocab, args.seed), rank=args.rank,
+                                   n_vectors=singular_vectors_needed("lora-ga", args.rank), progress=False)
+        pm = init_adapters(model, factors, method="lora-ga", rank=args.rank, alpha=args.alpha)
+        del factors
+    if want_train:
+        settings = TrainSettings(optim=args.optim, lr=5e-5)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            optimizer = build_optimizer(pm, settings, device)
+        _checkpointing(pm, True)
+        pm.train()
+        layers = [layer for layer in lora_layers(pm).values() if has_residual(layer)]
+        saved = [(layer, layer.qlora_ga_A0, layer.qlora_ga_B0) for layer in layers]
+        for shape in args.train_shapes:
+            if "train" not in args.skip:
+                bench_train(rec, "qlora_ga", pm, optimizer, shape, args, device, dtype, vocab)
+            if "residual" not in args.skip:
+                for layer in layers:
+                    detach_residual(layer)
+                bench_train(rec, "qlora_ga_no_residual", pm, optimizer, shape, args, device, dtype, vocab)
+                for layer, a0, b0 in saved:
+                    attach_residual(layer, a0, b0, dtype=a0.dtype)
+        del optimizer, saved, layers
+        _checkpointing(pm, False)
+    del pm, model
+    free_memory(device)
+
+
+def phase_peft(rec: Recorder, factory: ModelFactory, args, device):
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    from qlora_ga.model import DEFAULT_TARGETS
+    from qlora_ga.train import TrainSettings, _checkpointing, build_optimizer
+
+    dtype = factory.compute_dtype
+    model = factory.quantized()
+    if args.peft_prepare == "kbit":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+    cfg = LoraConfig(r=args.rank, lora_alpha=args.alpha, lora_dropout=0.0, target_modules=list(DEFAULT_TARGETS),
+                     bias="none", task_type="CAUSAL_LM")
+    pm = get_peft_model(model, cfg)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        optimizer = build_optimizer(pm, TrainSettings(optim=args.optim, lr=1e-4), device)
+    _checkpointing(pm, True)
+    pm.train()
+    shapes = [(s, "train") for s in args.train_shapes]
+    for n, t in args.init_shapes:  # the memory target compares the init with training at its micro-batch
+        s = (args.init_micro_batch, t)
+        if s not in args.train_shapes and s not in [x for x, _ in shapes]:
+            shapes.append((s, "init-compare"))
+    for shape, role in shapes:
+        bench_train(rec, "peft_qlora", pm, optimizer, shape, args, device, dtype, factory.vocab_size, role=role)
+    del optimizer, pm, model
+    free_memory(device)
+
+
+def phase_reference(rec: Recorder, factory: ModelFactory, args, device):
+    """Official-style LoRA-GA estimation: full-precision .grad on every target weight of a bf16 model."""
+    from qlora_ga.gradient import make_micro_batches, truncated_svd
+    from qlora_ga.model import target_linears
+    from qlora_ga.train import _checkpointing
+
+    model = None
+    for shape in args.ref_shapes:
+        n, t = shape
+        row = dict(part="ref_init", impl="official_style_bf16", method="lora-ga", shape=shape_str(shape), tokens=n * t,
+                   micro_batch=args.init_micro_batch, dtype=str(factory.ref_dtype).replace("torch.", ""))
+        try:
+            if model is None:
+                model = factory.reference()
+                targets = target_linears(model)
+                for p in model.parameters():
+                    p.requires_grad_(False)
+                for mod in targets.values():
+                    mod.weight.requires_grad_(True)
+                _checkpointing(model, True)
+                model.train()
+            batches = make_micro_batches(random_examples(n, t, factory.vocab_size, args.seed), args.init_micro_batch, 0)
+            n_total = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+            k = 2 * args.rank
+            with Meter(device) as m:
+                for b in batches:
+                    b = {key: v.to(device) for key, v in b.items()}
+                    w = int((b["labels"][:, 1:] != -100).sum()) / n_total
+                    loss = model(**b).loss * w
+                    loss.backward()  # .grad accumulates on every target weight
+                    del loss
+                for mod in targets.values():
+                    truncated_svd(mod.weight.grad.float(), k)
+                    mod.weight.grad = None
+            row.update(m.fields(), oom=False)
+        except Exception as e:  # noqa: BLE001
+            if not is_oom(e):
+                raise
+            if model is not None:
+                model.zero_grad(set_to_none=True)
+            free_memory(device)
+            row.update(oom=True, wall_s=None, peak_gpu_gib=None, error=str(e).splitlines()[0][:200])
+        rec.add(**row)
+        say(f"  ref init {row['shape']:>9}: " + ("OOM" if row["oom"] else
+            f"{row['wall_s']:.2f} s, peak GPU {row['peak_gpu_gib']} GiB, peak RSS {row['peak_rss_gib']} GiB"))
+    del model
+    free_memory(device)
+
+
+# ----------------------------------------------------------------------------- summary
+
+
+def _mem_key(device) -> str:
+    return "peak_gpu_gib" if device.type == "cuda" else "peak_rss_gib"
+
+
+def _fmt(x, spec=".3f"):
+    return "-" if x is None else (x if isinstance(x, str) else format(x, spec))
+
+
+def summarize(rec: Recorder, args, device):
+    mk = _mem_key(device)
+    mem_name = "GPU" if device.type == "cuda" else "host RSS"
+    targets = []
+
+    def target(name, shape, value, op, threshold, note=""):
+        ok = None if value is None else (value <= threshold if op == "<=" else value >= threshold if op == ">=" else value < threshold)
+        targets.append(rec.add(part="target", target=name, shape=shape, value=_r(value, 4), op=op, threshold=threshold,
+                               passed=ok, note=note))
+
+    say("\n== gradient init (LoRA-GA, rank %d, micro-batch %d) ==" % (args.rank, args.init_micro_batch))
+    say(f"{'shape':>9} {'ours s':>9} {'fwd+bwd s':>9} {'ratio':>6} {'ours peak':>10} {'ref s':>9} {'ref peak':>10} "
+        f"{'PEFT peak':>10}  ({mem_name}, GiB)")
+    for shape in args.init_shapes:
+        s = shape_str(shape)
+        ours = rec.find(part="init", shape=s) or {}
+        ref = rec.find(part="ref_init", shape=s) or {}
+        peft = rec.find(part="train", impl="peft_qlora", shape=shape_str((args.init_micro_batch, shape[1]))) or {}
+        say(f"{s:>9} {_fmt(ours.get('wall_s'), '.2f'):>9} {_fmt(ours.get('fwdbwd_s'), '.2f'):>9} "
+            f"{_fmt(ours.get('init_over_fwdbwd'), '.2f'):>6} {_fmt(ours.get(mk)):>10} "
+            f"{_fmt('OOM' if ref.get('oom') else ref.get('wall_s'), '.2f'):>9} "
+            f"{_fmt('OOM' if ref.get('oom') else ref.get(mk)):>10} {_fmt('OOM' if peft.get('oom') else peft.get(mk)):>10}")
+        if ours:
+            pk = peft.get(mk)
+            target("init peak <= PEFT QLoRA training peak at the init micro-batch", s,
+                   ours.get(mk) / pk if ours.get(mk) is not None and pk else None, "<=", 1.0,
+                   note=f"ratio of {mem_name} peaks; PEFT at {shape_str((args.init_micro_batch, shape[1]))}")
+            target("init wall <= 2x one checkpointed fwd+bwd over the sample tokens", s, ours.get("init_over_fwdbwd"), "<=", 2.0)
+            if ref and not ref.get("oom") and ours.get(mk) and ref.get(mk):
+                rec.add(part="ratio", ratio="init_peak_over_reference_peak", shape=s, value=_r(ours[mk] / ref[mk], 4))
+
+    say("\n== training step (tokens/s; peak %s GiB) ==" % mem_name)
+    say(f"{'shape':>9} {'ours':>10} {'no resid':>10} {'PEFT':>10} {'ours/PEFT':>9} {'overhead':>9} "
+        f"{'ours peak':>10} {'PEFT peak':>10}")
+    for shape in args.train_shapes:
+        s = shape_str(shape)
+        o = rec.find(part="train", impl="qlora_ga", shape=s) or {}
+        d = rec.find(part="train", impl="qlora_ga_no_residual", shape=s) or {}
+        p = rec.find(part="train", impl="peft_qlora", shape=s) or {}
+        ratio = o["tokens_per_s"] / p["tokens_per_s"] if o.get("tokens_per_s") and p.get("tokens_per_s") else None
+        overhead = d["tokens_per_s"] / o["tokens_per_s"] - 1 if o.get("tokens_per_s") and d.get("tokens_per_s") else None
+        say(f"{s:>9} {_fmt('OOM' if o.get('oom') else o.get('tokens_per_s'), '.1f'):>10} "
+            f"{_fmt('OOM' if d.get('oom') else d.get('tokens_per_s'), '.1f'):>10} "
+            f"{_fmt('OOM' if p.get('oom') else p.get('tokens_per_s'), '.1f'):>10} {_fmt(ratio, '.3f'):>9} "
+            f"{_fmt(None if overhead is None else f'{100 * overhead:+.2f}%'):>9} {_fmt(o.get(mk)):>10} {_fmt(p.get(mk)):>10}")
+        if ratio is not None:
+            rec.add(part="ratio", ratio="train_tokens_per_s_ours_over_peft", shape=s, value=_r(ratio, 4))
+        if o or p:
+            target("training tokens/s >= 1.0x PEFT QLoRA", s, ratio, ">=", 1.0)
+        if o or d:
+            target("residual overhead < 3%", s, overhead, "<", 0.03, note="tokens/s without residual / with - 1")
+
+    say("\n== targets ==")
+    for t in targets:
+        verdict = "n/a" if t["passed"] is None else ("PASS" if t["passed"] else "MISS")
+        say(f"  [{verdict:>4}] {t['target']} ({t['shape']}): value {_fmt(t['value'], '.3f')} {t['op']} {t['threshold']}")
+    if device.type != "cuda":
+        say("  (CPU run: a smoke test of the code paths, not evidence)")
+    return targets
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def _quiet():
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", message=r".*(paged|needs CUDA|MatMul4Bit|torch.utils.checkpoint|use_reentrant).*")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    for name in ("transformers", "bitsandbytes", "peft"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    with contextlib.suppress(ImportError):
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+
+
+def main(argv=None) -> int:
+    _quiet()
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    torch.manual_seed(args.seed)
+    meta = {
+        "device": device_name(device), "device_type": device.type, **{f"{k}_version": v for k, v in _versions().items()},
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": shlex.join([os.path.basename(sys.executable)] + sys.argv if argv is None else ["bench_memory.py", *argv]),
+        "run_id": f"{int(time.time())}-{os.getpid()}",
+    }
+    factory = ModelFactory(args, device)
+    meta["model"] = factory.label
+    meta["rank"] = args.rank
+    rec = Recorder(args.out, meta)
+    say(f"bench_memory: {factory.label} on {meta['device']}; torch {meta['torch_version']}, bitsandbytes "
+        f"{meta['bitsandbytes_version']}, transformers {meta['transformers_version']}, peft {meta['peft_version']}")
+    t0 = time.perf_counter()
+    if not ({"init", "train", "residual"} <= args.skip):
+        say("-- qlora-ga: gradient init, training step, residual overhead")
+        phase_ours(rec, factory, args, device)
+    if "peft" not in args.skip:
+        say("-- PEFT QLoRA training step")
+        phase_peft(rec, factory, args, device)
+    if "ref" not in args.skip:
+        say("-- official-style LoRA-GA estimation (bf16 model, .grad on every target weight)")
+        phase_reference(rec, factory, args, device)
+    summarize(rec, args, device)
+    say(f"\n{len(rec.rows)} rows appended to {args.out} ({time.perf_counter() - t0:.1f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

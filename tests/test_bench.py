@@ -1,0 +1,90 @@
+"""Smoke tests of the benchmark scripts (tiny settings, CPU, subprocesses): they run end to end and write
+JSONL rows with the expected keys. The numbers themselves are not checked (a CPU run is no evidence)."""
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+META_KEYS = {"bench", "device", "torch_version", "bitsandbytes_version", "transformers_version", "peft_version",
+             "date", "command", "run_id", "model"}
+
+
+def _run(args, tmp_path, timeout=300):
+    # one intra-op thread: on a busy small CPU, OpenMP's spinning threads can slow a run down a hundredfold
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_bench_memory_tiny_cpu(tmp_path):
+    out = tmp_path / "bench" / "memory.jsonl"
+    proc = _run([str(ROOT / "scripts" / "bench_memory.py"), "--tiny", "--device", "cpu", "--init-shapes", "2x32",
+                 "--init-micro-batch", "2", "--train-shapes", "1x32", "--warmup", "1", "--steps", "1",
+                 "--out", str(out)], tmp_path)
+    rows = _rows(out)
+    assert rows and all(META_KEYS <= set(r) for r in rows)
+    assert {r["bench"] for r in rows} == {"memory"}
+    init = [r for r in rows if r["part"] == "init"]
+    assert len(init) == 1 and init[0]["shape"] == "2x32"
+    assert {"wall_s", "peak_gpu_gib", "peak_rss_gib", "estimate_s", "fwdbwd_s", "init_over_fwdbwd", "state_device"} <= set(init[0])
+    assert init[0]["wall_s"] > 0 and init[0]["peak_rss_gib"] > 0
+    ref = [r for r in rows if r["part"] == "ref_init"]
+    assert len(ref) == 1 and ref[0]["oom"] is False and ref[0]["wall_s"] > 0
+    train = {(r["impl"], r["shape"]) for r in rows if r["part"] == "train"}
+    assert {("qlora_ga", "1x32"), ("qlora_ga_no_residual", "1x32"), ("peft_qlora", "1x32"), ("peft_qlora", "2x32")} <= train
+    for r in rows:
+        if r["part"] == "train":
+            assert r["tokens_per_s"] > 0 and {"step_s", "peak_gpu_gib", "peak_rss_gib", "loss"} <= set(r)
+    targets = [r for r in rows if r["part"] == "target"]
+    assert len(targets) == 4 and all({"target", "value", "threshold", "passed"} <= set(t) for t in targets)
+    assert all(isinstance(t["passed"], bool) for t in targets)
+    assert "== targets ==" in proc.stdout and ("PASS" in proc.stdout or "MISS" in proc.stdout)
+
+
+def _write_gsm8k(folder: Path):
+    folder.mkdir(parents=True)
+    rng = random.Random(0)
+    for name, n in (("train", 16), ("test", 6)):
+        with open(folder / f"{name}.jsonl", "w") as f:
+            for _ in range(n):
+                a, b = rng.randint(1, 40), rng.randint(1, 40)
+                f.write(json.dumps({"question": f"Ava has {a} coins and finds {b} more. How many coins does she have?",
+                                    "answer": f"She has {a} + {b} = <<{a}+{b}={a + b}>>{a + b} coins.\n#### {a + b}"}) + "\n")
+
+
+def test_bench_convergence_quick(tmp_path, tiny_model_dir):
+    data = tmp_path / "gsm8k"
+    _write_gsm8k(data)
+    out, png = tmp_path / "bench" / "convergence.jsonl", tmp_path / "bench" / "convergence.png"
+    proc = _run([str(ROOT / "scripts" / "bench_convergence.py"), "--quick", "--model", str(tiny_model_dir),
+                 "--data-dir", str(data), "--methods", "gaussian,lora-ga", "--steps", "2", "--out", str(out),
+                 "--plot", str(png), "--workdir", str(tmp_path / "work")], tmp_path)
+    rows = _rows(out)
+    assert rows and all(META_KEYS <= set(r) for r in rows)
+    steps = [r for r in rows if r["kind"] == "step"]
+    assert {(r["method"], r["step"]) for r in steps} == {(m, s) for m in ("gaussian", "lora-ga") for s in (0, 1, 2)}
+    for r in steps:
+        assert {"method", "lr", "seed", "step", "loss", "eval_loss"} <= set(r)
+        if r["step"] > 0:
+            assert r["loss"] > 0 and {"grad_norm", "tokens_per_s", "lr_now"} <= set(r)
+    # held-out loss at step 0 and at the end; LoRA-GA's residual keeps the function at init
+    s0 = {r["method"]: r["eval_loss"] for r in steps if r["step"] == 0}
+    assert abs(s0["gaussian"] - s0["lora-ga"]) < 1e-4
+    assert all(r["eval_loss"] is not None for r in steps if r["step"] == 2)
+    runs = [r for r in rows if r["kind"] == "run"]
+    assert len(runs) == 2 and all(r["error"] is None and r["final_eval_loss"] > 0 for r in runs)
+    summary = {r["what"] for r in rows if r["kind"] == "summary"}
+    assert summary == {"final_eval_loss", "best_lr", "steps_to_baseline_final_loss"}
+    assert png.is_file() and png.stat().st_size > 1000
+    assert "best lr per method" in proc.stdout
+    assert not any((tmp_path / "work").iterdir()) if (tmp_path / "work").exists() else True
