@@ -18,6 +18,7 @@ from pathlib import Path
 
 from .config import FinetuneConfig, parse_config, resolved, save_yaml
 from .errors import QloraGaError
+from .fileio import atomic_write
 
 # The built-in demo (no --model, no --dataset, no --config): sized to finish in a few minutes on a
 # 2-core CPU. Applied only to options left at their defaults; see configs/default.yaml.
@@ -188,9 +189,7 @@ def run(cfg: FinetuneConfig) -> dict:
 
 
 def _write_json(path: Path, obj):
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=str))
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(obj, indent=1, default=str))
 
 
 def _quiet():

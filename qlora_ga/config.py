@@ -21,7 +21,6 @@ import difflib
 import math
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ import yaml
 from transformers import HfArgumentParser
 
 from .errors import QloraGaError
+from .fileio import atomic_write
 
 # ---------------------------------------------------------------------------------------------
 # Per-method defaults. They come from the evidence in DESIGN section 7 (SmolLM2-135M on GSM8K,
@@ -401,15 +401,7 @@ def save_yaml(cfg: FinetuneConfig, path: str | os.PathLike) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     text = "# qlora-ga run settings (re-run with: scripts/finetune.py --config this-file)\n"
     text += yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=False, allow_unicode=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, text)
     return path
 
 

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from .errors import QloraGaError
+from .fileio import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -306,11 +307,7 @@ def main(argv=None, prog: str = "evaluate.py") -> int:
         if report["loss"] is not None and not math.isfinite(report["loss"]):
             log.warning("the held-out loss is not finite")
         if args.out:
-            out = Path(args.out).expanduser()
-            out.parent.mkdir(parents=True, exist_ok=True)
-            tmp = out.with_name(out.name + ".tmp")
-            tmp.write_text(json.dumps(report, indent=2) + "\n")
-            tmp.replace(out)
+            atomic_write(Path(args.out).expanduser(), json.dumps(report, indent=2) + "\n")
         loss = f"{report['loss']:.4f}" if report["loss"] is not None else "n/a"
         print(f"n={report['n']} exact_match={report['exact_match']} ({report['exact_match_rate']:.1%}) loss={loss}"
               + (f" -> {args.out}" if args.out else ""))

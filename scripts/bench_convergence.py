@@ -34,7 +34,6 @@ import json
 import logging
 import math
 import os
-import platform
 import shlex
 import shutil
 import statistics
@@ -44,6 +43,9 @@ import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_common import device_name, versions as _versions  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -165,22 +167,6 @@ def say(msg: str):
     print(msg, flush=True)
 
 
-def _versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for name in ("torch", "bitsandbytes", "transformers", "peft"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:  # pragma: no cover
-            out[name] = None
-    return out
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
 
 def method_init(method: str) -> tuple[str, bool]:

@@ -55,7 +55,6 @@ import gc
 import json
 import logging
 import os
-import platform
 import shlex
 import sys
 import time
@@ -63,6 +62,9 @@ import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_common import device_name, versions as _versions  # noqa: E402
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
@@ -150,22 +152,6 @@ def shape_str(s) -> str:
 # ----------------------------------------------------------------------------- measuring
 
 
-def _versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for name in ("torch", "bitsandbytes", "transformers", "peft"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:  # pragma: no cover
-            out[name] = None
-    return out
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
 
 def _reset_rss_peak() -> bool:
