@@ -346,7 +346,9 @@ def save_adapter(peft_model, out_dir, *, adapter_name: str = "default", metadata
             residuals[_module_key(name)] = (a0.detach().cpu(), b0.detach().cpu())
 
     base_model = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
-    source = getattr(base_model, "qlora_ga_source", None) or config.base_model_name_or_path
+    # the name the user gave (hub id, folder or .gguf file), portable across machines; the merge resolves it again
+    source = (getattr(base_model, "qlora_ga_name", None) or getattr(base_model, "qlora_ga_source", None)
+              or config.base_model_name_or_path)
     quantized, quant_dtype, quant_device = [], None, None
     for name, mod in base_model.named_modules():
         if isinstance(mod, bnb.nn.Linear4bit):
@@ -366,7 +368,7 @@ def save_adapter(peft_model, out_dir, *, adapter_name: str = "default", metadata
     sd, cfg = fold_residuals(lora_state, config, residuals, scalings)
     if not residuals:
         cfg = copy.deepcopy(config)  # unchanged, exactly like save_pretrained
-    if cfg.base_model_name_or_path is None and source is not None:
+    if source is not None:
         cfg.base_model_name_or_path = str(source)
     meta = _adapter_metadata(config, trained_rank=trained_rank, scalings=scalings, residual_modules=list(residuals),
                              base=str(source) if source is not None else None, extra=extra, exported_rank=int(cfg.r))

@@ -161,7 +161,8 @@ def load_model(
     model.config.use_cache = False
     keep_4bit_trainable(model)
     model.eval()
-    model.qlora_ga_source = source  # where the 16-bit weights live (used by the merged export)
+    model.qlora_ga_source = source  # where the 16-bit weights live (a GGUF's converted cache folder)
+    model.qlora_ga_name = str(name_or_path or default_model_path())  # what the user named (recorded in adapters)
     return model, tokenizer
 
 

@@ -345,6 +345,16 @@ def test_smollm2_gguf_gradient_pass_and_init(tmp_path, monkeypatch):
     assert all(torch.isfinite(f.S).all() and f.S[0] > 0 for f in factors.values())
     pm = init_adapters(model, factors, method="lora-ga", rank=8, alpha=16)
     assert float((_logits(pm, batch) - before).abs().max()) <= 1e-4
+    # the adapter names the .gguf file (portable), and the merge finds the weights through the cache
+    import json
+
+    from qlora_ga.export import merge_export, save_adapter
+
+    save_adapter(pm, tmp_path / "adapter")
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == default_model_path()
+    stats = merge_export(tmp_path / "adapter", tmp_path / "merged", dtype="bf16")
+    cfg = json.loads((tmp_path / "merged" / "config.json").read_text())
+    assert "quantization_config" not in cfg and stats.tensors_merged == 30 * 7
 
 
 # ------------------------------------------------------------------ lora-ga-adam (the blog's "hard-core" Adam variant)
