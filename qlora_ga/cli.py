@@ -182,6 +182,8 @@ def run(cfg: FinetuneConfig) -> dict:
     if cfg.export_merged:
         merge_export(out / "adapter", out / "merged", dtype=cfg.merged_dtype)
         _say(f"merged {cfg.merged_dtype} model written to {out / 'merged'}")
+    if "eval_loss_start" in summary and "eval_loss" in summary:
+        _say(f"held-out loss: {summary['eval_loss_start']:.4f} at the start -> {summary['eval_loss']:.4f} after {summary['steps']} steps")
     summary.update(seconds=round(time.perf_counter() - t_start, 1), samples_before=before, samples_after=after)
     _write_json(out / "summary.json", summary)
     _say(f"done in {summary['seconds']} s: {out}")

@@ -271,6 +271,10 @@ def train(model, tokenizer, train_data: list[dict], eval_data: list[dict], s: Tr
     last_ckpt = checkpoint
     bar = tqdm(total=steps, initial=start_step, desc="training", disable=not progress, dynamic_ncols=True)
     summary = {"steps": steps, "start_step": start_step}
+    if eval_data and checkpoint is None:  # where the held-out loss starts (the init's own value)
+        summary["eval_loss_start"] = round(evaluate_loss(model, eval_data, s.batch_size, pad, device, compute_dtype), 6)
+        metrics.log(step=0, eval_loss=summary["eval_loss_start"])
+        model.train()
     try:
         for step in range(start_step, steps):
             t0 = time.perf_counter()

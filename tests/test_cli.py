@@ -43,10 +43,13 @@ def test_training_lowers_the_loss_and_writes_the_documented_layout(tiny_model_di
     res = run_cli(base_args(tiny_model_dir, out, "--max-steps", "10", "--lr", "3e-3", "--eval-split", "0.1", "--eval-every", "5"))
     assert res.returncode == 0, res.stderr[-3000:]
     rows = read_metrics(out / "metrics.jsonl")
+    assert rows[0] == {"step": 0, "eval_loss": rows[0]["eval_loss"]}  # the held-out loss at init
+    rows = rows[1:]
     assert [r["step"] for r in rows] == list(range(1, 11))
     assert {"step", "loss", "lr", "grad_norm", "tokens_per_s", "mem"} <= set(rows[0])
     assert sum(r["loss"] for r in rows[-3:]) / 3 < sum(r["loss"] for r in rows[:3]) / 3
     assert [r["step"] for r in rows if "eval_loss" in r] == [5, 10]
+    assert rows[-1]["eval_loss"] < read_metrics(out / "metrics.jsonl")[0]["eval_loss"]
     for name in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors", "metrics.jsonl", "loss.png",
                  "run_config.yaml", "init_report.json", "checkpoints/step-10/trainer_state.json"):
         assert (out / name).is_file(), name
