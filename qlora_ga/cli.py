@@ -131,7 +131,13 @@ def run(cfg: FinetuneConfig) -> dict:
         _say(f"resuming from {ckpt}")
         # the adapters' starting values are in the checkpoint: no gradient pass needed
         pm = init_adapters(model, None, method="kaiming", **lora_kw)
-        load_checkpoint_weights(pm, ckpt)
+        try:
+            load_checkpoint_weights(pm, ckpt)
+        except (RuntimeError, KeyError) as e:
+            raise QloraGaError(
+                f"checkpoint {ckpt} does not fit the current settings ({str(e).strip().splitlines()[0][:120]}): "
+                f"resume with the run's own settings, --config {out / 'run_config.yaml'} --resume"
+            ) from None
         start_step = json.loads((ckpt / "trainer_state.json").read_text())["step"]
     else:
         factors, init_report = None, None

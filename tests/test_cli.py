@@ -69,6 +69,8 @@ def test_interrupted_run_resumes_exactly(tiny_model_dir, tmp_path):
         del os.environ["QLORA_GA_STOP_AFTER"]
     assert sorted(p.name for p in (part / "checkpoints").iterdir()) == ["step-3"]
     assert main(base_args(tiny_model_dir, part, *common, "--resume")) == 0
+    code = main(base_args(tiny_model_dir, part, *common, "--resume", "--rank", "2"))
+    assert code == 2  # a checkpoint of another rank is a clear error, and nothing is written
     keys = ("step", "loss", "lr", "grad_norm", "eval_loss")
     a = [{k: r.get(k) for k in keys} for r in read_metrics(full / "metrics.jsonl")]
     b = [{k: r.get(k) for k in keys} for r in read_metrics(part / "metrics.jsonl")]
