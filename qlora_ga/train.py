@@ -298,6 +298,9 @@ def train(model, tokenizer, train_data: list[dict], eval_data: list[dict], s: Tr
             if s.optim == "lora-one-precond":
                 precondition_lora_grads(model, s.precond_lambda)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm if s.max_grad_norm > 0 else float("inf")))
+            if not math.isfinite(grad_norm) and not scaler.is_enabled():  # (fp16's scaler skips such steps itself)
+                where = f"; the last good checkpoint is {last_ckpt}" if last_ckpt else ""
+                raise NonFiniteLoss(f"the gradient became {grad_norm} at step {step + 1}{where}: lower --lr, or check the data")
             lr = scheduler.get_last_lr()[0]
             scaler.step(optimizer)
             scaler.update()

@@ -75,3 +75,26 @@ def test_data_order_is_a_pure_function_of_seed_and_step():
     assert flat[:10] != flat[10:]  # each epoch reshuffled
     assert micro_batches_for_step(data, 3, s) == steps[3]
     assert micro_batches_for_step(data, 0, TrainSettings(batch_size=2, grad_accum=2, seed=4)) != steps[0]
+
+
+def test_nan_gradient_stops_before_the_update_and_keeps_the_last_good_checkpoint(tiny_model_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    from qlora_ga.train import NonFiniteLoss, train
+
+    model, tok = load_model(tiny_model_dir)
+    pm = init_adapters(model, None, method="gaussian", rank=4)
+    param = next(p for n, p in pm.named_parameters() if p.requires_grad)
+    calls = []
+
+    def poison(g):
+        calls.append(1)
+        return g * float("nan") if len(calls) >= 3 else g  # finite loss, NaN gradient from step 3 on
+
+    param.register_hook(poison)
+    s = TrainSettings(batch_size=4, grad_accum=1, lr=1e-3, max_steps=5, save_every=1, gradient_checkpointing=False)
+    with pytest.raises(NonFiniteLoss, match=r"gradient became nan at step 3; the last good checkpoint is .*step-2"):
+        train(pm, tok, _examples(tok), [], s, tmp_path, progress=False)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-1", "step-2"]
+    assert all(torch.isfinite(t).all() for t in load_file(tmp_path / "checkpoints" / "step-2" / "adapter_model.safetensors").values())
+    assert torch.isfinite(param).all()  # the poisoned step was not applied
