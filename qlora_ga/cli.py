@@ -7,18 +7,17 @@ saved is removed or half-written.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 import sys
 import time
-import warnings
 from dataclasses import asdict, replace
 from pathlib import Path
 
 from .config import FinetuneConfig, parse_config, resolved, save_yaml
 from .errors import QloraGaError
 from .fileio import atomic_write
+from .log import quiet_libraries
 
 # The built-in demo (no --model, no --dataset, no --config): sized to finish in a few minutes on a
 # 2-core CPU. Applied only to options left at their defaults; see configs/default.yaml.
@@ -200,24 +199,8 @@ def _write_json(path: Path, obj):
     atomic_write(path, json.dumps(obj, indent=1, default=str))
 
 
-def _quiet():
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    warnings.filterwarnings("ignore", message=r".*(paged|needs CUDA|MatMul4Bit|torch.utils.checkpoint|use_reentrant).*")
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    for name in ("transformers", "bitsandbytes", "peft"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    # datasets logs parse failures with a traceback before raising; the one-line error says it all
-    logging.getLogger("datasets").setLevel(logging.CRITICAL)
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.set_verbosity_error()
-    except ImportError:  # pragma: no cover
-        pass
-
-
 def main(argv: list[str] | None = None) -> int:
-    _quiet()
+    quiet_libraries()
     try:
         cfg = apply_demo_preset(parse_config(argv))
         run(cfg)

@@ -30,6 +30,7 @@ import torch
 
 from .errors import QloraGaError
 from .fileio import atomic_write
+from .log import quiet_libraries
 
 log = logging.getLogger(__name__)
 
@@ -285,6 +286,7 @@ def _check_positive(args):
 def main(argv=None, prog: str = "evaluate.py") -> int:
     args = build_parser(prog).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    quiet_libraries()
     try:
         _check_positive(args)
         examples = load_examples(args.data, args.max_examples)

@@ -65,6 +65,7 @@ from pathlib import Path
 import torch
 
 from .errors import QloraGaError
+from .log import quiet_libraries
 
 log = logging.getLogger(__name__)
 
@@ -810,6 +811,7 @@ def build_parser(prog: str = "export.py") -> argparse.ArgumentParser:
 def main(argv=None, prog: str = "export.py") -> int:
     args = build_parser(prog).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    quiet_libraries()
     try:
         if args.merge:
             stats = merge_export(args.adapter, args.out, base=args.base, dtype=args.dtype,
