@@ -764,7 +764,10 @@ def build_data(tokenizer, cfg: DataConfig) -> TokenizedData:
 
 def collate(examples: list[dict], pad_token_id: int, pad_to_multiple_of: int | None = None) -> dict[str, torch.Tensor]:
     """Right-pad to the longest example (rounded up to ``pad_to_multiple_of``): ``input_ids`` (pad
-    id), ``attention_mask`` (0 on pad), ``labels`` (-100 on pad); all int64 ``[batch, length]``."""
+    id), ``attention_mask`` (0 on pad), ``labels`` (-100 on pad); all int64 ``[batch, length]``.
+
+    An example may carry its own ``attention_mask`` (0 = padding already inside it): it is kept,
+    and those positions get no loss either."""
     if not examples:
         raise ValueError("collate() needs at least one example")
     if pad_token_id is None:
@@ -778,8 +781,9 @@ def collate(examples: list[dict], pad_token_id: int, pad_to_multiple_of: int | N
     for row, ex in enumerate(examples):
         n = len(ex["input_ids"])
         input_ids[row, :n] = torch.as_tensor(ex["input_ids"], dtype=torch.long)
-        attention_mask[row, :n] = 1
-        labels[row, :n] = torch.as_tensor(ex["labels"], dtype=torch.long)
+        mask = torch.as_tensor(ex["attention_mask"], dtype=torch.long) if "attention_mask" in ex else 1
+        attention_mask[row, :n] = mask
+        labels[row, :n] = torch.as_tensor(ex["labels"], dtype=torch.long).masked_fill(attention_mask[row, :n] == 0, IGNORE_INDEX)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 

@@ -132,41 +132,22 @@ def svd_reducer(k: int, method: str = "lowrank", niter: int = 4, transform: Call
 # ------------------------------------------------------------------ batching
 
 
-def _as_list(x) -> list[int]:
-    return x.tolist() if torch.is_tensor(x) else list(x)
-
-
 def make_micro_batches(examples: Sequence[dict], micro_batch_size: int, pad_token_id: int = 0) -> list[dict]:
-    """Sort by length (dynamic padding), pad on the right per micro-batch; labels -100 on padding.
+    """Sort by length (dynamic padding) and pad on the right per micro-batch (:func:`qlora_ga.data.collate`).
 
     Examples are dicts with ``input_ids`` and ``labels`` (lists or 1-D tensors, labels -100 where no
     loss) and optionally ``attention_mask`` (0 = padding already present in the example).
     """
+    from .data import collate
+
     if micro_batch_size < 1:
         raise QloraGaError(f"micro-batch size must be >= 1, got {micro_batch_size}")
-    rows = []
     for ex in examples:
-        ids = _as_list(ex["input_ids"])
-        labels = _as_list(ex.get("labels", ids))
-        mask = _as_list(ex["attention_mask"]) if "attention_mask" in ex else [1] * len(ids)
-        if not (len(ids) == len(labels) == len(mask)):
-            raise QloraGaError("an example's input_ids, labels and attention_mask differ in length: fix the data collation")
-        labels = [lab if m else IGNORE_INDEX for lab, m in zip(labels, mask)]
-        rows.append((ids, labels, mask))
-    rows.sort(key=lambda r: -len(r[0]))
-    batches = []
-    for i in range(0, len(rows), micro_batch_size):
-        chunk = rows[i : i + micro_batch_size]
-        T = max(len(r[0]) for r in chunk)
-        ids = torch.full((len(chunk), T), pad_token_id, dtype=torch.long)
-        labels = torch.full((len(chunk), T), IGNORE_INDEX, dtype=torch.long)
-        mask = torch.zeros((len(chunk), T), dtype=torch.long)
-        for j, (a, b, c) in enumerate(chunk):
-            ids[j, : len(a)] = torch.tensor(a)
-            labels[j, : len(b)] = torch.tensor(b)
-            mask[j, : len(c)] = torch.tensor(c)
-        batches.append({"input_ids": ids, "labels": labels, "attention_mask": mask})
-    return batches
+        lengths = {len(ex[k]) for k in ("input_ids", "labels", "attention_mask") if k in ex}
+        if len(lengths) != 1 or "labels" not in ex:
+            raise QloraGaError("every example needs input_ids and labels of the same length (and attention_mask, if any): fix the data collation")
+    rows = sorted(examples, key=lambda ex: -len(ex["input_ids"]))
+    return [collate(rows[i : i + micro_batch_size], pad_token_id) for i in range(0, len(rows), micro_batch_size)]
 
 
 def count_label_tokens(labels: torch.Tensor) -> int:

@@ -399,3 +399,15 @@ def svd_reducer_exact(G, k):
     from qlora_ga.gradient import svd_reducer
 
     return svd_reducer(k, "exact")("m", G)
+
+
+def test_padding_already_inside_examples_changes_nothing(qmodel):
+    model, tok = qmodel
+    ex = make_examples(len(tok), lengths=(5, 9, 7))
+    padded = [{"input_ids": e["input_ids"] + [tok.pad_token_id] * 4, "labels": e["labels"] + [7] * 4,
+               "attention_mask": [1] * len(e["input_ids"]) + [0] * 4} for e in ex]
+    a = gradient_pass(model, ex, lambda n, g: g.clone(), micro_batch_size=2, progress=False)
+    b = gradient_pass(model, padded, lambda n, g: g.clone(), micro_batch_size=2, progress=False)
+    assert max(rel(b[n], a[n]) for n in a) < 1e-5  # only the summation order differs
+    with pytest.raises(QloraGaError, match="same length"):
+        gradient_pass(model, [{"input_ids": [1, 2, 3], "labels": [1, 2]}], lambda n, g: g, progress=False)
