@@ -67,6 +67,7 @@ class PassReport:
     peak_live_grad_bytes: int = 0
     max_block_grad_bytes: int = 0
     peak_gpu_bytes: int | None = None
+    peak_host_rss_bytes: int | None = None  # the process's peak RSS so far (includes the model itself)
     modules: dict = field(default_factory=dict)  # name -> {"shape", "grad_norm", "top_singular_values", "svd_seconds"}
 
 
@@ -421,6 +422,12 @@ def gradient_pass(
     report.seconds = time.perf_counter() - t0
     if device.type == "cuda":
         report.peak_gpu_bytes = int(torch.cuda.max_memory_allocated(device))
+    try:
+        import resource
+
+        report.peak_host_rss_bytes = int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # KiB on Linux
+    except ImportError:  # pragma: no cover - not POSIX
+        pass
     return results
 
 

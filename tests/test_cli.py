@@ -55,6 +55,7 @@ def test_training_lowers_the_loss_and_writes_the_documented_layout(tiny_model_di
         assert (out / name).is_file(), name
     report = json.loads((out / "init_report.json").read_text())
     assert report["n_sequences"] == 8 and len(report["modules"]) == 21
+    assert report["peak_host_rss_bytes"] > 0 and report["peak_live_grad_bytes"] == report["max_block_grad_bytes"]
     assert all(len(m["top_singular_values"]) > 0 for m in report["modules"].values())
 
 
