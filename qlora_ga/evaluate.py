@@ -28,7 +28,10 @@ from pathlib import Path
 
 import torch
 
+from .data import DataConfig, tokenize_example
+from .data import prompt_ids as data_prompt_ids
 from .errors import QloraGaError
+from .train import evaluate_loss
 from .fileio import atomic_write
 from .log import quiet_libraries
 
@@ -110,21 +113,13 @@ def load_examples(path, max_examples: int | None = None) -> list[dict]:
     return examples
 
 
+# GSM8K records as training sees them (qlora_ga.data): the question is the prompt, the worked answer the response
+GSM8K_FORMAT = DataConfig(format="prompt-response", prompt_column="question", response_column="answer")
+
+
 def prompt_ids(tokenizer, question: str) -> list[int]:
-    """Token ids of the prompt: chat template (user message, generation prompt) or ``question + "\\n"``."""
-    if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": question}], add_generation_prompt=True, tokenize=False
-        )
-        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-    return list(tokenizer(question + "\n")["input_ids"])
-
-
-def answer_ids(tokenizer, answer: str) -> list[int]:
-    ids = list(tokenizer(answer, add_special_tokens=False)["input_ids"])
-    if tokenizer.eos_token_id is not None:
-        ids.append(tokenizer.eos_token_id)
-    return ids
+    """Token ids of the prompt exactly as at training time (chat template when the tokenizer has one)."""
+    return data_prompt_ids({"question": question, "answer": ""}, tokenizer, GSM8K_FORMAT, "prompt-response")
 
 
 def _device(model) -> torch.device:
@@ -144,39 +139,17 @@ def _pad_id(tokenizer) -> int:
 # ----------------------------------------------------------------------------- loss
 
 
-@torch.no_grad()
 def held_out_loss(model, tokenizer, examples, *, batch_size: int = 8, max_length: int = 1024) -> tuple[float, int]:
-    """``(token-weighted mean loss over answer tokens, number of answer tokens)``."""
-    device = _device(model)
+    """``(token-weighted mean loss over answer tokens, number of answer tokens)``; examples tokenized as in training."""
     seqs = []
     for ex in examples:
-        p, a = prompt_ids(tokenizer, ex["question"]), answer_ids(tokenizer, ex["answer"])
-        ids = (p + a)[:max_length]
-        labels = ([-100] * len(p) + a)[:max_length]
-        seqs.append((ids, labels))
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][0]))
-    total, count = 0.0, 0
-    pad = _pad_id(tokenizer)
-    for start in range(0, len(order), batch_size):
-        batch = [seqs[i] for i in order[start:start + batch_size]]
-        width = max(len(ids) for ids, _ in batch)
-        ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        labels = torch.full((len(batch), width), -100, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for j, (x, y) in enumerate(batch):  # right padding for the loss
-            ids[j, :len(x)] = torch.tensor(x)
-            labels[j, :len(y)] = torch.tensor(y)
-            mask[j, :len(x)] = 1
-        ids, labels, mask = ids.to(device), labels.to(device), mask.to(device)
-        logits = model(input_ids=ids, attention_mask=mask).logits
-        target = labels[:, 1:]
-        keep = target != -100
-        if not keep.any():
-            continue
-        sel = logits[:, :-1][keep].float()
-        total += torch.nn.functional.cross_entropy(sel, target[keep], reduction="sum").item()
-        count += int(keep.sum())
-    return (total / count if count else float("nan")), count
+        t = tokenize_example(ex, tokenizer, GSM8K_FORMAT, "prompt-response")
+        if t is not None:
+            seqs.append({k: v[:max_length] for k, v in t.items()})
+    count = sum(sum(1 for lab in s["labels"][1:] if lab != -100) for s in seqs)
+    if count == 0:
+        return float("nan"), 0
+    return evaluate_loss(model, seqs, batch_size, _pad_id(tokenizer), _device(model), torch.float32), count
 
 
 # ----------------------------------------------------------------------------- generation
