@@ -27,11 +27,9 @@ Methods: ``gaussian`` (vanilla LoRA, B = 0), ``lora-ga``, ``lora-one``, ``lora-g
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as _dt
 import gc
 import json
-import logging
 import math
 import os
 import shlex
@@ -392,28 +390,19 @@ def plot(results: dict, args, summary: dict, path: str):
     fig.suptitle(f"{Path(args.model).name if args.model else 'SmolLM2-135M-Instruct'}, rank {args.rank}, "
                  f"{args.batch_size * args.grad_accum}x{args.max_length} tokens/step, seeds {args.seeds}", fontsize=10)
     fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp.png")
-    fig.savefig(tmp, format="png")
-    os.replace(tmp, out)
-    return out
+    from qlora_ga.fileio import atomic_write
+
+    return atomic_write(path, lambda f: fig.savefig(f, format="png"))
 
 
 # ----------------------------------------------------------------------------- main
 
 
 def _quiet():
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    warnings.filterwarnings("ignore", message=r".*(paged|needs CUDA|MatMul4Bit|torch.utils.checkpoint|use_reentrant).*")
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=UserWarning)
-    for name in ("transformers", "bitsandbytes", "peft", "datasets"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    with contextlib.suppress(ImportError):
-        from transformers.utils import logging as hf_logging
+    from qlora_ga.log import quiet_libraries
 
-        hf_logging.set_verbosity_error()
+    quiet_libraries()
+    warnings.filterwarnings("ignore", category=UserWarning)
 
 
 def main(argv=None) -> int:

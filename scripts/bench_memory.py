@@ -49,11 +49,9 @@ gradient pass takes what fits in free GPU memory by default; ``--state-budget-gi
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as _dt
 import gc
 import json
-import logging
 import os
 import shlex
 import sys
@@ -756,16 +754,10 @@ def summarize(rec: Recorder, args, device):
 
 
 def _quiet():
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    warnings.filterwarnings("ignore", message=r".*(paged|needs CUDA|MatMul4Bit|torch.utils.checkpoint|use_reentrant).*")
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=UserWarning)
-    for name in ("transformers", "bitsandbytes", "peft"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    with contextlib.suppress(ImportError):
-        from transformers.utils import logging as hf_logging
+    from qlora_ga.log import quiet_libraries
 
-        hf_logging.set_verbosity_error()
+    quiet_libraries()
+    warnings.filterwarnings("ignore", category=UserWarning)
 
 
 def main(argv=None) -> int:
