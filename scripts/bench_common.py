@@ -24,3 +24,13 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def quiet():
+    """The library chatter the package's scripts silence, plus UserWarnings (benchmarks print tables)."""
+    import warnings
+
+    from qlora_ga.log import quiet_libraries
+
+    quiet_libraries()
+    warnings.filterwarnings("ignore", category=UserWarning)

@@ -43,7 +43,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_common import device_name, versions as _versions  # noqa: E402
+from bench_common import device_name, quiet, versions as _versions  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -398,15 +398,8 @@ def plot(results: dict, args, summary: dict, path: str):
 # ----------------------------------------------------------------------------- main
 
 
-def _quiet():
-    from qlora_ga.log import quiet_libraries
-
-    quiet_libraries()
-    warnings.filterwarnings("ignore", category=UserWarning)
-
-
 def main(argv=None) -> int:
-    _quiet()
+    quiet()
     args = parse_args(argv)
     from qlora_ga.data import DataConfig, build_data
     from qlora_ga.errors import QloraGaError

@@ -62,7 +62,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_common import device_name, versions as _versions  # noqa: E402
+from bench_common import device_name, quiet, versions as _versions  # noqa: E402
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
@@ -753,15 +753,8 @@ def summarize(rec: Recorder, args, device):
 # ----------------------------------------------------------------------------- main
 
 
-def _quiet():
-    from qlora_ga.log import quiet_libraries
-
-    quiet_libraries()
-    warnings.filterwarnings("ignore", category=UserWarning)
-
-
 def main(argv=None) -> int:
-    _quiet()
+    quiet()
     args = parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and device.index is None:
