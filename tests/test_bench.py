@@ -88,3 +88,60 @@ def test_bench_convergence_quick(tmp_path, tiny_model_dir):
     assert png.is_file() and png.stat().st_size > 1000
     assert "best lr per method" in proc.stdout
     assert not any((tmp_path / "work").iterdir()) if (tmp_path / "work").exists() else True
+    # the pooled report reads the same file: one row per (method, lr), the run's own final held-out loss
+    rep = _run([str(ROOT / "scripts" / "bench_report.py"), str(out)], tmp_path)
+    table = [line for line in rep.stdout.splitlines() if line.startswith("| gaussian") or line.startswith("| lora-ga")]
+    assert len(table) == 2
+    for r in runs:
+        line = next(line for line in table if line.startswith(f"| {r['method']} |"))
+        assert f"{r['final_eval_loss']:.3f}" in line.split("|")[8]
+
+
+def _load_report():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_report", ROOT / "scripts" / "bench_report.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _synthetic_runs(path: Path, runs: list[tuple]):
+    """runs: (run_id, method, lr, seed, train losses, {step: eval}); 4 steps per run, as bench_convergence writes."""
+    meta = dict(bench="convergence", total_steps=4, batch_size=2, grad_accum=1, max_length=64, eval_examples=3, rank=8,
+                optim="adamw", init_samples=16)
+    with open(path, "w") as f:
+        for run_id, method, lr, seed, losses, evals in runs:
+            base = dict(meta, run_id=run_id, method=method, init=method, lr=lr, seed=seed)
+            f.write(json.dumps(dict(base, kind="step", step=0, loss=None, eval_loss=evals[0])) + "\n")
+            for i, loss in enumerate(losses, 1):
+                f.write(json.dumps(dict(base, kind="step", step=i, loss=loss, eval_loss=evals.get(i))) + "\n")
+            f.write(json.dumps(dict(base, kind="run", final_eval_loss=evals[4], error=None)) + "\n")
+        # an unfinished run (killed before its "run" row) must not count
+        f.write(json.dumps(dict(meta, run_id="x", method="lora-ga", init="lora-ga", lr=1e-4, seed=2, kind="step", step=0,
+                                loss=None, eval_loss=9.0)) + "\n")
+
+
+def test_bench_report_pools_seeds_and_finds_steps_to_baseline(tmp_path, capsys):
+    rep = _load_report()
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    _synthetic_runs(a, [("r1", "gaussian", 1e-3, 0, [2.0, 1.5, 1.2, 1.0], {0: 2.0, 2: 1.4, 4: 1.1}),
+                        ("r1", "gaussian", 2e-3, 0, [2.0, 1.4, 1.1, 0.9], {0: 2.0, 2: 1.3, 4: 1.0}),
+                        ("r1", "lora-ga", 1e-4, 0, [1.0, 0.9, 0.8, 0.7], {0: 2.0, 2: 1.2, 4: 0.9})])
+    _synthetic_runs(b, [("r2", "lora-ga", 1e-4, 1, [1.2, 0.9, 0.8, 0.7], {0: 2.0, 2: 1.0, 4: 0.7})])
+    assert rep.main([str(a), str(b), "--smooth", "1", "--out", str(tmp_path / "t.md")]) == 0
+    text = (tmp_path / "t.md").read_text()
+    rows = {line.split("|")[1].strip() + " " + line.split("|")[4].strip(): [c.strip() for c in line.split("|")[1:-1]]
+            for line in text.splitlines() if line.startswith("| ") and not line.startswith("| method")}
+    assert set(rows) == {"gaussian 0.001", "gaussian **0.002**", "lora-ga **0.0001**"}
+    ga = rows["lora-ga **0.0001**"]
+    assert ga[4] == "0,1"                          # seeds 0 and 1 pooled across files; the unfinished run is left out
+    assert ga[6] == "1.100 ± 0.100"                # held-out @2: mean of 1.2 and 1.0, population std 0.1
+    assert ga[7] == "0.800 ± 0.100"                # @4: 0.9 and 0.7
+    # baseline = gaussian at its best lr (2e-3, held-out 1.0): final train loss 0.9; lora-ga's mean curve
+    # (1.1, 0.9, 0.8, 0.7) reaches it at step 2, gaussian 1e-3 never does
+    assert ga[8] == "2" and rows["gaussian 0.001"][8] == "not reached" and rows["gaussian **0.002**"][8] == "4"
+    assert rows["gaussian 0.001"][2] == "-"        # vanilla LoRA has no gradient sample
+    assert "final smoothed training loss 0.900" in text
+    assert rep.main([str(tmp_path / "missing.jsonl")]) == 2
+    assert "no such file" in capsys.readouterr().err

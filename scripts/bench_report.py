@@ -1,0 +1,158 @@
+#!/usr/bin/env python
+"""Pool the rows of several ``bench_convergence.py`` runs into one markdown table, mean and spread over seeds.
+
+    python scripts/bench_report.py docs/benchmarks/convergence-cpu*.jsonl
+    python scripts/bench_report.py --out docs/benchmarks/summary.md docs/benchmarks/*.jsonl
+
+Runs are grouped by their setting (method, base, optimizer, gradient-sample size, steps, tokens per step,
+held-out size) and lr; a group's seeds are pooled, whichever file or process they came from. Only
+finished runs count (a ``kind: "run"`` row); the step rows of the same ``run_id`` give the curves.
+
+Columns: held-out loss at step 0, at half the steps and at the end (mean +- population std over seeds,
+and the seeds), and the first step at which the training loss, smoothed over ``--smooth`` steps and
+averaged over seeds, reaches the final smoothed training loss of the baseline (vanilla LoRA,
+``gaussian``, at its best lr within the same steps / tokens-per-step / held-out setting).
+No torch import: it reads JSON only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+BASELINE = "gaussian"
+SETTING = ("total_steps", "batch_size", "grad_accum", "max_length", "eval_examples", "rank")
+
+
+def read_rows(paths: list[str]) -> list[dict]:
+    rows = []
+    for p in paths:
+        for i, line in enumerate(Path(p).read_text(encoding="utf-8").splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:
+                    raise SystemExit(f"error: {p}:{i} is not a JSON line") from None
+    return [r for r in rows if r.get("bench") == "convergence"]
+
+
+def moving_average(xs: list[float], w: int) -> list[float]:
+    out, acc = [], 0.0
+    for i, x in enumerate(xs):
+        acc += x
+        if i >= w:
+            acc -= xs[i - w]
+        out.append(acc / min(i + 1, w))
+    return out
+
+
+def _fmt(vals: list[float]) -> str:
+    if not vals:
+        return "-"
+    if len(vals) == 1:
+        return f"{vals[0]:.3f}"
+    return f"{statistics.fmean(vals):.3f} ± {statistics.pstdev(vals):.3f}"
+
+
+def collect(rows: list[dict]) -> dict:
+    """{(setting, variant, lr): [run, ...]}; a run = {"seed", "eval": {step: loss}, "loss": [..]}."""
+    steps = defaultdict(list)
+    for r in rows:
+        if r.get("kind") == "step":
+            steps[(r["run_id"], r["method"], r["lr"], r["seed"])].append(r)
+    groups = defaultdict(list)
+    for r in rows:
+        if r.get("kind") != "run" or r.get("error"):
+            continue
+        srows = sorted(steps[(r["run_id"], r["method"], r["lr"], r["seed"])], key=lambda x: x["step"])
+        evals = {s["step"]: s["eval_loss"] for s in srows if isinstance(s.get("eval_loss"), (int, float))}
+        losses = [s["loss"] for s in srows if s["step"] > 0 and isinstance(s.get("loss"), (int, float))]
+        setting = tuple(r.get(k) for k in SETTING)
+        variant = (r["method"], r.get("optim", "?"), r.get("init_samples") if r.get("init") != BASELINE else None)
+        groups[(setting, variant, r["lr"])].append({"seed": r["seed"], "eval": evals, "loss": losses})
+    return groups
+
+
+def table(groups: dict, smooth: int) -> list[str]:
+    out = []
+    for setting in sorted({k[0] for k in groups}, key=str):
+        steps = setting[0]
+        half = steps // 2 if steps else None
+        keys = sorted((k for k in groups if k[0] == setting), key=lambda k: (k[1][0] != BASELINE, str(k[1]), k[2]))
+
+        def mean_smoothed(runs):
+            curves = [r["loss"] for r in runs if r["loss"]]
+            if not curves:
+                return None
+            n = min(len(c) for c in curves)
+            return moving_average([statistics.fmean(c[i] for c in curves) for i in range(n)], smooth)
+
+        def final(k):
+            vals = [r["eval"][steps] for r in groups[k] if steps in r["eval"]]
+            return statistics.fmean(vals) if vals else math.inf
+
+        base = [k for k in keys if k[1][0] == BASELINE]
+        target = None
+        if base:
+            best = min(base, key=final)
+            curve = mean_smoothed(groups[best])
+            target = curve[-1] if curve else None
+        best_of = {}
+        for k in keys:
+            if k[1] not in best_of or final(k) < final(best_of[k[1]]):
+                best_of[k[1]] = k
+        tps = (setting[1] or 0) * (setting[2] or 1)
+        out.append(f"### {steps} steps of {tps}x{setting[3]} tokens, {setting[4]} held-out examples, rank {setting[5]}")
+        out.append("")
+        out.append(f"Baseline: {BASELINE} at its best lr, final smoothed training loss "
+                   f"{'n/a' if target is None else f'{target:.3f}'} (moving average of {smooth}). **Bold**: best lr of a row group.")
+        out.append("")
+        out.append(f"| method | optim | sample | lr | seeds | held-out @0 | @{half} | @{steps} | steps to baseline's final train loss |")
+        out.append("|---|---|---|---|---|---|---|---|---|")
+        for k in keys:
+            method, optim, sample = k[1]
+            runs = sorted(groups[k], key=lambda r: r["seed"])
+            at = lambda s: [r["eval"][s] for r in runs if s in r["eval"]]  # noqa: E731
+            curve = mean_smoothed(runs)
+            reach = None
+            if target is not None and curve:
+                reach = next((i + 1 for i, v in enumerate(curve) if v <= target), None)
+            lr = f"**{k[2]:g}**" if best_of[k[1]] == k else f"{k[2]:g}"
+            out.append(f"| {method} | {optim} | {'-' if sample is None else sample} | {lr} | "
+                       f"{','.join(str(r['seed']) for r in runs)} | {_fmt(at(0))} | {_fmt(at(half))} | {_fmt(at(steps))} | "
+                       f"{'-' if target is None else (reach if reach is not None else 'not reached')} |")
+        out.append("")
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("files", nargs="+", help="JSONL files written by bench_convergence.py")
+    p.add_argument("--smooth", type=int, default=10, help="moving-average window of the training loss")
+    p.add_argument("--out", default=None, help="also write the table to this markdown file")
+    args = p.parse_args(argv)
+    missing = [f for f in args.files if not Path(f).is_file()]
+    if missing:
+        print(f"error: no such file: {', '.join(missing)}", file=sys.stderr)
+        return 2
+    groups = collect(read_rows(args.files))
+    if not groups:
+        print("error: no finished convergence runs in these files", file=sys.stderr)
+        return 2
+    text = "\n".join(table(groups, args.smooth))
+    print(text)
+    if args.out:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        from qlora_ga.fileio import atomic_write
+
+        atomic_write(args.out, lambda f: f.write((text + "\n").encode()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
