@@ -198,11 +198,15 @@ def _as_list(x):
 
 
 def evaluate(model, tokenizer, examples: list[dict], *, max_new_tokens: int = 256, batch_size: int = 8,
-             max_length: int = 1024, compute_loss: bool = True, progress: bool = True) -> dict:
-    """Held-out loss and exact match of ``model`` on ``examples``; returns the report dict."""
+             max_length: int = 1024, compute_loss: bool = True, generate: bool = True, progress: bool = True) -> dict:
+    """Held-out loss and exact match of ``model`` on ``examples``; returns the report dict.
+    ``generate=False`` skips the generations (exact match is then None)."""
     model.eval()
     loss, tokens = (held_out_loss(model, tokenizer, examples, batch_size=batch_size, max_length=max_length)
                     if compute_loss else (None, 0))
+    if not generate:
+        return {"n": len(examples), "exact_match": None, "exact_match_rate": None, "loss": loss, "loss_tokens": tokens,
+                "max_new_tokens": 0, "predictions": []}
     prompts = [prompt_ids(tokenizer, ex["question"]) for ex in examples]
     texts = generate_texts(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
                            progress=progress)
@@ -244,6 +248,7 @@ def build_parser(prog: str = "evaluate.py") -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, default=1024, help="truncate loss sequences to this many tokens")
     p.add_argument("--no-loss", action="store_true", help="skip the held-out loss")
+    p.add_argument("--no-generate", action="store_true", help="skip the generations: held-out loss only (fast)")
     p.add_argument("--out", default=None, help="write the JSON report here")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
@@ -262,6 +267,8 @@ def main(argv=None, prog: str = "evaluate.py") -> int:
     quiet_libraries()
     try:
         _check_positive(args)
+        if args.no_loss and args.no_generate:
+            raise QloraGaError("--no-loss and --no-generate together leave nothing to evaluate: drop one of them")
         examples = load_examples(args.data, args.max_examples)
         if args.adapter and not Path(args.adapter).expanduser().is_dir():
             raise QloraGaError(f"adapter folder '{args.adapter}' does not exist: pass the folder written by export")
@@ -276,7 +283,8 @@ def main(argv=None, prog: str = "evaluate.py") -> int:
             except (ValueError, OSError, KeyError) as e:
                 raise QloraGaError(f"cannot load adapter '{args.adapter}': {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
         report = evaluate(model, tokenizer, examples, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                          max_length=args.max_length, compute_loss=not args.no_loss, progress=not args.quiet)
+                          max_length=args.max_length, compute_loss=not args.no_loss, generate=not args.no_generate,
+                          progress=not args.quiet)
         report = {"model": args.model, "adapter": args.adapter, "data": str(args.data), "quantized": not args.no_quantize,
                   **report}
         if report["loss"] is not None and not math.isfinite(report["loss"]):
@@ -284,7 +292,8 @@ def main(argv=None, prog: str = "evaluate.py") -> int:
         if args.out:
             atomic_write(Path(args.out).expanduser(), json.dumps(report, indent=2) + "\n")
         loss = f"{report['loss']:.4f}" if report["loss"] is not None else "n/a"
-        print(f"n={report['n']} exact_match={report['exact_match']} ({report['exact_match_rate']:.1%}) loss={loss}"
+        em = "n/a" if report["exact_match"] is None else f"{report['exact_match']} ({report['exact_match_rate']:.1%})"
+        print(f"n={report['n']} exact_match={em} loss={loss}"
               + (f" -> {args.out}" if args.out else ""))
     except QloraGaError as e:
         print(f"error: {e}", file=sys.stderr)

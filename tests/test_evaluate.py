@@ -88,6 +88,24 @@ def test_exact_match_count_with_faked_generation(tiny_model_dir, data_file, tmp_
     assert seen == {"max_new_tokens": 5, "batch_size": 2, "progress": False}
 
 
+def test_no_generate_gives_the_same_loss_without_generating(tiny_model_dir, data_file, tmp_path, monkeypatch, capsys):
+    def no_generate(*a, **kw):
+        raise AssertionError("--no-generate must not generate")
+
+    full = ev.main(["--model", str(tiny_model_dir), "--data", str(data_file), "--out", str(tmp_path / "full.json"),
+                    "--max-new-tokens", "2", "--quiet"])
+    monkeypatch.setattr(ev, "generate_texts", no_generate)
+    rc = ev.main(["--model", str(tiny_model_dir), "--data", str(data_file), "--out", str(tmp_path / "loss.json"),
+                  "--no-generate", "--quiet"])
+    assert full == rc == 0
+    a, b = (json.loads((tmp_path / f).read_text()) for f in ("full.json", "loss.json"))
+    assert b["loss"] == a["loss"] and b["loss_tokens"] == a["loss_tokens"] > 0
+    assert b["exact_match"] is None and b["predictions"] == []
+    assert "exact_match=n/a" in capsys.readouterr().out
+    assert ev.main(["--model", str(tiny_model_dir), "--data", str(data_file), "--no-generate", "--no-loss"]) == 2
+    assert "nothing to evaluate" in capsys.readouterr().err
+
+
 def test_loss_is_token_weighted_and_batch_independent(tiny_model_dir):
     from qlora_ga.model import load_model
 
