@@ -53,7 +53,7 @@ DEFAULT_LRS = {
     "lora-ga": [2e-5, 5e-5, 1e-4],
     "lora-ga-sign": [2e-5, 5e-5, 1e-4],
     "lora-ga-bf16": [2e-5, 5e-5, 1e-4],
-    "lora-one": [2e-4, 5e-4, 1e-3],
+    "lora-one": [5e-4, 1e-3, 2e-3],
 }
 BASELINE = "gaussian"
 

@@ -9,9 +9,10 @@ held-out size) and lr; a group's seeds are pooled, whichever file or process the
 finished runs count (a ``kind: "run"`` row); the step rows of the same ``run_id`` give the curves.
 
 Columns: held-out loss at step 0, at half the steps and at the end (mean +- population std over seeds,
-and the seeds), and the first step at which the training loss, smoothed over ``--smooth`` steps and
-averaged over seeds, reaches the final smoothed training loss of the baseline (vanilla LoRA,
-``gaussian``, at its best lr within the same steps / tokens-per-step / held-out setting).
+and the seeds), and, per seed, the first step at which the training loss smoothed over ``--smooth``
+steps reaches the final smoothed training loss of the baseline (vanilla LoRA, ``gaussian``, at its
+best lr within the same steps / tokens-per-step / held-out setting) on the same seed: every seed has
+its own data order, so curves are only compared within a seed.
 No torch import: it reads JSON only.
 """
 
@@ -85,32 +86,28 @@ def table(groups: dict, smooth: int) -> list[str]:
         half = steps // 2 if steps else None
         keys = sorted((k for k in groups if k[0] == setting), key=lambda k: (k[1][0] != BASELINE, str(k[1]), k[2]))
 
-        def mean_smoothed(runs):
-            curves = [r["loss"] for r in runs if r["loss"]]
-            if not curves:
-                return None
-            n = min(len(c) for c in curves)
-            return moving_average([statistics.fmean(c[i] for c in curves) for i in range(n)], smooth)
-
-        def final(k):
-            vals = [r["eval"][steps] for r in groups[k] if steps in r["eval"]]
+        def final(k, seeds=None):
+            vals = [r["eval"][steps] for r in groups[k] if steps in r["eval"] and (seeds is None or r["seed"] in seeds)]
             return statistics.fmean(vals) if vals else math.inf
 
-        base = [k for k in keys if k[1][0] == BASELINE]
-        target = None
-        if base:
-            best = min(base, key=final)
-            curve = mean_smoothed(groups[best])
-            target = curve[-1] if curve else None
+        # best lr of a variant: lowest mean final held-out loss over the seeds all of its lrs have
         best_of = {}
-        for k in keys:
-            if k[1] not in best_of or final(k) < final(best_of[k[1]]):
-                best_of[k[1]] = k
+        for variant in {k[1] for k in keys}:
+            ks = [k for k in keys if k[1] == variant]
+            common = set.intersection(*({r["seed"] for r in groups[k]} for k in ks))
+            best_of[variant] = min(ks, key=lambda k: (final(k, common or None), k[2]))
+        # the baseline's final smoothed training loss, per seed (each seed has its own data order)
+        base = [b for b in best_of.values() if b[1][0] == BASELINE]
+        target = {r["seed"]: moving_average(r["loss"], smooth)[-1] for r in groups[base[0]] if r["loss"]} if base else {}
         tps = (setting[1] or 0) * (setting[2] or 1)
         out.append(f"### {steps} steps of {tps}x{setting[3]} tokens, {setting[4]} held-out examples, rank {setting[5]}")
         out.append("")
-        out.append(f"Baseline: {BASELINE} at its best lr, final smoothed training loss "
-                   f"{'n/a' if target is None else f'{target:.3f}'} (moving average of {smooth}). **Bold**: best lr of a row group.")
+        out.append(f"Baseline: {BASELINE} at its best lr ({'none' if not base else f'{base[0][2]:g}'}); its final training loss "
+                   f"(moving average of {smooth}) per seed: "
+                   f"{', '.join(f'seed {s} {v:.3f}' for s, v in sorted(target.items())) or 'n/a'}. "
+                   "**Bold**: the best lr of a method (lowest mean over the seeds all its lrs share). "
+                   "Last column: first step, per seed, at which a run's smoothed training loss reaches the baseline's "
+                   "final one on the same seed (- : not reached).")
         out.append("")
         out.append(f"| method | optim | sample | lr | seeds | held-out @0 | @{half} | @{steps} | steps to baseline's final train loss |")
         out.append("|---|---|---|---|---|---|---|---|---|")
@@ -118,14 +115,16 @@ def table(groups: dict, smooth: int) -> list[str]:
             method, optim, sample = k[1]
             runs = sorted(groups[k], key=lambda r: r["seed"])
             at = lambda s: [r["eval"][s] for r in runs if s in r["eval"]]  # noqa: E731
-            curve = mean_smoothed(runs)
-            reach = None
-            if target is not None and curve:
-                reach = next((i + 1 for i, v in enumerate(curve) if v <= target), None)
+            reach = []
+            for r in runs:
+                if r["seed"] in target and r["loss"]:
+                    curve = moving_average(r["loss"], smooth)
+                    step = next((i + 1 for i, v in enumerate(curve) if v <= target[r["seed"]]), None)
+                    reach.append("-" if step is None else str(step))
             lr = f"**{k[2]:g}**" if best_of[k[1]] == k else f"{k[2]:g}"
             out.append(f"| {method} | {optim} | {'-' if sample is None else sample} | {lr} | "
                        f"{','.join(str(r['seed']) for r in runs)} | {_fmt(at(0))} | {_fmt(at(half))} | {_fmt(at(steps))} | "
-                       f"{'-' if target is None else (reach if reach is not None else 'not reached')} |")
+                       f"{' / '.join(reach) if reach else 'n/a'} |")
         out.append("")
     return out
 

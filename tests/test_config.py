@@ -292,7 +292,7 @@ def test_method_defaults_table():
     assert set(INITS) == set(METHOD_DEFAULTS) == {"lora-ga", "lora-one", "gaussian", "kaiming", "lora-ga-sign", "lora-ga-adam"}
     assert method_defaults("lora-ga") == dict(lr=5e-5, alpha=16.0, gamma=16.0, use_rslora=True)
     one = method_defaults("lora-one")
-    assert one["lr"] == 2e-4 and one["alpha"] == 16 and one["gamma"] == 128
+    assert one["lr"] == 5e-4 and one["alpha"] == 16 and one["gamma"] == 128
     for vanilla in ("gaussian", "kaiming"):
         assert method_defaults(vanilla) == dict(lr=1e-3, alpha=16.0, gamma=None, use_rslora=False)
     for variant in ("lora-ga-sign", "lora-ga-adam"):
