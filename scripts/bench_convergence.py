@@ -44,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_common import device_name, quiet, versions as _versions  # noqa: E402
+from bench_report import moving_average  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -172,16 +173,6 @@ def method_init(method: str) -> tuple[str, bool]:
     if method == "lora-ga-bf16":
         return "lora-ga", False
     return method, True
-
-
-def moving_average(xs: list[float], w: int) -> list[float]:
-    out, acc = [], 0.0
-    for i, x in enumerate(xs):
-        acc += x
-        if i >= w:
-            acc -= xs[i - w]
-        out.append(acc / min(i + 1, w))
-    return out
 
 
 def _finite(x) -> bool:
