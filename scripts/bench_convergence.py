@@ -15,10 +15,11 @@ pure function of data, seed and step). The held-out loss (first ``--eval-example
 test split) is computed at step 0, every ``--eval-every`` steps and at the end.
 
 Output: one JSONL row per (method, lr, seed, step) in ``--out`` (``kind: "step"``; step 0 holds the
-initial held-out loss), one ``kind: "run"`` row per run and ``kind: "summary"`` rows; a summary table
-(final held-out loss per method/lr as mean +- std over seeds, best lr per method, and the steps each
-method needs to reach vanilla LoRA's final training loss at its best lr, on a moving average of
-``--smooth`` steps); and one PNG with all curves (``--plot``).
+initial held-out loss) and one ``kind: "run"`` row per run; the summary table of ``bench_report.py``
+for this invocation's runs (held-out loss at 0 / half / end as mean +- std over seeds, best lr per
+method, and per seed the steps each run needs to reach vanilla LoRA's final training loss at its best
+lr, on a moving average of ``--smooth`` steps); and one PNG with all curves (``--plot``). Pool the rows
+of several invocations with ``python scripts/bench_report.py FILE...``.
 
 Methods: ``gaussian`` (vanilla LoRA, B = 0), ``lora-ga``, ``lora-one``, ``lora-ga-sign``, ``kaiming``,
 ``lora-ga-bf16``. Default lr grids bracket each method's default (qlora_ga.config.METHOD_DEFAULTS).
@@ -44,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_common import device_name, quiet, versions as _versions  # noqa: E402
+import bench_report  # noqa: E402
 from bench_report import moving_average  # noqa: E402
 
 import torch  # noqa: E402
@@ -56,7 +58,7 @@ DEFAULT_LRS = {
     "lora-ga-bf16": [2e-5, 5e-5, 1e-4],
     "lora-one": [5e-4, 1e-3, 2e-3],
 }
-BASELINE = "gaussian"
+BASELINE = bench_report.BASELINE  # vanilla LoRA
 
 
 def known_methods() -> dict[str, list[float]]:
@@ -184,11 +186,13 @@ class Recorder:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.meta = meta
+        self.rows: list[dict] = []  # this invocation's rows, for the summary
 
     def add(self, **row) -> dict:
         row = {"bench": "convergence", **row, **self.meta}
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(row, default=str) + "\n")
+        self.rows.append(json.loads(json.dumps(row, default=str)))
         return row
 
 
@@ -282,70 +286,19 @@ def run_one(method: str, lr: float, seed: int, args, data, device, factor_cache:
 # ----------------------------------------------------------------------------- summary
 
 
-def _mean_curve(curves: list[list[float]]) -> list[float]:
-    n = min(len(c) for c in curves)
-    return [sum(c[i] for c in curves) / len(curves) for i in range(n)]
-
-
-def summarize(results: dict, args, rec: Recorder) -> dict:
-    """Tables + summary rows; returns {"best_lr": {...}, "target": float|None, "steps_to_target": {...}}."""
-    say("\n== final held-out loss (mean +- std over seeds) ==")
-    say(f"{'method':<14} {'lr':>9} {'held-out':>18} {'seeds':>5}")
-    final: dict[tuple[str, float], float] = {}
-    for method in args.methods:
-        for lr in args.lrs[method]:
-            vals = [r["final_eval"] for s in args.seeds if (r := results.get((method, lr, s))) and r["final_eval"] is not None]
-            if vals:
-                mean = statistics.fmean(vals)
-                std = statistics.pstdev(vals) if len(vals) > 1 else 0.0
-                final[(method, lr)] = mean
-                text = f"{mean:.4f} +- {std:.4f}"
-            else:
-                mean = std = None
-                text = "diverged/none"
-            say(f"{method:<14} {lr:>9g} {text:>18} {len(vals):>5}")
-            rec.add(kind="summary", what="final_eval_loss", method=method, lr=lr, mean=mean, std=std, n_seeds=len(vals))
-    best = {}
-    for method in args.methods:
-        cands = [(final[(method, lr)], lr) for lr in args.lrs[method] if (method, lr) in final]
-        if cands:
-            best[method] = min(cands)[1]
-    say("\n== best lr per method ==")
-    for method in args.methods:
-        lr = best.get(method)
-        say(f"{method:<14} {'-' if lr is None else f'{lr:g}':>9} "
-            f"{'' if lr is None else f'held-out {final[(method, lr)]:.4f}'}")
-        rec.add(kind="summary", what="best_lr", method=method, lr=lr, final_eval_loss=None if lr is None else final[(method, lr)])
-
-    # steps to reach vanilla LoRA's final (best-lr) training loss, on the smoothed curve averaged over seeds
-    def smoothed(method, lr):
-        curves = [results[(method, lr, s)]["loss"] for s in args.seeds
-                  if (method, lr, s) in results and results[(method, lr, s)]["loss"] and results[(method, lr, s)]["error"] is None]
-        return moving_average(_mean_curve(curves), args.smooth) if curves else None
-
-    target = None
-    if BASELINE in best:
-        base_curve = smoothed(BASELINE, best[BASELINE])
-        target = base_curve[-1] if base_curve else None
-    say(f"\n== steps to reach vanilla LoRA's final smoothed training loss "
-        f"({'n/a: no ' + BASELINE + ' run' if target is None else f'{target:.4f}, {BASELINE} at lr {best[BASELINE]:g}'};"
-        f" moving average of {args.smooth}) ==")
-    reach = {}
-    for method in args.methods:
-        for lr in args.lrs[method]:
-            curve = smoothed(method, lr)
-            step = None
-            if target is not None and curve:
-                step = next((i + 1 for i, v in enumerate(curve) if math.isfinite(v) and v <= target), None)
-            reach[(method, lr)] = step
-            mark = " (best lr)" if best.get(method) == lr else ""
-            say(f"{method:<14} {lr:>9g} {('-' if target is None else 'not reached') if step is None else step:>12}{mark}")
-            rec.add(kind="summary", what="steps_to_baseline_final_loss", method=method, lr=lr, steps=step, target=target,
-                    baseline=BASELINE, baseline_lr=best.get(BASELINE), smooth=args.smooth, best_lr=best.get(method) == lr)
-    return {"best_lr": best, "target": target, "steps_to_target": reach, "smoothed": smoothed}
+def summarize(rows: list[dict], args) -> dict:
+    """Print bench_report's table for this invocation's rows (the same table RESULTS.md pools from many
+    files); return its analysis of the one setting run here (best lr per method, per-seed targets)."""
+    groups = bench_report.collect(rows)
+    say("")
+    say("\n".join(bench_report.table(groups, args.smooth)) if groups else "no finished runs")
+    found = bench_report.analyse(groups, args.smooth)
+    return found[0] if found else {"best_of": {}, "target": {}, "reach": {}, "baseline": None}
 
 
 def plot(results: dict, args, summary: dict, path: str):
+    """Training loss (moving average, mean over seeds) and held-out loss of every (method, lr); the best lr of
+    a method (``summary["best_of"]``, from bench_report.analyse) drawn solid."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -354,14 +307,23 @@ def plot(results: dict, args, summary: dict, path: str):
     ax_t, ax_e = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
     colors = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown"]
     styles = ["-", "--", ":", "-."]
+    best_lr = {variant[0]: key[2] for variant, key in summary["best_of"].items()}
+
+    def smoothed(method, lr):
+        curves = [r["loss"] for s in args.seeds if (r := results.get((method, lr, s))) and r["loss"] and r["error"] is None]
+        if not curves:
+            return None
+        n = min(len(c) for c in curves)
+        return moving_average([statistics.fmean(c[i] for c in curves) for i in range(n)], args.smooth)
+
     for mi, method in enumerate(args.methods):
         color = colors[mi % len(colors)]
-        others = [lr for lr in args.lrs[method] if lr != summary["best_lr"].get(method)]
+        others = [lr for lr in args.lrs[method] if lr != best_lr.get(method)]
         for lr in args.lrs[method]:
-            is_best = summary["best_lr"].get(method) == lr
+            is_best = best_lr.get(method) == lr
             style = "-" if is_best else styles[1 + others.index(lr) % (len(styles) - 1)]
             label = f"{method} lr {lr:g}" + (" (best)" if is_best else "")
-            curve = summary["smoothed"](method, lr)
+            curve = smoothed(method, lr)
             if curve:
                 ax_t.plot(range(1, len(curve) + 1), curve, style, color=color, label=label, linewidth=1.6 if is_best else 1.0)
             runs = [results[(method, lr, s)] for s in args.seeds if (method, lr, s) in results]
@@ -369,8 +331,9 @@ def plot(results: dict, args, summary: dict, path: str):
             if steps:
                 ys = [statistics.fmean(r["eval"][k] for r in runs) for k in steps]
                 ax_e.plot(steps, ys, style, color=color, marker="o", markersize=3, label=label, linewidth=1.6 if is_best else 1.0)
-    if summary["target"] is not None:
-        ax_t.axhline(summary["target"], color="gray", linewidth=0.8, linestyle=":", label=f"{BASELINE} best-lr final")
+    if summary["target"]:
+        ax_t.axhline(statistics.fmean(summary["target"].values()), color="gray", linewidth=0.8, linestyle=":",
+                     label=f"{BASELINE} best-lr final (mean over seeds)")
     ax_t.set_title(f"training loss (moving average of {args.smooth}, mean over seeds)")
     ax_e.set_title(f"held-out loss ({args.eval_examples} test examples)")
     for ax in (ax_t, ax_e):
@@ -429,7 +392,7 @@ def main(argv=None) -> int:
         for method in args.methods:
             for lr in args.lrs[method]:
                 results[(method, lr, seed)] = run_one(method, lr, seed, args, data, device, factor_cache, rec)
-    summary = summarize(results, args, rec)
+    summary = summarize(rec.rows, args)
     if args.plot:
         say(f"\nplot: {plot(results, args, summary, args.plot)}")
     say(f"rows appended to {args.out} ({time.perf_counter() - t0:.1f} s)")

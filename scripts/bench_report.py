@@ -79,11 +79,13 @@ def collect(rows: list[dict]) -> dict:
     return groups
 
 
-def table(groups: dict, smooth: int) -> list[str]:
+def analyse(groups: dict, smooth: int) -> list[dict]:
+    """Per setting (sorted): ``keys`` in table order, ``best_of`` {variant: best key}, ``baseline`` (the
+    baseline's best key or None), ``target`` {seed: baseline's final smoothed training loss} and ``reach``
+    {key: {seed: first step at or below the same seed's target, or None}}."""
     out = []
     for setting in sorted({k[0] for k in groups}, key=str):
         steps = setting[0]
-        half = steps // 2 if steps else None
         keys = sorted((k for k in groups if k[0] == setting), key=lambda k: (k[1][0] != BASELINE, str(k[1]), k[2]))
 
         def final(k, seeds=None):
@@ -92,17 +94,35 @@ def table(groups: dict, smooth: int) -> list[str]:
 
         # best lr of a variant: lowest mean final held-out loss over the seeds all of its lrs have
         best_of = {}
-        for variant in {k[1] for k in keys}:
+        for variant in sorted({k[1] for k in keys}, key=str):
             ks = [k for k in keys if k[1] == variant]
             common = set.intersection(*({r["seed"] for r in groups[k]} for k in ks))
             best_of[variant] = min(ks, key=lambda k: (final(k, common or None), k[2]))
         # the baseline's final smoothed training loss, per seed (each seed has its own data order)
-        base = [b for b in best_of.values() if b[1][0] == BASELINE]
-        target = {r["seed"]: moving_average(r["loss"], smooth)[-1] for r in groups[base[0]] if r["loss"]} if base else {}
+        base = next((b for b in best_of.values() if b[1][0] == BASELINE), None)
+        target = {r["seed"]: moving_average(r["loss"], smooth)[-1] for r in groups[base] if r["loss"]} if base else {}
+        reach = {}
+        for k in keys:
+            reach[k] = {}
+            for r in groups[k]:
+                if r["seed"] in target and r["loss"]:
+                    curve = moving_average(r["loss"], smooth)
+                    reach[k][r["seed"]] = next((i + 1 for i, v in enumerate(curve) if v <= target[r["seed"]]), None)
+        out.append({"setting": setting, "keys": keys, "best_of": best_of, "baseline": base, "target": target,
+                    "reach": reach})
+    return out
+
+
+def table(groups: dict, smooth: int) -> list[str]:
+    out = []
+    for a in analyse(groups, smooth):
+        setting, base, target = a["setting"], a["baseline"], a["target"]
+        steps = setting[0]
+        half = steps // 2 if steps else None
         tps = (setting[1] or 0) * (setting[2] or 1)
         out.append(f"### {steps} steps of {tps}x{setting[3]} tokens, {setting[4]} held-out examples, rank {setting[5]}")
         out.append("")
-        out.append(f"Baseline: {BASELINE} at its best lr ({'none' if not base else f'{base[0][2]:g}'}); its final training loss "
+        out.append(f"Baseline: {BASELINE} at its best lr ({'none' if not base else f'{base[2]:g}'}); its final training loss "
                    f"(moving average of {smooth}) per seed: "
                    f"{', '.join(f'seed {s} {v:.3f}' for s, v in sorted(target.items())) or 'n/a'}. "
                    "**Bold**: the best lr of a method (lowest mean over the seeds all its lrs share). "
@@ -111,17 +131,12 @@ def table(groups: dict, smooth: int) -> list[str]:
         out.append("")
         out.append(f"| method | optim | sample | lr | seeds | held-out @0 | @{half} | @{steps} | steps to baseline's final train loss |")
         out.append("|---|---|---|---|---|---|---|---|---|")
-        for k in keys:
+        for k in a["keys"]:
             method, optim, sample = k[1]
             runs = sorted(groups[k], key=lambda r: r["seed"])
             at = lambda s: [r["eval"][s] for r in runs if s in r["eval"]]  # noqa: E731
-            reach = []
-            for r in runs:
-                if r["seed"] in target and r["loss"]:
-                    curve = moving_average(r["loss"], smooth)
-                    step = next((i + 1 for i, v in enumerate(curve) if v <= target[r["seed"]]), None)
-                    reach.append("-" if step is None else str(step))
-            lr = f"**{k[2]:g}**" if best_of[k[1]] == k else f"{k[2]:g}"
+            reach = ["-" if v is None else str(v) for _, v in sorted(a["reach"][k].items())]
+            lr = f"**{k[2]:g}**" if a["best_of"][k[1]] == k else f"{k[2]:g}"
             out.append(f"| {method} | {optim} | {'-' if sample is None else sample} | {lr} | "
                        f"{','.join(str(r['seed']) for r in runs)} | {_fmt(at(0))} | {_fmt(at(half))} | {_fmt(at(steps))} | "
                        f"{' / '.join(reach) if reach else 'n/a'} |")

@@ -83,10 +83,7 @@ def test_bench_convergence_quick(tmp_path, tiny_model_dir):
     assert all(r["eval_loss"] is not None for r in steps if r["step"] == 2)
     runs = [r for r in rows if r["kind"] == "run"]
     assert len(runs) == 2 and all(r["error"] is None and r["final_eval_loss"] > 0 for r in runs)
-    summary = {r["what"] for r in rows if r["kind"] == "summary"}
-    assert summary == {"final_eval_loss", "best_lr", "steps_to_baseline_final_loss"}
     assert png.is_file() and png.stat().st_size > 1000
-    assert "best lr per method" in proc.stdout
     assert not any((tmp_path / "work").iterdir()) if (tmp_path / "work").exists() else True
     # the pooled report reads the same file: one row per (method, lr), the run's own final held-out loss
     rep = _run([str(ROOT / "scripts" / "bench_report.py"), str(out)], tmp_path)
@@ -95,6 +92,8 @@ def test_bench_convergence_quick(tmp_path, tiny_model_dir):
     for r in runs:
         line = next(line for line in table if line.startswith(f"| {r['method']} |"))
         assert f"{r['final_eval_loss']:.3f}" in line.split("|")[8]
+    # the benchmark prints that same table for its own runs (one summary, not a second implementation)
+    assert all(line in proc.stdout.splitlines() for line in table)
 
 
 def _load_report():
