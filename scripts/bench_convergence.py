@@ -130,6 +130,8 @@ def parse_args(argv=None):
     p.add_argument("--eval-every", type=int, default=None, help="held-out loss every N steps (default 25; --quick 1)")
     p.add_argument("--max-train-examples", type=int, default=None, help="use only the first N training records (default all; --quick 32)")
     p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--gamma", type=float, default=None,
+                   help="scale of the gradient inits (default: each method's own, qlora_ga.config.METHOD_DEFAULTS)")
     p.add_argument("--optim", default="paged_adamw_32bit", help="optimizer (qlora_ga.train.build_optimizer)")
     p.add_argument("--warmup", type=float, default=0.03, help="warmup: fraction of the steps (< 1) or steps")
     p.add_argument("--gradient-checkpointing", action="store_true", help="train with gradient checkpointing (slower; same losses)")
@@ -155,6 +157,8 @@ def parse_args(argv=None):
         args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     except ValueError:
         p.error("--seeds: comma-separated integers")
+    if args.gamma is not None and not (args.gamma > 0 and math.isfinite(args.gamma)):
+        p.error(f"--gamma must be a positive number, got {args.gamma:g}")
     data_dir = Path(args.data_dir)
     if not (data_dir / "train.jsonl").is_file() or not (data_dir / "test.jsonl").is_file():
         p.error(f"--data-dir {data_dir}: needs train.jsonl and test.jsonl")
@@ -213,6 +217,8 @@ def run_one(method: str, lr: float, seed: int, args, data, device, factor_cache:
 
     init, quantize = method_init(method)
     defaults = method_defaults(init)
+    if args.gamma is not None and defaults["gamma"] is not None:
+        defaults["gamma"] = args.gamma
     torch.manual_seed(seed)
     model, tok = load_model(args.model, quantize=quantize, device=device)
     compute_dtype = model.config.dtype if isinstance(model.config.dtype, torch.dtype) else getattr(torch, str(model.config.dtype))
@@ -225,7 +231,7 @@ def run_one(method: str, lr: float, seed: int, args, data, device, factor_cache:
             step = dict(reducer=init_mod.factor_reducer(init, args.rank, defaults["gamma"]))
         else:
             step = dict(transform=init_mod.svd_transform(init))
-        key = (quantize, seed, init)
+        key = (quantize, seed, init, defaults["gamma"])
         if key not in factor_cache:  # the gradient depends on the base and the sample, not on the lr
             report = PassReport()
             sample = sample_batch(data.train, args.init_samples, seed)
@@ -380,6 +386,7 @@ def main(argv=None) -> int:
         "run_id": f"{int(time.time())}-{os.getpid()}", "rank": args.rank, "batch_size": args.batch_size,
         "grad_accum": args.grad_accum, "max_length": args.max_length, "init_samples": args.init_samples,
         "eval_examples": len(data.eval), "total_steps": args.steps, "optim": args.optim,
+        "gamma_override": args.gamma,
     }
     rec = Recorder(args.out, meta)
     n_runs = sum(len(args.lrs[m]) for m in args.methods) * len(args.seeds)

@@ -74,7 +74,9 @@ def collect(rows: list[dict]) -> dict:
         evals = {s["step"]: s["eval_loss"] for s in srows if isinstance(s.get("eval_loss"), (int, float))}
         losses = [s["loss"] for s in srows if s["step"] > 0 and isinstance(s.get("loss"), (int, float))]
         setting = tuple(r.get(k) for k in SETTING)
-        variant = (r["method"], r.get("optim", "?"), r.get("init_samples") if r.get("init") != BASELINE else None)
+        gradient = r.get("init") != BASELINE
+        variant = (r["method"], r.get("optim", "?"), r.get("init_samples") if gradient else None,
+                   r.get("gamma_override") if gradient else None)
         groups[(setting, variant, r["lr"])].append({"seed": r["seed"], "eval": evals, "loss": losses})
     return groups
 
@@ -132,7 +134,9 @@ def table(groups: dict, smooth: int) -> list[str]:
         out.append(f"| method | optim | sample | lr | seeds | held-out @0 | @{half} | @{steps} | steps to baseline's final train loss |")
         out.append("|---|---|---|---|---|---|---|---|---|")
         for k in a["keys"]:
-            method, optim, sample = k[1]
+            method, optim, sample, gamma = k[1]
+            if gamma is not None:
+                method = f"{method} (gamma {gamma:g})"
             runs = sorted(groups[k], key=lambda r: r["seed"])
             at = lambda s: [r["eval"][s] for r in runs if s in r["eval"]]  # noqa: E731
             reach = ["-" if v is None else str(v) for _, v in sorted(a["reach"][k].items())]

@@ -67,7 +67,7 @@ def test_bench_convergence_quick(tmp_path, tiny_model_dir):
     _write_gsm8k(data)
     out, png = tmp_path / "bench" / "convergence.jsonl", tmp_path / "bench" / "convergence.png"
     proc = _run([str(ROOT / "scripts" / "bench_convergence.py"), "--quick", "--model", str(tiny_model_dir),
-                 "--data-dir", str(data), "--methods", "gaussian,lora-ga", "--steps", "2", "--out", str(out),
+                 "--data-dir", str(data), "--methods", "gaussian,lora-ga", "--steps", "2", "--gamma", "8", "--out", str(out),
                  "--plot", str(png), "--workdir", str(tmp_path / "work")], tmp_path)
     rows = _rows(out)
     assert rows and all(META_KEYS <= set(r) for r in rows)
@@ -89,8 +89,10 @@ def test_bench_convergence_quick(tmp_path, tiny_model_dir):
     rep = _run([str(ROOT / "scripts" / "bench_report.py"), str(out)], tmp_path)
     table = [line for line in rep.stdout.splitlines() if line.startswith("| gaussian") or line.startswith("| lora-ga")]
     assert len(table) == 2
+    assert all(r["gamma_override"] == 8.0 for r in rows)  # --gamma: lora-ga's scale; vanilla LoRA has none
     for r in runs:
-        line = next(line for line in table if line.startswith(f"| {r['method']} |"))
+        name = r["method"] + (" (gamma 8)" if r["method"] == "lora-ga" else "")
+        line = next(line for line in table if line.startswith(f"| {name} |"))
         assert f"{r['final_eval_loss']:.3f}" in line.split("|")[8]
     # the benchmark prints that same table for its own runs (one summary, not a second implementation)
     assert all(line in proc.stdout.splitlines() for line in table)
@@ -105,10 +107,10 @@ def _load_report():
     return mod
 
 
-def _synthetic_runs(path: Path, runs: list[tuple]):
+def _synthetic_runs(path: Path, runs: list[tuple], **extra):
     """runs: (run_id, method, lr, seed, train losses, {step: eval}); 4 steps per run, as bench_convergence writes."""
     meta = dict(bench="convergence", total_steps=4, batch_size=2, grad_accum=1, max_length=64, eval_examples=3, rank=8,
-                optim="adamw", init_samples=16)
+                optim="adamw", init_samples=16, **extra)
     with open(path, "w") as f:
         for run_id, method, lr, seed, losses, evals in runs:
             base = dict(meta, run_id=run_id, method=method, init=method, lr=lr, seed=seed)
@@ -129,11 +131,15 @@ def test_bench_report_pools_seeds_and_finds_steps_to_baseline(tmp_path, capsys):
                         ("r1", "lora-ga", 1e-4, 0, [1.0, 0.9, 0.8, 0.7], {0: 2.0, 2: 1.2, 4: 0.9})])
     _synthetic_runs(b, [("r2", "lora-ga", 1e-4, 1, [1.2, 0.9, 0.8, 0.7], {0: 2.0, 2: 1.0, 4: 0.7}),
                         ("r2", "gaussian", 2e-3, 1, [2.0, 1.6, 1.3, 1.2], {0: 2.0, 2: 1.6, 4: 1.5})])
-    assert rep.main([str(a), str(b), "--smooth", "1", "--out", str(tmp_path / "t.md")]) == 0
+    # a run with another gradient-init scale (--gamma) is a variant of its own, not a third seed of lora-ga
+    c = tmp_path / "c.jsonl"
+    _synthetic_runs(c, [("r3", "lora-ga", 1e-4, 0, [1.1, 1.0, 0.9, 0.8], {0: 2.0, 2: 1.3, 4: 0.95})], gamma_override=4.0)
+    assert rep.main([str(a), str(b), str(c), "--smooth", "1", "--out", str(tmp_path / "t.md")]) == 0
     text = (tmp_path / "t.md").read_text()
     rows = {line.split("|")[1].strip() + " " + line.split("|")[4].strip(): [c.strip() for c in line.split("|")[1:-1]]
             for line in text.splitlines() if line.startswith("| ") and not line.startswith("| method")}
-    assert set(rows) == {"gaussian 0.001", "gaussian **0.002**", "lora-ga **0.0001**"}
+    assert set(rows) == {"gaussian 0.001", "gaussian **0.002**", "lora-ga **0.0001**", "lora-ga (gamma 4) **0.0001**"}
+    assert rows["lora-ga (gamma 4) **0.0001**"][4] == "0" and rows["lora-ga (gamma 4) **0.0001**"][7] == "0.950"
     ga = rows["lora-ga **0.0001**"]
     assert ga[4] == "0,1"                          # seeds 0 and 1 pooled across files; the unfinished run is left out
     assert ga[6] == "1.100 ± 0.100"                # held-out @2: mean of 1.2 and 1.0, population std 0.1
