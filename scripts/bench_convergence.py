@@ -35,7 +35,6 @@ import math
 import os
 import shlex
 import shutil
-import statistics
 import sys
 import time
 import warnings
@@ -46,7 +45,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_common import device_name, quiet, versions as _versions  # noqa: E402
 import bench_report  # noqa: E402
-from bench_report import moving_average  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -58,7 +56,6 @@ DEFAULT_LRS = {
     "lora-ga-bf16": [2e-5, 5e-5, 1e-4],
     "lora-one": [5e-4, 1e-3, 2e-3],
 }
-BASELINE = bench_report.BASELINE  # vanilla LoRA
 
 
 def known_methods() -> dict[str, list[float]]:
@@ -265,7 +262,8 @@ def run_one(method: str, lr: float, seed: int, args, data, device, factor_cache:
         error = str(e)
         say(f"  {method} lr {lr:g} seed {seed}: stopped: {error}")
     train_s = time.perf_counter() - t1
-    rows = [r for r in read_metrics(out_dir / "metrics.jsonl") if isinstance(r.get("step"), int)]
+    # step 0 (the held-out loss before training) is already recorded above; train() logs it too
+    rows = [r for r in read_metrics(out_dir / "metrics.jsonl") if isinstance(r.get("step"), int) and r["step"] > 0]
     steps, losses, evals = [], [], {0: eval0}
     for r in rows:
         rec.add(**base, step=r["step"], loss=r.get("loss"), eval_loss=r.get("eval_loss"), lr_now=r.get("lr"),
@@ -292,67 +290,16 @@ def run_one(method: str, lr: float, seed: int, args, data, device, factor_cache:
 # ----------------------------------------------------------------------------- summary
 
 
-def summarize(rows: list[dict], args) -> dict:
+def summarize(rows: list[dict], args) -> None:
     """Print bench_report's table for this invocation's rows (the same table RESULTS.md pools from many
-    files); return its analysis of the one setting run here (best lr per method, per-seed targets)."""
+    files) and draw its plot (``--plot``)."""
     groups = bench_report.collect(rows)
     say("")
     say("\n".join(bench_report.table(groups, args.smooth)) if groups else "no finished runs")
-    found = bench_report.analyse(groups, args.smooth)
-    return found[0] if found else {"best_of": {}, "target": {}, "reach": {}, "baseline": None}
-
-
-def plot(results: dict, args, summary: dict, path: str):
-    """Training loss (moving average, mean over seeds) and held-out loss of every (method, lr); the best lr of
-    a method (``summary["best_of"]``, from bench_report.analyse) drawn solid."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(13, 5), dpi=100)
-    FigureCanvasAgg(fig)
-    ax_t, ax_e = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
-    colors = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown"]
-    styles = ["-", "--", ":", "-."]
-    best_lr = {variant[0]: key[2] for variant, key in summary["best_of"].items()}
-
-    def smoothed(method, lr):
-        curves = [r["loss"] for s in args.seeds if (r := results.get((method, lr, s))) and r["loss"] and r["error"] is None]
-        if not curves:
-            return None
-        n = min(len(c) for c in curves)
-        return moving_average([statistics.fmean(c[i] for c in curves) for i in range(n)], args.smooth)
-
-    for mi, method in enumerate(args.methods):
-        color = colors[mi % len(colors)]
-        others = [lr for lr in args.lrs[method] if lr != best_lr.get(method)]
-        for lr in args.lrs[method]:
-            is_best = best_lr.get(method) == lr
-            style = "-" if is_best else styles[1 + others.index(lr) % (len(styles) - 1)]
-            label = f"{method} lr {lr:g}" + (" (best)" if is_best else "")
-            curve = smoothed(method, lr)
-            if curve:
-                ax_t.plot(range(1, len(curve) + 1), curve, style, color=color, label=label, linewidth=1.6 if is_best else 1.0)
-            runs = [results[(method, lr, s)] for s in args.seeds if (method, lr, s) in results]
-            steps = sorted(set.intersection(*(set(r["eval"]) for r in runs))) if runs else []
-            if steps:
-                ys = [statistics.fmean(r["eval"][k] for r in runs) for k in steps]
-                ax_e.plot(steps, ys, style, color=color, marker="o", markersize=3, label=label, linewidth=1.6 if is_best else 1.0)
-    if summary["target"]:
-        ax_t.axhline(statistics.fmean(summary["target"].values()), color="gray", linewidth=0.8, linestyle=":",
-                     label=f"{BASELINE} best-lr final (mean over seeds)")
-    ax_t.set_title(f"training loss (moving average of {args.smooth}, mean over seeds)")
-    ax_e.set_title(f"held-out loss ({args.eval_examples} test examples)")
-    for ax in (ax_t, ax_e):
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel("mean token cross-entropy")
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.suptitle(f"{Path(args.model).name if args.model else 'SmolLM2-135M-Instruct'}, rank {args.rank}, "
-                 f"{args.batch_size * args.grad_accum}x{args.max_length} tokens/step, seeds {args.seeds}", fontsize=10)
-    fig.tight_layout()
-    from qlora_ga.fileio import atomic_write
-
-    return atomic_write(path, lambda f: fig.savefig(f, format="png"))
+    if args.plot and groups:
+        title = (f"{Path(args.model).name}, rank {args.rank}, {args.batch_size * args.grad_accum}x{args.max_length} "
+                 f"tokens/step, seeds {','.join(map(str, args.seeds))}")
+        say(f"\nplot: {bench_report.plot(groups, args.smooth, args.plot, title)}")
 
 
 # ----------------------------------------------------------------------------- main
@@ -392,16 +339,14 @@ def main(argv=None) -> int:
     n_runs = sum(len(args.lrs[m]) for m in args.methods) * len(args.seeds)
     say(f"bench_convergence: {args.model} on {meta['device']}; {len(data.train)} train / {len(data.eval)} held-out "
         f"examples; {n_runs} runs of {args.steps} steps")
-    results, factor_cache = {}, {}
+    factor_cache = {}
     t0 = time.perf_counter()
     for seed in args.seeds:
         factor_cache.clear()
         for method in args.methods:
             for lr in args.lrs[method]:
-                results[(method, lr, seed)] = run_one(method, lr, seed, args, data, device, factor_cache, rec)
-    summary = summarize(rec.rows, args)
-    if args.plot:
-        say(f"\nplot: {plot(results, args, summary, args.plot)}")
+                run_one(method, lr, seed, args, data, device, factor_cache, rec)
+    summarize(rec.rows, args)
     say(f"rows appended to {args.out} ({time.perf_counter() - t0:.1f} s)")
     return 0
 

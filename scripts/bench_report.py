@@ -3,6 +3,7 @@
 
     python scripts/bench_report.py docs/benchmarks/convergence-cpu*.jsonl
     python scripts/bench_report.py --out docs/benchmarks/summary.md docs/benchmarks/*.jsonl
+    python scripts/bench_report.py --plot curves.png --plot-best-only docs/benchmarks/*.jsonl
 
 Runs are grouped by their setting (method, base, optimizer, gradient-sample size, steps, tokens per step,
 held-out size) and lr; a group's seeds are pooled, whichever file or process they came from. Only
@@ -148,11 +149,77 @@ def table(groups: dict, smooth: int) -> list[str]:
     return out
 
 
+def _label(key, n_seeds: int) -> str:
+    method, optim, sample, gamma = key[1]
+    extra = "".join([f" gamma {gamma:g}" if gamma is not None else "", f" {optim}" if "adamw" not in optim else "",
+                     f" [{sample}]" if sample is not None else ""])
+    return f"{method}{extra} lr {key[2]:g} ({n_seeds} seed{'s' if n_seeds > 1 else ''})"
+
+
+def figure(groups: dict, smooth: int, title: str = "", best_only: bool = False):
+    """One row of two panels per setting: training loss (moving average of ``smooth``, mean over seeds) and
+    held-out loss (mean over seeds, at the steps every seed has) of every group; a variant's best lr solid,
+    its other lrs dashed (``best_only``: the best lrs alone). Returns the matplotlib Figure."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    found = analyse(groups, smooth)
+    fig = Figure(figsize=(13, 5 * len(found)), dpi=100)
+    FigureCanvasAgg(fig)
+    colors = [f"C{i}" for i in range(10)]
+    for row, a in enumerate(found):
+        ax_t, ax_e = fig.add_subplot(len(found), 2, 2 * row + 1), fig.add_subplot(len(found), 2, 2 * row + 2)
+        variants = list(a["best_of"])
+        for k in a["keys"]:
+            is_best = a["best_of"][k[1]] == k
+            if best_only and not is_best:
+                continue
+            runs = groups[k]
+            style = dict(color=colors[variants.index(k[1]) % len(colors)], linestyle="-" if is_best else "--",
+                         linewidth=1.6 if is_best else 0.9, label=_label(k, len(runs)))
+            curves = [r["loss"] for r in runs if r["loss"] and all(map(math.isfinite, r["loss"]))]
+            if curves:
+                n = min(len(c) for c in curves)
+                ys = moving_average([statistics.fmean(c[i] for c in curves) for i in range(n)], smooth)
+                ax_t.plot(range(1, n + 1), ys, **style)
+            steps = sorted(set.intersection(*(set(r["eval"]) for r in runs)))
+            if steps:
+                ax_e.plot(steps, [statistics.fmean(r["eval"][s] for r in runs) for s in steps], marker="o", markersize=3,
+                          **style)
+        if a["target"]:
+            ax_t.axhline(statistics.fmean(a["target"].values()), color="gray", linewidth=0.8, linestyle=":",
+                         label=f"{BASELINE} best-lr final (mean over seeds)")
+        setting = a["setting"]
+        ax_t.set_title(f"training loss (moving average of {smooth}, mean over seeds)", fontsize=10)
+        ax_e.set_title(f"held-out loss ({setting[4]} examples, mean over seeds)", fontsize=10)
+        for ax in (ax_t, ax_e):
+            ax.set_xlabel(f"optimizer step ({(setting[1] or 0) * (setting[2] or 1)}x{setting[3]} tokens)")
+            ax.set_ylabel("mean token cross-entropy")
+            ax.grid(True, alpha=0.3)
+            ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def plot(groups: dict, smooth: int, path: str, title: str = "", best_only: bool = False) -> str:
+    """:func:`figure` written atomically to the PNG ``path``; returns ``path``."""
+    fig = figure(groups, smooth, title, best_only)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from qlora_ga.fileio import atomic_write
+
+    atomic_write(path, lambda f: fig.savefig(f, format="png"))
+    return path
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("files", nargs="+", help="JSONL files written by bench_convergence.py")
     p.add_argument("--smooth", type=int, default=10, help="moving-average window of the training loss")
     p.add_argument("--out", default=None, help="also write the table to this markdown file")
+    p.add_argument("--plot", default=None, help="also draw the curves of every group in this PNG")
+    p.add_argument("--plot-best-only", action="store_true", help="with --plot: only each variant's best lr")
     args = p.parse_args(argv)
     missing = [f for f in args.files if not Path(f).is_file()]
     if missing:
@@ -169,6 +236,8 @@ def main(argv=None) -> int:
         from qlora_ga.fileio import atomic_write
 
         atomic_write(args.out, lambda f: f.write((text + "\n").encode()))
+    if args.plot:
+        print(f"plot: {plot(groups, args.smooth, args.plot, best_only=args.plot_best_only)}")
     return 0
 
 

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 META_KEYS = {"bench", "device", "torch_version", "bitsandbytes_version", "transformers_version", "peft_version",
              "date", "command", "run_id", "model"}
@@ -72,7 +74,8 @@ def test_bench_convergence_quick(tmp_path, tiny_model_dir):
     rows = _rows(out)
     assert rows and all(META_KEYS <= set(r) for r in rows)
     steps = [r for r in rows if r["kind"] == "step"]
-    assert {(r["method"], r["step"]) for r in steps} == {(m, s) for m in ("gaussian", "lora-ga") for s in (0, 1, 2)}
+    # exactly one row per (method, step): step 0 (before training) once, with no training loss
+    assert sorted((r["method"], r["step"]) for r in steps) == [(m, s) for m in ("gaussian", "lora-ga") for s in (0, 1, 2)]
     for r in steps:
         assert {"method", "lr", "seed", "step", "loss", "eval_loss"} <= set(r)
         if r["step"] > 0:
@@ -86,7 +89,9 @@ def test_bench_convergence_quick(tmp_path, tiny_model_dir):
     assert png.is_file() and png.stat().st_size > 1000
     assert not any((tmp_path / "work").iterdir()) if (tmp_path / "work").exists() else True
     # the pooled report reads the same file: one row per (method, lr), the run's own final held-out loss
-    rep = _run([str(ROOT / "scripts" / "bench_report.py"), str(out)], tmp_path)
+    pooled_png = tmp_path / "pooled.png"
+    rep = _run([str(ROOT / "scripts" / "bench_report.py"), str(out), "--plot", str(pooled_png), "--plot-best-only"], tmp_path)
+    assert pooled_png.is_file() and pooled_png.stat().st_size > 1000
     table = [line for line in rep.stdout.splitlines() if line.startswith("| gaussian") or line.startswith("| lora-ga")]
     assert len(table) == 2
     assert all(r["gamma_override"] == 8.0 for r in rows)  # --gamma: lora-ga's scale; vanilla LoRA has none
@@ -151,5 +156,16 @@ def test_bench_report_pools_seeds_and_finds_steps_to_baseline(tmp_path, capsys):
     assert "seed 0 0.900, seed 1 1.200" in text
     assert ga[8] == "2 / 1" and rows["gaussian 0.001"][8] == "-" and rows["gaussian **0.002**"][8] == "4 / 4"
     assert rows["gaussian 0.001"][2] == "-"        # vanilla LoRA has no gradient sample
+    # the plot: per group, the seed-mean training curve (smoothed) and held-out points; best lrs solid
+    fig = rep.figure(rep.collect(rep.read_rows([str(a), str(b), str(c)])), 1)
+    ax_t, ax_e = fig.axes
+    curves = {line.get_label(): (list(line.get_xdata()), list(line.get_ydata()), line.get_linestyle())
+              for line in ax_t.get_lines() if not line.get_label().startswith("gaussian best-lr")}
+    xs, ys, style = curves["lora-ga [16] lr 0.0001 (2 seeds)"]
+    assert xs == [1, 2, 3, 4] and ys == pytest.approx([1.1, 0.9, 0.8, 0.7]) and style == "-"
+    assert curves["gaussian lr 0.001 (1 seed)"][2] == "--"
+    assert len(curves) == 4 and len(ax_e.get_lines()) == 4
+    held = {line.get_label(): list(line.get_ydata()) for line in ax_e.get_lines()}
+    assert held["lora-ga [16] lr 0.0001 (2 seeds)"] == pytest.approx([2.0, 1.1, 0.8])
     assert rep.main([str(tmp_path / "missing.jsonl")]) == 2
     assert "no such file" in capsys.readouterr().err
