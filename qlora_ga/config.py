@@ -46,15 +46,18 @@ from .fileio import atomic_write
 #             2e-4 / 5e-4 at 300 steps (at 50 steps: 2e-4 / 5e-4 / 1e-3 / 2e-3, see RESULTS.md).
 #   gaussian / kaiming (vanilla LoRA, B = 0): lr 1e-3 was best of 2e-4 / 5e-4 / 1e-3; classic
 #             alpha/r scaling; no gamma (no gradient pass).
-#   lora-ga-sign / lora-ga-adam: LoRA-GA's Adam variants (blog: 'speculative' / 'hard-core'), same defaults as lora-ga.
+#   lora-ga-sign / lora-ga-adam: LoRA-GA's Adam variants (blog: 'speculative' / 'hard-core'), gamma and
+#             alpha as lora-ga; no 300-step run, so lr = half their 50-step optimum (RESULTS.md section 5:
+#             sign 1e-4 / 2e-4 / 4e-4 -> 0.923 / 0.909 / 0.915, adam 1e-4 / 2e-4 / 4e-4 -> 0.920 / 0.915 / 0.942):
+#             1e-4, twice lora-ga's (sign(G) and the Adam objective give factors that want a larger step).
 # ---------------------------------------------------------------------------------------------
 METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
     "lora-ga": dict(lr=5e-5, alpha=16.0, gamma=16.0, use_rslora=True),
     "lora-one": dict(lr=5e-4, alpha=16.0, gamma=128.0, use_rslora=True),
     "gaussian": dict(lr=1e-3, alpha=16.0, gamma=None, use_rslora=False),
     "kaiming": dict(lr=1e-3, alpha=16.0, gamma=None, use_rslora=False),
-    "lora-ga-sign": dict(lr=5e-5, alpha=16.0, gamma=16.0, use_rslora=True),
-    "lora-ga-adam": dict(lr=5e-5, alpha=16.0, gamma=16.0, use_rslora=True),
+    "lora-ga-sign": dict(lr=1e-4, alpha=16.0, gamma=16.0, use_rslora=True),
+    "lora-ga-adam": dict(lr=1e-4, alpha=16.0, gamma=16.0, use_rslora=True),
 }
 
 INITS = tuple(METHOD_DEFAULTS)
@@ -110,7 +113,7 @@ class FinetuneConfig:
     # --- training ---
     batch_size: int = _f(4, "sequences per micro-batch during training")
     grad_accum: int = _f(4, "gradient accumulation steps (effective batch = batch_size * grad_accum)")
-    lr: float | None = _f(None, "peak learning rate; default: method default (lora-ga 5e-5, lora-one 5e-4, gaussian/kaiming 1e-3)")
+    lr: float | None = _f(None, "peak learning rate; default: method default (lora-ga 5e-5, lora-ga-sign/-adam 1e-4, lora-one 5e-4, gaussian/kaiming 1e-3)")
     epochs: float = _f(1.0, "training epochs (used when --max_steps is -1)")
     max_steps: int = _f(-1, "optimizer steps; -1: use --epochs; 0: initialise the adapters and save, no training")
     warmup: float = _f(0.03, "linear warmup: a fraction of the steps if < 1, else a number of steps")

@@ -52,7 +52,8 @@ DEFAULT_LRS = {
     "gaussian": [5e-4, 1e-3, 2e-3],
     "kaiming": [5e-4, 1e-3, 2e-3],
     "lora-ga": [2e-5, 5e-5, 1e-4],
-    "lora-ga-sign": [2e-5, 5e-5, 1e-4],
+    "lora-ga-sign": [5e-5, 1e-4, 2e-4],
+    "lora-ga-adam": [5e-5, 1e-4, 2e-4],
     "lora-ga-bf16": [2e-5, 5e-5, 1e-4],
     "lora-one": [5e-4, 1e-3, 2e-3],
 }

@@ -293,10 +293,11 @@ def test_method_defaults_table():
     assert method_defaults("lora-ga") == dict(lr=5e-5, alpha=16.0, gamma=16.0, use_rslora=True)
     one = method_defaults("lora-one")
     assert one["lr"] == 5e-4 and one["alpha"] == 16 and one["gamma"] == 128
+    # the Adam-aware variants: lora-ga's scale, twice its lr (RESULTS.md section 5)
+    for variant in ("lora-ga-sign", "lora-ga-adam"):
+        assert method_defaults(variant) == dict(lr=1e-4, alpha=16.0, gamma=16.0, use_rslora=True)
     for vanilla in ("gaussian", "kaiming"):
         assert method_defaults(vanilla) == dict(lr=1e-3, alpha=16.0, gamma=None, use_rslora=False)
-    for variant in ("lora-ga-sign", "lora-ga-adam"):
-        assert method_defaults(variant) == method_defaults("lora-ga")
     method_defaults("lora-ga")["lr"] = 1.0  # a copy: the table is not changed
     assert METHOD_DEFAULTS["lora-ga"]["lr"] == 5e-5
     with pytest.raises(QloraGaError):
