@@ -89,7 +89,9 @@ def analyse(groups: dict, smooth: int) -> list[dict]:
     out = []
     for setting in sorted({k[0] for k in groups}, key=str):
         steps = setting[0]
-        keys = sorted((k for k in groups if k[0] == setting), key=lambda k: (k[1][0] != BASELINE, str(k[1]), k[2]))
+        # baseline first, then by method, optimizer, sample size, gamma and lr (numbers as numbers)
+        keys = sorted((k for k in groups if k[0] == setting),
+                      key=lambda k: (k[1][0] != BASELINE, k[1][0], k[1][1], k[1][2] or 0, k[1][3] or 0, k[2]))
 
         def final(k, seeds=None):
             vals = [r["eval"][steps] for r in groups[k] if steps in r["eval"] and (seeds is None or r["seed"] in seeds)]
