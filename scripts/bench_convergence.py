@@ -201,8 +201,8 @@ class Recorder:
 # ----------------------------------------------------------------------------- one run
 
 
-def run_one(method: str, lr: float, seed: int, args, data, device, factor_cache: dict, rec: Recorder) -> dict:
-    """Train one (method, lr, seed); return its curves ``{"steps", "loss", "eval": {step: loss}, ...}``."""
+def run_one(method: str, lr: float, seed: int, args, data, device, factor_cache: dict, rec: Recorder) -> None:
+    """Train one (method, lr, seed); its step rows and its ``kind: "run"`` row go to ``rec``."""
     from qlora_ga.config import method_defaults
     from qlora_ga.data import sample_batch
     from qlora_ga.errors import QloraGaError
@@ -265,17 +265,16 @@ def run_one(method: str, lr: float, seed: int, args, data, device, factor_cache:
     train_s = time.perf_counter() - t1
     # step 0 (the held-out loss before training) is already recorded above; train() logs it too
     rows = [r for r in read_metrics(out_dir / "metrics.jsonl") if isinstance(r.get("step"), int) and r["step"] > 0]
-    steps, losses, evals = [], [], {0: eval0}
+    evals = {0: eval0}
     for r in rows:
         rec.add(**base, step=r["step"], loss=r.get("loss"), eval_loss=r.get("eval_loss"), lr_now=r.get("lr"),
                 grad_norm=r.get("grad_norm"), tokens_per_s=r.get("tokens_per_s"), mem=r.get("mem"))
-        steps.append(r["step"])
-        losses.append(r.get("loss") if _finite(r.get("loss")) else float("nan"))
         if _finite(r.get("eval_loss")):
             evals[r["step"]] = r["eval_loss"]
     final_eval = evals[max(evals)] if error is None and len(evals) > 1 else None
-    rec.add(kind="run", method=method, init=init, quantized=quantize, lr=lr, seed=seed, steps=len(steps),
-            init_eval_loss=round(eval0, 6), final_eval_loss=final_eval, final_loss=losses[-1] if losses else None,
+    last_loss = rows[-1].get("loss") if rows else None
+    rec.add(kind="run", method=method, init=init, quantized=quantize, lr=lr, seed=seed, steps=len(rows),
+            init_eval_loss=round(eval0, 6), final_eval_loss=final_eval, final_loss=last_loss if _finite(last_loss) else None,
             init_s=round(init_s, 3), train_s=round(train_s, 3), error=error, **init_info)
     say(f"  {method:<13} lr {lr:<8g} seed {seed}: held-out {eval0:.4f} -> "
         f"{'-' if final_eval is None else f'{final_eval:.4f}'}, init {init_s:.1f} s, train {train_s:.1f} s")
@@ -285,7 +284,6 @@ def run_one(method: str, lr: float, seed: int, args, data, device, factor_cache:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return {"steps": steps, "loss": losses, "eval": evals, "final_eval": final_eval, "error": error}
 
 
 # ----------------------------------------------------------------------------- summary

@@ -5,8 +5,8 @@
     python scripts/bench_report.py --out docs/benchmarks/summary.md docs/benchmarks/*.jsonl
     python scripts/bench_report.py --plot curves.png --plot-best-only docs/benchmarks/*.jsonl
 
-Runs are grouped by their setting (method, base, optimizer, gradient-sample size, steps, tokens per step,
-held-out size) and lr; a group's seeds are pooled, whichever file or process they came from. Only
+Runs are grouped by their setting (method, base, optimizer, gradient-sample size, ``--gamma`` override,
+steps, tokens per step, held-out size) and lr; a group's seeds are pooled, whichever file or process they came from. Only
 finished runs count (a ``kind: "run"`` row); the step rows of the same ``run_id`` give the curves.
 
 Columns: held-out loss at step 0, at half the steps and at the end (mean +- population std over seeds,
@@ -205,13 +205,18 @@ def figure(groups: dict, smooth: int, title: str = "", best_only: bool = False):
     return fig
 
 
-def plot(groups: dict, smooth: int, path: str, title: str = "", best_only: bool = False) -> str:
-    """:func:`figure` written atomically to the PNG ``path``; returns ``path``."""
-    fig = figure(groups, smooth, title, best_only)
+def _atomic_write(path: str, write) -> None:
+    """The package's atomic_write (a half-written report never replaces a good one)."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from qlora_ga.fileio import atomic_write
 
-    atomic_write(path, lambda f: fig.savefig(f, format="png"))
+    atomic_write(path, write)
+
+
+def plot(groups: dict, smooth: int, path: str, title: str = "", best_only: bool = False) -> str:
+    """:func:`figure` written atomically to the PNG ``path``; returns ``path``."""
+    fig = figure(groups, smooth, title, best_only)
+    _atomic_write(path, lambda f: fig.savefig(f, format="png"))
     return path
 
 
@@ -234,10 +239,7 @@ def main(argv=None) -> int:
     text = "\n".join(table(groups, args.smooth))
     print(text)
     if args.out:
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-        from qlora_ga.fileio import atomic_write
-
-        atomic_write(args.out, lambda f: f.write((text + "\n").encode()))
+        _atomic_write(args.out, lambda f: f.write((text + "\n").encode()))
     if args.plot:
         print(f"plot: {plot(groups, args.smooth, args.plot, best_only=args.plot_best_only)}")
     return 0
