@@ -48,7 +48,8 @@ from .fileio import atomic_write
 #             alpha/r scaling; no gamma (no gradient pass).
 #   lora-ga-sign / lora-ga-adam: LoRA-GA's Adam variants (blog: 'speculative' / 'hard-core'), gamma and
 #             alpha as lora-ga; no 300-step run, so lr = half their 50-step optimum (RESULTS.md section 5:
-#             sign 1e-4 / 2e-4 / 4e-4 -> 0.923 / 0.909 / 0.915, adam 1e-4 / 2e-4 / 4e-4 -> 0.920 / 0.915 / 0.942):
+#             seed 0, sign 1e-4 / 2e-4 / 4e-4 -> 0.923 / 0.909 / 0.915, adam 1e-4 / 2e-4 / 4e-4 -> 0.920 / 0.915 /
+#             0.942; over 2 seeds adam's 1e-4 and 2e-4 tie, 0.917 / 0.919):
 #             1e-4, twice lora-ga's (sign(G) and the Adam objective give factors that want a larger step).
 # ---------------------------------------------------------------------------------------------
 METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
