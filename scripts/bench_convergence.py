@@ -192,9 +192,10 @@ class Recorder:
 
     def add(self, **row) -> dict:
         row = {"bench": "convergence", **row, **self.meta}
+        line = json.dumps(row, default=str)
         with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row, default=str) + "\n")
-        self.rows.append(json.loads(json.dumps(row, default=str)))
+            f.write(line + "\n")
+        self.rows.append(json.loads(line))  # as the file has it (e.g. tuples as lists)
         return row
 
 
