@@ -95,7 +95,7 @@ def run(cfg: FinetuneConfig) -> dict:
     from .gradient import PassReport, estimate_factors
     from .init import GRADIENT_METHODS, factor_reducer, init_adapters, singular_vectors_needed
     from .metrics import plot_losses
-    from .model import load_model
+    from .model import load_model, resolve_targets, target_linears, unadapted_experts
     from .train import TrainSettings, find_checkpoint, load_checkpoint_weights, train
 
     cfg = resolved(cfg)
@@ -120,7 +120,11 @@ def run(cfg: FinetuneConfig) -> dict:
     st = data.stats
     _say(f"data: {st.n_train} train / {st.n_eval} eval examples, {st.n_label_tokens} label tokens "
          f"(dropped {st.n_empty_dropped} empty, {st.n_overlong_dropped} over-long; truncated {st.n_truncated})")
-    targets = cfg.target_modules_list
+    targets = resolve_targets(model, cfg.target_modules_list)
+    _say(f"adapters on {len(target_linears(model, targets))} linears ({', '.join(targets)})")
+    for experts in unadapted_experts(model):
+        _say(f"note: {experts} keeps its expert weights fused in 3-D tensors, which get no adapters; "
+             "attention and dense linears do, with an exact gradient init")
     lora_kw = dict(rank=cfg.rank, alpha=cfg.alpha, target_modules=targets, lora_dropout=cfg.lora_dropout,
                    use_rslora=cfg.use_rslora)
     prompts = _sample_prompts(data.eval or data.train, cfg.sample_prompts)

@@ -67,7 +67,7 @@ OPTIMS = ("paged_adamw_32bit", "paged_adamw_8bit", "adamw", "lora-one-precond")
 FORMATS = ("auto", "alpaca", "prompt-response", "messages", "text")
 OVERLONG = ("truncate", "drop")
 MERGED_DTYPES = ("fp16", "bf16")
-DEFAULT_TARGET_MODULES = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+DEFAULT_TARGET_MODULES = "all-linear"
 
 # fields whose value must be one of a fixed set (checked for CLI flags by argparse and for YAML
 # values by FinetuneConfig.validate)
@@ -108,7 +108,11 @@ class FinetuneConfig:
     gamma: float | None = _f(None, "scale parameter of the gradient inits (lora-ga: 16, lora-one: 128); default: method default")
     init_samples: int = _f(64, "number of sequences in the gradient sample batch of the gradient inits")
     init_micro_batch: int = _f(8, "sequences per micro-batch in the gradient pass")
-    target_modules: str = _f(DEFAULT_TARGET_MODULES, "comma-separated names of the linear layers that get adapters")
+    target_modules: str = _f(
+        DEFAULT_TARGET_MODULES,
+        "comma-separated names of the linear layers that get adapters; 'all-linear': every linear inside the decoder "
+        "blocks (fused projections included; LM head and MoE routers excluded)",
+    )
     lora_dropout: float = _f(0.0, "dropout on the adapter input")
 
     # --- training ---

@@ -11,7 +11,9 @@ How (memory bounded by one decoder block, never by the model):
 1. forward the sample micro-batch by micro-batch without grad; forward pre-hooks on the decoder
    layers record each layer's input hidden states (every k-th layer when the store's budget is
    short) and the keyword arguments it was called with (position embeddings, masks);
-2. the loss head (final norm + LM head, chunked over label tokens) gives dL/dh at the top;
+2. the model's own loss head (whatever the family computes after its last block, run through its own
+   forward and checked against it on the first micro-batch; chunked over label tokens; see head.py)
+   gives dL/dh at the top;
 3. for block l = L-1 ... 0: recompute block l from its stored input with grad, backpropagate the
    incoming dL/dh_{l+1} micro-batch by micro-batch; hooks on each target linear add delta^T x to
    its fp32 G (no dequantized weight copy, no .grad on a 4-bit parameter); pass dL/dh_l down. When
@@ -35,10 +37,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .data import IGNORE_INDEX
 from .errors import QloraGaError
-from .model import DEFAULT_TARGETS, find_decoder_layers, find_final_norm, keep_4bit_trainable, target_linears
-
-IGNORE_INDEX = -100
+from .head import ModelHead
+from .model import DEFAULT_TARGETS, find_decoder_layers, keep_4bit_trainable, resolve_targets, target_linears
 
 
 @dataclass
@@ -252,32 +254,12 @@ def _run_block(layer: nn.Module, hidden: torch.Tensor, call) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def _loss_head_grad(h_last: torch.Tensor, labels: torch.Tensor, norm: nn.Module, lm_head: nn.Module,
-                    n_total: int, chunk_tokens: int) -> tuple[torch.Tensor, float]:
-    """dL/dh for the last block's output (zero where no label), and this micro-batch's summed loss / N."""
-    B, T, H = h_last.shape
-    grad = torch.zeros_like(h_last)
-    targets = labels[:, 1:].to(h_last.device)
-    pos = (targets != IGNORE_INDEX).nonzero(as_tuple=False)  # (N_mb, 2): (b, t)
-    loss_sum = 0.0
-    for s in range(0, pos.shape[0], chunk_tokens):
-        p = pos[s : s + chunk_tokens]
-        x = h_last[p[:, 0], p[:, 1]].detach().requires_grad_(True)
-        with torch.enable_grad():
-            logits = lm_head(norm(x)).float()
-            loss = F.cross_entropy(logits, targets[p[:, 0], p[:, 1]], reduction="sum") / n_total
-            (gx,) = torch.autograd.grad(loss, x)
-        grad[p[:, 0], p[:, 1]] = gx.to(grad.dtype)
-        loss_sum += float(loss)
-    return grad, loss_sum
-
-
 def gradient_pass(
     model: nn.Module,
     examples: Sequence[dict],
     reduce_fn: Callable[[str, torch.Tensor], object],
     *,
-    target_modules: Sequence[str] = DEFAULT_TARGETS,
+    target_modules: str | Sequence[str] = DEFAULT_TARGETS,
     micro_batch_size: int = 8,
     pad_token_id: int = 0,
     state_device: str | None = None,
@@ -297,12 +279,11 @@ def gradient_pass(
     if len(examples) == 0:
         raise QloraGaError("the gradient sample batch is empty: give --init-samples >= 1 and a non-empty dataset")
     layers_name, layers = find_decoder_layers(model)
+    target_modules = resolve_targets(model, target_modules)
     blocks = [target_linears(layer, target_modules, prefix=f"{layers_name}.{i}.") for i, layer in enumerate(layers)]
     if not any(blocks):
         raise QloraGaError(f"no target linears named {list(target_modules)} in the decoder layers: check --target-modules")
     keep_4bit_trainable(model)
-    norm = find_final_norm(model)
-    lm_head = model.get_output_embeddings()
     device = next(p for p in layers.parameters()).device
     dtype = model.get_input_embeddings().weight.dtype
 
@@ -336,23 +317,17 @@ def gradient_pass(
         model.eval()
         keep = set(range(0, n_layers, stride))
         capture = _Capture(layers, keep, store_dev, pin)
-        decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
         top_grads = []
-        last_out: list[torch.Tensor] = []
-        tail = layers[-1].register_forward_hook(
-            lambda m, a, o: last_out.append((o[0] if isinstance(o, (tuple, list)) else o).detach())
-        )
         loss_total = 0.0
         try:
-            with torch.no_grad():
-                for b in tqdm(batches, desc="gradient pass: forward", disable=not progress, leave=False):
-                    decoder(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device), use_cache=False)
-                    g, loss = _loss_head_grad(last_out.pop(), b["labels"], norm, lm_head, n_total, loss_chunk_tokens)
+            with torch.no_grad(), ModelHead(model, layers_name, layers) as head:
+                for i, b in enumerate(tqdm(batches, desc="gradient pass: forward", disable=not progress, leave=False)):
+                    h_last = head.run(b, device, check=i == 0)  # the first micro-batch checks the head against the model
+                    g, loss = head.loss_grad(h_last, b["labels"], n_total, loss_chunk_tokens)
                     loss_total += loss
                     top_grads.append(_store(g, store_dev, pin))
-                    del g
+                    del g, h_last
         finally:
-            tail.remove()
             capture.enabled = False
         report.loss = loss_total
         if not math.isfinite(loss_total):
@@ -451,7 +426,7 @@ def estimate_factors(
     examples: Sequence[dict],
     *,
     rank: int,
-    target_modules: Sequence[str] = DEFAULT_TARGETS,
+    target_modules: str | Sequence[str] = DEFAULT_TARGETS,
     n_vectors: int | None = None,
     svd: str = "lowrank",
     niter: int = 4,

@@ -32,7 +32,7 @@ from torch import nn
 
 from .errors import QloraGaError
 from .gradient import Factors, svd_reducer
-from .model import DEFAULT_TARGETS
+from .model import DEFAULT_TARGETS, resolve_targets
 from .residual import attach_residual
 
 METHODS = ("lora-ga", "lora-ga-sign", "lora-ga-adam", "lora-one", "gaussian", "kaiming")
@@ -157,7 +157,7 @@ def init_adapters(
     gamma: float | None = None,
     use_rslora: bool | None = None,
     residual: bool | None = None,
-    target_modules: Sequence[str] = DEFAULT_TARGETS,
+    target_modules: str | Sequence[str] = DEFAULT_TARGETS,
     lora_dropout: float = 0.0,
     residual_dtype: torch.dtype | None = None,
 ):
@@ -180,7 +180,7 @@ def init_adapters(
     residual = method.startswith("lora-ga") if residual is None else residual
     gamma = DEFAULT_GAMMA.get(method) if gamma is None else gamma
     config = LoraConfig(
-        r=rank, lora_alpha=alpha, lora_dropout=lora_dropout, target_modules=list(target_modules),
+        r=rank, lora_alpha=alpha, lora_dropout=lora_dropout, target_modules=list(resolve_targets(model, target_modules)),
         use_rslora=use_rslora, bias="none", task_type="CAUSAL_LM",
         init_lora_weights="gaussian" if method == "gaussian" else True,
     )

@@ -20,7 +20,11 @@ from torch import nn
 
 from .errors import QloraGaError
 
-DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Every linear inside the decoder blocks (PEFT's "all-linear" meaning, LM head excluded; MoE routers
+# excluded too): resolved per model by resolve_targets().
+ALL_LINEAR = "all-linear"
+DEFAULT_TARGETS = ALL_LINEAR
+ROUTER_NAMES = ("gate", "router", "shared_expert_gate")  # MoE routing linears: never adapted
 DEFAULT_MODEL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 log = logging.getLogger(__name__)
@@ -87,10 +91,16 @@ def gguf_to_safetensors(gguf_path: str | os.PathLike) -> Path:
     if (out / "config.json").is_file():
         return out
     log.info("converting %s to safetensors in %s (once)", gguf_path.name, out)
-    model = AutoModelForCausalLM.from_pretrained(
-        gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.bfloat16, device_map="cpu"
-    )
-    tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.bfloat16, device_map="cpu"
+        )
+        tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    except (ValueError, OSError, KeyError, IndexError) as e:
+        raise QloraGaError(
+            f"cannot read the GGUF file '{gguf_path}' ({_first_line(e)}): if its download was interrupted, download it "
+            "again; otherwise pass the model's safetensors folder or hub id"
+        ) from None
     # The GGUF weights are dequantized now; write them as a plain 16-bit checkpoint.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
@@ -149,11 +159,19 @@ def load_model(
     kwargs = dict(dtype=compute_dtype, device_map=device_map)
     if quantize:
         kwargs["quantization_config"] = bnb_config(compute_dtype)
+    from safetensors import SafetensorError
+
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
         tokenizer = load_tokenizer(source)
+    except SafetensorError as e:
+        bad = broken_weight_file(source)
+        what = f"weight file '{bad}'" if bad else f"a weight file of '{name_or_path}'"
+        raise QloraGaError(
+            f"{what} is damaged or incomplete ({_first_line(e)}): download it again (an interrupted download leaves a truncated file)"
+        ) from None
     except OSError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = _first_line(e)
         raise QloraGaError(
             f"cannot load model '{name_or_path}': {first} -- pass an existing local folder, a .gguf file, "
             "or a hub id you can reach (set HF_TOKEN for gated models)"
@@ -166,29 +184,90 @@ def load_model(
     return model, tokenizer
 
 
+def _first_line(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def broken_weight_file(source: str) -> Path | None:
+    """The first ``.safetensors`` file of a model folder (or of a hub id's cached snapshot) that cannot be opened."""
+    from safetensors import safe_open
+
+    folder = Path(source)
+    if not folder.is_dir():
+        try:
+            from huggingface_hub import snapshot_download
+
+            folder = Path(snapshot_download(source, local_files_only=True))
+        except Exception:  # noqa: BLE001 - not in the cache either: nothing to point at
+            return None
+    for f in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(f), framework="pt"):
+                pass
+        except Exception:  # noqa: BLE001 - any failure to open is what we are looking for
+            return f
+    return None
+
+
 # ----------------------------------------------------------------------------- model structure
 
 
+LAYER_LISTS = ("layers", "h", "blocks", "block")  # where families keep their decoder blocks
+
+
 def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The decoder stack: the largest ``nn.ModuleList`` of same-class blocks (Llama, Mistral, Qwen2, ...)."""
-    best = None
-    for name, mod in model.named_modules():
-        if isinstance(mod, nn.ModuleList) and len(mod) > 0:
-            if len({type(m) for m in mod}) == 1 and (best is None or len(mod) > len(best[1])):
-                best = (name, mod)
-    if best is None:
-        raise QloraGaError(f"cannot find the decoder layers of {type(model).__name__}: only decoder-stack models are supported")
-    return best
-
-
-def find_final_norm(model: nn.Module) -> nn.Module:
-    """The norm applied to the last block's output before the LM head (identity if the model has none)."""
+    """``(qualified name, decoder blocks)`` from the model's own structure (``get_decoder().layers`` or its equivalent)."""
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
-    for attr in ("norm", "final_layernorm", "ln_f", "final_layer_norm"):
-        mod = getattr(decoder, attr, None)
-        if isinstance(mod, nn.Module):
-            return mod
-    return nn.Identity()
+    owner = next((n for n, m in model.named_modules() if m is decoder), None)
+    for attr in LAYER_LISTS:
+        layers = getattr(decoder, attr, None)
+        if isinstance(layers, nn.ModuleList) and len(layers) > 0 and owner is not None:
+            return (f"{owner}.{attr}" if owner else attr), layers
+    raise QloraGaError(
+        f"cannot find the decoder layers of {type(model).__name__} (no {'/'.join(LAYER_LISTS)} list on its decoder "
+        f"{type(decoder).__name__}): only decoder-stack causal LMs are supported"
+    )
+
+
+def resolve_targets(model: nn.Module, target_modules=DEFAULT_TARGETS) -> tuple[str, ...]:
+    """The names of the linears that get adapters.
+
+    ``"all-linear"`` (the default): the last name part of every linear inside the decoder blocks, in
+    the order they appear in the blocks (e.g. ``q_proj, ..., down_proj``; Phi-3's fused
+    ``qkv_proj``, ``gate_up_proj``), without MoE routers (:data:`ROUTER_NAMES`) and without the LM
+    head. Other names (a comma-separated string or a sequence) are taken as given.
+    """
+    names = [t.strip() for t in (target_modules.split(",") if isinstance(target_modules, str) else target_modules)]
+    names = [t for t in names if t]
+    if names != [ALL_LINEAR]:
+        return tuple(names)
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = find_decoder_layers(model)[1] if hasattr(model, "get_decoder") else [model]  # a model, or one block
+    found: dict[str, None] = {}
+    for layer in layers:
+        adapted: list[str] = []  # a PEFT-wrapped linear counts once, not its base_layer / lora_A / lora_B
+        for name, mod in layer.named_modules():
+            if not name or any(name.startswith(a + ".") for a in adapted):
+                continue
+            last = name.split(".")[-1]
+            if isinstance(mod, BaseTunerLayer):
+                adapted.append(name)
+            elif not is_linear(mod):
+                continue
+            if last not in ROUTER_NAMES:
+                found.setdefault(last)
+    return tuple(found)
+
+
+def unadapted_experts(model: nn.Module) -> list[str]:
+    """Classes of MoE expert modules whose weights are fused 3-D parameters (no linears: they get no adapters)."""
+    _, layers = find_decoder_layers(model)
+    found: dict[str, None] = {}
+    for mod in layers.modules():
+        if any(p.dim() == 3 for p in mod.parameters(recurse=False)):
+            found.setdefault(type(mod).__name__)
+    return list(found)
 
 
 def is_linear(module: nn.Module) -> bool:
@@ -198,8 +277,11 @@ def is_linear(module: nn.Module) -> bool:
 
 
 def target_linears(module: nn.Module, target_modules=DEFAULT_TARGETS, prefix: str = "") -> dict[str, nn.Module]:
-    """``{qualified name: linear}`` for every linear below ``module`` whose last name part is a target."""
-    targets = set(target_modules)
+    """``{qualified name: linear}`` for every linear below ``module`` whose last name part is a target.
+
+    ``target_modules``: names, or ``"all-linear"`` (then ``module`` must be the whole model; see :func:`resolve_targets`).
+    """
+    targets = set(resolve_targets(module, target_modules))
     out = {}
     for name, mod in module.named_modules():
         if name and name.split(".")[-1] in targets and is_linear(mod):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
@@ -10,6 +11,11 @@ CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
+
+
+@functools.lru_cache(maxsize=1)
+def _default_tiny_tokenizer():
+    return make_tiny_tokenizer(None)
 
 
 def make_tiny_tokenizer(corpus: list[str] | None = None, vocab_size: int = 384):
@@ -37,24 +43,47 @@ def make_tiny_tokenizer(corpus: list[str] | None = None, vocab_size: int = 384):
     return fast
 
 
-def make_tiny_model(out_dir, *, layers: int = 3, hidden: int = 64, intermediate: int = 128, seed: int = 0,
-                    max_shard_size: str | None = None, tie_word_embeddings: bool = False) -> Path:
-    """Write a random Llama (hidden 64, 4 heads, 2 kv heads) and its tokenizer to ``out_dir``."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+# Tiny random configs of transformers' own classes, one per supported family. Values under which a
+# missing step would show: a small final-logit softcap (0.5) and a logits scale of 4 (random tiny
+# models have small logits, where softcapping is nearly the identity).
+FAMILIES = {
+    "llama": ("LlamaConfig", {}),
+    "mistral": ("MistralConfig", {"sliding_window": None}),
+    "qwen2": ("Qwen2Config", {}),
+    "qwen3": ("Qwen3Config", {"head_dim": 16}),
+    "gemma2": ("Gemma2Config", {"head_dim": 16, "final_logit_softcapping": 0.5, "attn_logit_softcapping": 50.0,
+                                "query_pre_attn_scalar": 16, "sliding_window": 8}),
+    "gemma3": ("Gemma3TextConfig", {"head_dim": 16, "final_logit_softcapping": 0.5, "query_pre_attn_scalar": 16,
+                                    "sliding_window": 8}),
+    "phi3": ("Phi3Config", {}),
+    "granite": ("GraniteConfig", {"logits_scaling": 4.0, "embedding_multiplier": 2.0, "residual_multiplier": 0.5,
+                                  "attention_multiplier": 0.25}),
+    "olmoe": ("OlmoeConfig", {"num_experts": 4, "num_experts_per_tok": 2, "intermediate_size": 32}),
+    "qwen3_moe": ("Qwen3MoeConfig", {"head_dim": 16, "num_experts": 4, "num_experts_per_tok": 2,
+                                     "moe_intermediate_size": 32}),
+}
+
+
+def make_tiny_model(out_dir, *, family: str = "llama", layers: int = 3, hidden: int = 64, intermediate: int = 128,
+                    seed: int = 0, max_shard_size: str | None = None, tie_word_embeddings: bool = False) -> Path:
+    """Write a random model of ``family`` (:data:`FAMILIES`; hidden 64, 4 heads, 2 kv heads) and its tokenizer."""
+    import transformers
+    from transformers import AutoModelForCausalLM
 
     out_dir = Path(out_dir)
-    tok = make_tiny_tokenizer()
-    cfg = LlamaConfig(
-        vocab_size=len(tok), hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-        tie_word_embeddings=tie_word_embeddings,
-    )
+    tok = _default_tiny_tokenizer()  # trained once per process
+    config_class, extra = FAMILIES[family]
+    cfg = getattr(transformers, config_class)(**{
+        "vocab_size": len(tok), "hidden_size": hidden, "intermediate_size": intermediate, "num_hidden_layers": layers,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512,
+        "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id,
+        "tie_word_embeddings": tie_word_embeddings, **extra,
+    })
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(cfg)
+    model = AutoModelForCausalLM.from_config(cfg)
     with torch.no_grad():  # larger than the default 0.02 init so gradients and logits are not tiny
         for p in model.parameters():
-            if p.dim() == 2:
+            if p.dim() >= 2:
                 p.normal_(0, 0.08)
     kw = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(out_dir, **kw)

@@ -308,7 +308,7 @@ def build_random_llama(cfg, device: torch.device, dtype: torch.dtype, quantize: 
     """
     from transformers import LlamaForCausalLM
 
-    from qlora_ga.model import DEFAULT_TARGETS, find_decoder_layers, keep_4bit_trainable
+    from qlora_ga.model import find_decoder_layers, keep_4bit_trainable, resolve_targets
 
     compute_dtype = compute_dtype or dtype
     torch.manual_seed(seed)
@@ -317,11 +317,12 @@ def build_random_llama(cfg, device: torch.device, dtype: torch.dtype, quantize: 
     model.to(dtype)
     std = getattr(cfg, "initializer_range", 0.02)
     _, layers = find_decoder_layers(model)
+    targets = resolve_targets(model)
     for layer in layers:
         _materialize(layer, device, std)
         if quantize:
             for name, mod in list(layer.named_modules()):
-                if name and name.split(".")[-1] in DEFAULT_TARGETS and type(mod) is nn.Linear:
+                if name and name.split(".")[-1] in targets and type(mod) is nn.Linear:
                     parent = layer.get_submodule(name.rsplit(".", 1)[0]) if "." in name else layer
                     setattr(parent, name.split(".")[-1], _to_4bit(mod, device, compute_dtype))
                     del mod
@@ -602,7 +603,7 @@ def phase_ours(rec: Recorder, factory: ModelFactory, args, device):
 def phase_peft(rec: Recorder, factory: ModelFactory, args, device):
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-    from qlora_ga.model import DEFAULT_TARGETS
+    from qlora_ga.model import resolve_targets
     from qlora_ga.train import TrainSettings, _checkpointing, build_optimizer
 
     dtype = factory.compute_dtype
@@ -610,7 +611,7 @@ def phase_peft(rec: Recorder, factory: ModelFactory, args, device):
     if args.peft_prepare == "kbit":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
-    cfg = LoraConfig(r=args.rank, lora_alpha=args.alpha, lora_dropout=0.0, target_modules=list(DEFAULT_TARGETS),
+    cfg = LoraConfig(r=args.rank, lora_alpha=args.alpha, lora_dropout=0.0, target_modules=list(resolve_targets(model)),
                      bias="none", task_type="CAUSAL_LM")
     pm = get_peft_model(model, cfg)
     with warnings.catch_warnings():

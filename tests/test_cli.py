@@ -189,3 +189,26 @@ def test_out_of_memory_is_a_one_line_error(tiny_model_dir, tmp_path, capsys, mon
     monkeypatch.setattr(gradient, "gradient_pass", oom)
     code = main(base_args(tiny_model_dir, tmp_path / "o"))
     assert_clean_error(code, capsys.readouterr().err, r"out of GPU memory.*lower --batch-size")
+
+
+def test_a_truncated_checkpoint_is_a_one_line_error_naming_the_file(tiny_model_dir, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken-model"
+    shutil.copytree(tiny_model_dir, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # an interrupted download
+    res = run_cli(base_args(broken, tmp_path / "o", "--max-steps", "1"))
+    assert_clean_error(res.returncode, res.stderr, r"model\.safetensors' is damaged or incomplete.*download it again")
+
+
+def test_phi3_trains_with_its_fused_projections_through_the_cli(tmp_path, capsys):
+    from qlora_ga.testing import make_tiny_model
+
+    model_dir = make_tiny_model(tmp_path / "phi3", family="phi3", layers=2)
+    code = main(base_args(model_dir, tmp_path / "o", "--max-steps", "1", "--rank", "4"))
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "adapters on 8 linears (o_proj, qkv_proj, gate_up_proj, down_proj)" in out
+    cfg = json.loads((tmp_path / "o" / "adapter" / "adapter_config.json").read_text())
+    assert set(cfg["target_modules"]) == {"o_proj", "qkv_proj", "gate_up_proj", "down_proj"}

@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from qlora_ga import export
 from qlora_ga.errors import QloraGaError
-from qlora_ga.model import DEFAULT_TARGETS, load_model
+from qlora_ga.model import load_model, resolve_targets
 from qlora_ga.residual import attach_residual, iter_residuals, residual_state_dict
 
 REPO = Path(__file__).resolve().parents[1]
@@ -26,7 +26,7 @@ def _peft_model(model_dir, seed=0):
     from peft import LoraConfig, get_peft_model
 
     model, _ = load_model(model_dir)
-    pm = get_peft_model(model, LoraConfig(r=R, lora_alpha=ALPHA, use_rslora=True, target_modules=list(DEFAULT_TARGETS)))
+    pm = get_peft_model(model, LoraConfig(r=R, lora_alpha=ALPHA, use_rslora=True, target_modules=list(resolve_targets(model))))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in pm.named_parameters():
