@@ -108,7 +108,7 @@ def run(cfg: FinetuneConfig) -> dict:
 
     torch.manual_seed(cfg.seed)
     _say(f"loading {cfg.model or 'the built-in SmolLM2-135M-Instruct'} in 4-bit on {device} ...")
-    model, tok = load_model(cfg.model, device=device)
+    model, tok = load_model(cfg.model, device=device, compute_dtype=cfg.compute_dtype)
     compute_dtype = model.config.dtype if isinstance(model.config.dtype, torch.dtype) else getattr(torch, str(model.config.dtype))
     data_cfg = DataConfig(
         dataset=cfg.dataset, format=cfg.format, prompt_column=cfg.prompt_column, response_column=cfg.response_column,

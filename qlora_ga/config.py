@@ -67,11 +67,13 @@ OPTIMS = ("paged_adamw_32bit", "paged_adamw_8bit", "adamw", "lora-one-precond")
 FORMATS = ("auto", "alpaca", "prompt-response", "messages", "text")
 OVERLONG = ("truncate", "drop")
 MERGED_DTYPES = ("fp16", "bf16")
+COMPUTE_DTYPES = ("auto", "bf16", "fp16", "fp32")
 DEFAULT_TARGET_MODULES = "all-linear"
 
 # fields whose value must be one of a fixed set (checked for CLI flags by argparse and for YAML
 # values by FinetuneConfig.validate)
-CHOICE_FIELDS = {"init": INITS, "optim": OPTIMS, "format": FORMATS, "overlong": OVERLONG, "merged_dtype": MERGED_DTYPES}
+CHOICE_FIELDS = {"init": INITS, "optim": OPTIMS, "format": FORMATS, "overlong": OVERLONG, "merged_dtype": MERGED_DTYPES,
+                 "compute_dtype": COMPUTE_DTYPES}
 
 
 def _f(default, help: str, **extra):
@@ -128,6 +130,10 @@ class FinetuneConfig:
     seed: int = _f(0, "random seed")
     no_gradient_checkpointing: bool = _f(False, "disable gradient checkpointing (faster, more memory)")
     device: str | None = _f(None, "device ('cuda', 'cuda:1', 'cpu'); default: the current GPU, else CPU")
+    compute_dtype: str = _f(
+        "auto", "dtype of the 4-bit layers' compute and of the rest of the model; auto: bf16 on Ampere and newer "
+        "GPUs, fp16 on older ones (T4, V100; with loss scaling), fp32 on CPU", choices=COMPUTE_DTYPES,
+    )
 
     # --- evaluation, logging, checkpoints, export ---
     eval_every: int = _f(0, "evaluate every N optimizer steps (0: only at the end)")
@@ -424,6 +430,7 @@ __all__ = [
     "FORMATS",
     "OVERLONG",
     "MERGED_DTYPES",
+    "COMPUTE_DTYPES",
     "make_parser",
     "parse_config",
     "load_yaml",

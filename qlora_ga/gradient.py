@@ -5,7 +5,8 @@ For every target linear W (m x n) of the 4-bit model, compute the exact mean gra
     G = dL/dW_hat,   L = (sum of token cross-entropies over all label tokens of the sample) / N_tokens
 
 where W_hat = deQ(Q(W)) is the weight the model really computes with. L is token-weighted over the
-whole sample batch, so G does not depend on the micro-batch size or on padding.
+whole sample batch, so G does not depend on the micro-batch size or on padding. The backward signal
+is that of the summed loss (O(1) per token, in range in fp16 too); G is divided by N in fp32.
 
 How (memory bounded by one decoder block, never by the model):
 1. forward the sample micro-batch by micro-batch without grad; forward pre-hooks on the decoder
@@ -26,7 +27,6 @@ when the pass fails.
 from __future__ import annotations
 
 import math
-import os
 import time
 import weakref
 from collections.abc import Callable, Sequence
@@ -66,6 +66,9 @@ class PassReport:
     state_device: str = ""
     state_stride: int = 1
     state_bytes_per_layer: int = 0
+    state_fixed_bytes: int = 0  # kept keyword arguments of the layers (masks, position embeddings), estimated
+    reserve_bytes: int = 0  # compute-device memory kept free for the block backward and the loss head
+    state_buffers: int = 0  # store buffers allocated (each reused once what it held is done)
     peak_live_grad_bytes: int = 0
     max_block_grad_bytes: int = 0
     peak_gpu_bytes: int | None = None
@@ -162,27 +165,39 @@ def count_label_tokens(labels: torch.Tensor) -> int:
 
 
 def _free_bytes(device: torch.device) -> int:
+    """Memory a new allocation can use: on CUDA the driver's free memory plus what PyTorch's caching
+    allocator holds unused; on the host the available memory (page cache included, as the kernel counts it)."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        return int(free)
-    try:
-        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-    except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
-        return 8 << 30
+        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+    import psutil
+
+    return int(psutil.virtual_memory().available)
 
 
-def plan_state_store(n_layers: int, bytes_per_layer: int, compute_device: torch.device,
+@dataclass
+class StorePlan:
+    """What the state store holds, in bytes: ``layers`` hidden-state layers (+1 for dL/dh) and ``fixed`` bytes."""
+
+    per_layer: int  # one layer's hidden states over the whole sample (the dL/dh store is one more)
+    fixed: int = 0  # the layers' keyword arguments kept for the backward (masks, position embeddings)
+    reserve: int = 0  # compute-device memory the block backward and the loss head need beside the store
+
+    def need(self, n_layers: int, k: int) -> int:
+        """Stored every k-th layer + (k-1) recomputed ones for the segment being walked + the dL/dh store + fixed."""
+        return (math.ceil(n_layers / k) + (k - 1) + 1) * self.per_layer + self.fixed
+
+
+def plan_state_store(n_layers: int, plan: StorePlan | int, compute_device: torch.device,
                      state_device: str | None = None, budget_bytes: int | None = None) -> tuple[torch.device, int]:
     """Choose where block inputs live and the stride k (keep every k-th layer's inputs).
 
-    Memory used: ceil(L/k) stored layers + (k-1) recomputed ones for the segment being walked.
     Order of preference: all layers on the compute device; every k-th layer there (smallest k);
-    host memory (pinned on CUDA). ``state_device``/``budget_bytes`` override the choice.
+    host memory (pinned on CUDA). On a GPU the budget is its free memory (allocator cache included)
+    less ``plan.reserve``; on the host half the available memory. ``state_device``/``budget_bytes``
+    override the choice.
     """
-
-    def need(k: int) -> int:
-        return (math.ceil(n_layers / k) + (k - 1)) * bytes_per_layer
-
+    plan = plan if isinstance(plan, StorePlan) else StorePlan(per_layer=plan)
     candidates = []
     if state_device is not None:
         candidates.append(torch.device(state_device))
@@ -194,15 +209,87 @@ def plan_state_store(n_layers: int, bytes_per_layer: int, compute_device: torch.
         budget = budget_bytes
         if budget is None:
             free = _free_bytes(dev)
-            # leave room for one block's backward (activations + fp32 G) on the GPU; half the free host RAM
-            budget = int(free * 0.7) - (2 << 30) if dev.type == "cuda" else free // 2
+            budget = int(free * 0.95) - plan.reserve if dev.type == "cuda" else free // 2
         for k in range(1, n_layers + 1):
-            if need(k) <= budget:
+            if plan.need(n_layers, k) <= budget:
                 return dev, k
     raise QloraGaError(
-        f"the gradient sample's hidden states ({bytes_per_layer / 2**20:.2f} MiB per layer) do not fit the state "
+        f"the gradient sample's hidden states ({plan.per_layer / 2**20:.2f} MiB per layer) do not fit the state "
         "budget even with recomputation: lower --init-samples or --max-length"
     )
+
+
+def plan_pass_memory(model: nn.Module, batches: list[dict], blocks: list[dict], dtype: torch.dtype,
+                     head_chunk_tokens: int) -> StorePlan:
+    """Bytes of the state store and of the compute-device reserve, from the real model and sample.
+
+    Store: one layer's hidden states (padded tokens x hidden); the kept keyword arguments of every
+    micro-batch (two B x T x T masks at most, e.g. sliding + full attention, and the rotary cos/sin).
+    Reserve: the largest block's fp32 G, one micro-batch's activations through one block with grad,
+    and one chunk of the loss head (fp32 logits, their softmax gradient, the head's output).
+    """
+    cfg = model.config
+    elem = torch.finfo(dtype).bits // 8
+    hidden = cfg.hidden_size
+    heads = getattr(cfg, "num_attention_heads", 1) or 1
+    head_dim = getattr(cfg, "head_dim", None) or hidden // heads
+    inter = getattr(cfg, "intermediate_size", None) or 4 * hidden
+    shapes = [tuple(b["input_ids"].shape) for b in batches]
+    per_layer = sum(B * T for B, T in shapes) * hidden * elem
+    fixed = sum(2 * B * T * T * elem + 2 * B * T * head_dim * 4 for B, T in shapes)
+    B, T = max(shapes, key=lambda s: s[0] * s[1])
+    block_work = B * T * (8 * hidden + 4 * inter) * elem + B * heads * T * T * elem
+    vocab = model.get_output_embeddings().weight.shape[0]
+    head = head_chunk_tokens * vocab * (4 + 4 + elem)
+    grads = max(sum(m.out_features * m.in_features * 4 for m in blk.values()) for blk in blocks)
+    return StorePlan(per_layer=per_layer, fixed=fixed, reserve=grads + block_work + head)
+
+
+class _BufferPool:
+    """The state store's buffers, reused by shape and dtype (pinning host memory is slow: pin each buffer once).
+
+    ``store(t)`` copies ``t`` into a free buffer of its shape (a new one when none is free);
+    ``release(buffers)`` gives buffers back once what they hold is no longer needed.
+    """
+
+    def __init__(self, device: torch.device, pin: bool):
+        self.device, self.pin = device, pin
+        self.free: dict[tuple, list[torch.Tensor]] = {}
+        self.allocated = 0  # buffers created over the pass
+
+    def store(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.detach()
+        bucket = self.free.get((tuple(t.shape), t.dtype))
+        if bucket:
+            out = bucket.pop()
+        else:
+            out = torch.empty(t.shape, dtype=t.dtype, device=self.device, pin_memory=self.pin)
+            self.allocated += 1
+        out.copy_(t, non_blocking=self.pin)
+        return out
+
+    def release(self, buffers):
+        for b in buffers:
+            if b is not None:
+                self.free.setdefault((tuple(b.shape), b.dtype), []).append(b)
+
+
+def _move(obj, device: torch.device, seen: dict | None = None):
+    """``obj`` (tensors, possibly inside tuples/lists/dicts) on ``device``; ``seen`` shares one copy per tensor."""
+    if isinstance(obj, torch.Tensor):
+        if obj.device == device:
+            return obj
+        if seen is not None and id(obj) in seen:
+            return seen[id(obj)][1]
+        out = obj.to(device)
+        if seen is not None:
+            seen[id(obj)] = (obj, out)  # keep obj alive so its id is not reused within this micro-batch
+        return out
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_move(o, device, seen) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _move(v, device, seen) for k, v in obj.items()}
+    return obj
 
 
 # ------------------------------------------------------------------ the pass
@@ -211,12 +298,16 @@ def plan_state_store(n_layers: int, bytes_per_layer: int, compute_device: torch.
 class _Capture:
     """Forward pre-hooks that record the decoder layers' inputs and keyword arguments."""
 
-    def __init__(self, layers: nn.ModuleList, keep: set[int], store_device: torch.device, pin: bool):
-        self.layers, self.keep, self.store_device, self.pin = layers, keep, store_device, pin
+    def __init__(self, layers: nn.ModuleList, keep: set[int], pool: _BufferPool):
+        self.layers, self.keep, self.pool = layers, keep, pool
         self.inputs: dict[int, list] = {i: [] for i in range(len(layers))}
         self.kwargs: dict[int, list] = {i: [] for i in range(len(layers))}
         self.handles = [layer.register_forward_pre_hook(self._hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
         self.enabled = True
+        self._seen: dict = {}  # this micro-batch's keyword tensors already on the store device (shared by all layers)
+
+    def new_micro_batch(self):
+        self._seen = {}
 
     def _hook(self, i):
         def hook(module, args, kwargs):
@@ -227,9 +318,10 @@ class _Capture:
             kw["use_cache"] = False
             kw.pop("past_key_values", None)
             kw.pop("past_key_value", None)
-            self.kwargs[i].append((args[1:], kw))
+            # masks and position embeddings live with the store (off the GPU when the store is on the host)
+            self.kwargs[i].append(_move((args[1:], kw), self.pool.device, self._seen))
             if i in self.keep:
-                self.inputs[i].append(_store(hidden, self.store_device, self.pin))
+                self.inputs[i].append(self.pool.store(hidden))
             return None
 
         return hook
@@ -239,17 +331,8 @@ class _Capture:
             h.remove()
 
 
-def _store(t: torch.Tensor, device: torch.device, pin: bool) -> torch.Tensor:
-    t = t.detach()
-    if t.device == device:
-        return t.clone()
-    out = torch.empty(t.shape, dtype=t.dtype, device=device, pin_memory=pin)
-    out.copy_(t, non_blocking=pin)
-    return out
-
-
 def _run_block(layer: nn.Module, hidden: torch.Tensor, call) -> torch.Tensor:
-    args, kw = call
+    args, kw = _move(call, hidden.device)
     out = layer(hidden, *args, **kw)
     return out[0] if isinstance(out, (tuple, list)) else out
 
@@ -264,7 +347,7 @@ def gradient_pass(
     pad_token_id: int = 0,
     state_device: str | None = None,
     state_budget_bytes: int | None = None,
-    loss_chunk_tokens: int = 4096,
+    loss_chunk_bytes: int = 512 << 20,
     progress: bool = True,
     report: PassReport | None = None,
 ) -> dict[str, object]:
@@ -273,6 +356,7 @@ def gradient_pass(
     ``examples``: dicts with ``input_ids`` and ``labels`` (-100 = no loss); see :func:`make_micro_batches`.
     ``reduce_fn`` gets each module's exact mean gradient G (fp32, m x n) once its block is done; G is
     freed right after. Module names are the model's own (e.g. ``model.layers.3.mlp.down_proj``).
+    ``loss_chunk_bytes``: the loss head goes over label tokens in chunks of this many bytes of logits.
     """
     report = report if report is not None else PassReport()
     t0 = time.perf_counter()
@@ -292,15 +376,16 @@ def gradient_pass(
     if n_total == 0:
         raise QloraGaError("the gradient sample batch has no label tokens (every token is masked): check the data format and prompt masking")
     n_layers = len(layers)
-    hidden = model.config.hidden_size
-    elem = torch.finfo(dtype).bits // 8
-    padded_tokens = sum(b["input_ids"].numel() for b in batches)
-    per_layer = padded_tokens * hidden * elem
-    store_dev, stride = plan_state_store(n_layers, per_layer, device, state_device, state_budget_bytes)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    chunk_tokens = max(1, loss_chunk_bytes // (vocab * (8 + torch.finfo(dtype).bits // 8)))
+    plan = plan_pass_memory(model, batches, blocks, dtype, chunk_tokens)
+    store_dev, stride = plan_state_store(n_layers, plan, device, state_device, state_budget_bytes)
     pin = store_dev.type == "cpu" and device.type == "cuda"
+    pool = _BufferPool(store_dev, pin)
+    padded_tokens = sum(b["input_ids"].numel() for b in batches)
     report.n_sequences, report.n_label_tokens, report.n_padded_tokens = len(examples), n_total, padded_tokens
     report.n_blocks, report.state_device, report.state_stride = n_layers, str(store_dev), stride
-    report.state_bytes_per_layer = per_layer
+    report.state_bytes_per_layer, report.state_fixed_bytes, report.reserve_bytes = plan.per_layer, plan.fixed, plan.reserve
     report.max_block_grad_bytes = max(sum(m.out_features * m.in_features * 4 for m in b.values()) for b in blocks)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -316,22 +401,23 @@ def gradient_pass(
             p.requires_grad_(False)
         model.eval()
         keep = set(range(0, n_layers, stride))
-        capture = _Capture(layers, keep, store_dev, pin)
+        capture = _Capture(layers, keep, pool)
         top_grads = []
         loss_total = 0.0
         try:
             with torch.no_grad(), ModelHead(model, layers_name, layers) as head:
                 for i, b in enumerate(tqdm(batches, desc="gradient pass: forward", disable=not progress, leave=False)):
+                    capture.new_micro_batch()
                     h_last = head.run(b, device, check=i == 0)  # the first micro-batch checks the head against the model
-                    g, loss = head.loss_grad(h_last, b["labels"], n_total, loss_chunk_tokens)
+                    g, loss = head.loss_grad(h_last, b["labels"], chunk_tokens)  # of the summed loss
                     loss_total += loss
-                    top_grads.append(_store(g, store_dev, pin))
+                    top_grads.append(pool.store(g))
                     del g, h_last
         finally:
             capture.enabled = False
-        report.loss = loss_total
-        if not math.isfinite(loss_total):
-            raise QloraGaError(f"the sample loss is not finite ({loss_total}): check the data and the model weights")
+        report.loss = loss_total / n_total
+        if not math.isfinite(report.loss):
+            raise QloraGaError(f"the sample loss is not finite ({report.loss}): check the data and the model weights")
 
         grad_out = top_grads
         bar = tqdm(total=n_layers, desc="gradient pass: blocks", disable=not progress)
@@ -345,7 +431,7 @@ def gradient_pass(
                         h = capture.inputs[start][mb].to(device, non_blocking=pin)
                         for j in range(start, li):
                             h = _run_block(layers[j], h, capture.kwargs[j][mb])
-                            capture.inputs[j + 1].append(_store(h, store_dev, pin))
+                            capture.inputs[j + 1].append(pool.store(h))
             G = {name: new_grad_buffer(ledger, (m.out_features, m.in_features), device) for name, m in blocks[li].items()}
             handles = [m.register_forward_hook(_accumulate_hook(G[name])) for name, m in blocks[li].items()]
             new_grad = []
@@ -357,16 +443,19 @@ def gradient_pass(
                         out = _run_block(layer, x, capture.kwargs[li][mb])
                         go = grad_out[mb].to(device, non_blocking=pin)
                         (gx,) = torch.autograd.grad(out, x, go)
-                    if li > 0:
-                        new_grad.append(_store(gx, store_dev, pin))
+                    pool.release([grad_out[mb]])  # used: its buffer takes the next store
                     grad_out[mb] = None
-                    del out, x, gx
+                    if li > 0:
+                        new_grad.append(pool.store(gx))
+                    del out, x, gx, go
             finally:
                 for h in handles:
                     h.remove()
             grad_out = new_grad
-            capture.inputs[li] = []  # this block is done; a segment's stored start is its last block
+            pool.release(capture.inputs[li])  # this block is done; a segment's stored start is its last block
+            capture.inputs[li] = []
             for name, g in G.items():
+                g.mul_(1.0 / n_total)  # the summed loss's gradient -> the mean's, in fp32
                 if not torch.isfinite(g).all():
                     raise QloraGaError(
                         f"the gradient of {name} is not finite (NaN/inf): check the data, lower --max-length, "
@@ -394,6 +483,7 @@ def gradient_pass(
             p.requires_grad_(flag)
         model.train(was_training)
     report.peak_live_grad_bytes = ledger.peak
+    report.state_buffers = pool.allocated
     report.seconds = time.perf_counter() - t0
     if device.type == "cuda":
         report.peak_gpu_bytes = int(torch.cuda.max_memory_allocated(device))

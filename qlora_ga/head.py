@@ -132,9 +132,13 @@ class ModelHead:
             setattr(self.layers_owner, self.layers_attr, self.layers)
         return out.logits[0]
 
-    def loss_grad(self, h_last: torch.Tensor, labels: torch.Tensor, n_total: int,
-                  chunk_tokens: int) -> tuple[torch.Tensor, float]:
-        """dL/dh for the last block's output (zero where no label), and this micro-batch's summed loss / N."""
+    def loss_grad(self, h_last: torch.Tensor, labels: torch.Tensor, chunk_tokens: int) -> tuple[torch.Tensor, float]:
+        """d(summed loss)/dh for the last block's output (zero where no label), and this micro-batch's summed loss.
+
+        The gradient of the *summed* token losses, not of their mean: each token's entries stay O(1)
+        (p - y through the head), where the mean's (p - y) / N would fall below fp16's normal range
+        for N in the thousands. The pass divides G by N in fp32 at the end.
+        """
         grad = torch.zeros_like(h_last)
         targets = labels[:, 1:].to(h_last.device)
         pos = (targets != IGNORE_INDEX).nonzero(as_tuple=False)  # (N_mb, 2): (b, t)
@@ -145,7 +149,7 @@ class ModelHead:
             x = h_last[p[:, 0], p[:, 1]].detach().requires_grad_(True)
             with torch.enable_grad():
                 logits = self.logits(x).float()
-                loss = F.cross_entropy(logits, targets[p[:, 0], p[:, 1]], reduction="sum") / n_total
+                loss = F.cross_entropy(logits, targets[p[:, 0], p[:, 1]], reduction="sum")
                 (gx,) = torch.autograd.grad(loss, x)
             grad[p[:, 0], p[:, 1]] = gx.to(grad.dtype)
             loss_sum += float(loss)

