@@ -188,7 +188,7 @@ class StorePlan:
         return (math.ceil(n_layers / k) + (k - 1) + 1) * self.per_layer + self.fixed
 
 
-def plan_state_store(n_layers: int, plan: StorePlan | int, compute_device: torch.device,
+def plan_state_store(n_layers: int, plan: StorePlan, compute_device: torch.device,
                      state_device: str | None = None, budget_bytes: int | None = None) -> tuple[torch.device, int]:
     """Choose where block inputs live and the stride k (keep every k-th layer's inputs).
 
@@ -197,7 +197,6 @@ def plan_state_store(n_layers: int, plan: StorePlan | int, compute_device: torch
     less ``plan.reserve``; on the host half the available memory. ``state_device``/``budget_bytes``
     override the choice.
     """
-    plan = plan if isinstance(plan, StorePlan) else StorePlan(per_layer=plan)
     candidates = []
     if state_device is not None:
         candidates.append(torch.device(state_device))
