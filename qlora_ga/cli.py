@@ -169,7 +169,7 @@ def run(cfg: FinetuneConfig) -> dict:
         batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, lr=cfg.lr, epochs=cfg.epochs, max_steps=cfg.max_steps,
         warmup=cfg.warmup, weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm, optim=cfg.optim,
         seed=cfg.seed, eval_every=cfg.eval_every, save_every=cfg.save_every, log_every=cfg.log_every,
-        gradient_checkpointing=not cfg.no_gradient_checkpointing,
+        gradient_checkpointing=not cfg.no_gradient_checkpointing, group_by_length=cfg.group_by_length,
     )
     summary = {"output_dir": str(out), "init": cfg.init}
     if cfg.max_steps != 0:

@@ -123,6 +123,7 @@ class FinetuneConfig:
     optim: str = _f("paged_adamw_32bit", "optimizer", choices=OPTIMS)
     seed: int = _f(0, "random seed")
     no_gradient_checkpointing: bool = _f(False, "disable gradient checkpointing (faster, more memory)")
+    group_by_length: bool = _f(False, "batch sequences of similar length together (less padding; the order stays seeded and resumable)")
     device: str | None = _f(None, "device ('cuda', 'cuda:1', 'cpu'); default: the current GPU, else CPU")
 
     # --- evaluation, logging, checkpoints, export ---

@@ -55,6 +55,7 @@ NON_DEFAULT = {
     "optim": "adamw",
     "seed": 7,
     "no_gradient_checkpointing": True,
+    "group_by_length": True,
     "device": "cuda:1",
     "eval_every": 50,
     "save_every": 25,
