@@ -85,7 +85,11 @@ class ResidualVariant(LoraVariant):
         x = module.lora_dropout[active_adapter](x)
         h = F.linear(x.reshape(-1, x.shape[-1]), torch.cat([A, A - A0]))  # [A x'; (A - A0) x']
         B2 = torch.cat([B - B0, B0], dim=1) * s
-        out = torch.addmm(result.reshape(-1, result.shape[-1]).to(h.dtype), h, B2.t())
+        res = result.reshape(-1, result.shape[-1])
+        if res.dtype == h.dtype:
+            out = torch.addmm(res, h, B2.t())
+        else:  # e.g. an fp32 residual stream under bf16 autocast: add without rounding base(x) to h's dtype
+            out = res + F.linear(h, B2)
         return out.view(*result.shape[:-1], out.shape[-1])
 
 

@@ -127,6 +127,7 @@ def _write(path, text):
         (["--lr", "-1e-4"], r"lr"),
         (["--overlong", "drop", "--max-length", "8"], r"max.length"),
         (["--device", "cuda"], r"CUDA"),
+        (["--liger"], r"--liger needs a CUDA GPU"),
         (["--unknown-flag", "1"], r"unknown|unrecognized"),
     ],
 )

@@ -56,6 +56,7 @@ NON_DEFAULT = {
     "seed": 7,
     "no_gradient_checkpointing": True,
     "group_by_length": True,
+    "liger": True,
     "device": "cuda:1",
     "eval_every": 50,
     "save_every": 25,

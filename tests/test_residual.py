@@ -156,3 +156,14 @@ def test_exact_zero_at_init_also_under_autocast_and_dropout(dtype):
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
         y, base = pm(x), layer.base_layer(x)
     assert y.dtype == base.dtype and torch.equal(y, base)
+
+
+def test_base_output_in_fp32_under_bf16_autocast_is_not_rounded():
+    # a 4-bit layer returns its input's dtype: an fp32 residual stream stays fp32 under autocast
+    pm, layer = _plain_lora()
+    attach_residual(layer, layer.lora_A["default"].weight, layer.lora_B["default"].weight, dtype=torch.bfloat16)
+    x = torch.randn(4, 7, 32)
+    result = torch.randn(4, 7, 24) * 100
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ResidualVariant.forward(layer, "default", x, result)
+    assert out.dtype == torch.float32 and torch.equal(out, result)
