@@ -96,10 +96,11 @@ def precondition_lora_grads(model, lam: float = 1e-6):
             A, B = layer.lora_A[name].weight, layer.lora_B[name].weight
             r = A.shape[0]
             eye = torch.eye(r, device=A.device, dtype=torch.float32)
+            # solve_ex: no per-layer device sync for an error check (the matrices are positive definite for lam > 0)
             if A.grad is not None:
-                A.grad.copy_(torch.linalg.solve(B.float().T @ B.float() + lam * eye, A.grad.float()).to(A.grad.dtype))
+                A.grad.copy_(torch.linalg.solve_ex(B.float().T @ B.float() + lam * eye, A.grad.float())[0].to(A.grad.dtype))
             if B.grad is not None:
-                B.grad.copy_(torch.linalg.solve(A.float() @ A.float().T + lam * eye, B.grad.float().T).T.to(B.grad.dtype))
+                B.grad.copy_(torch.linalg.solve_ex(A.float() @ A.float().T + lam * eye, B.grad.float().T)[0].T.to(B.grad.dtype))
 
 
 # ------------------------------------------------------------------ data order
