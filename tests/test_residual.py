@@ -83,7 +83,9 @@ def test_five_training_steps_match_the_hook_implementation(tiny_model_dir, tmp_p
         weights[impl] = {n: p.detach().clone() for n, p in pm.named_parameters() if p.requires_grad}
         assert all(not p.requires_grad for n, p in pm.named_parameters() if "lora_" not in n)
     assert len(losses["variant"]) == 5 and losses["variant"][-1] < losses["variant"][0]
-    assert max(abs(a - b) for a, b in zip(losses["variant"], losses["hooks"])) <= 1e-5, losses
+    diff = max(abs(a - b) for a, b in zip(losses["variant"], losses["hooks"]))
+    print(f"5 steps, rank-2r variant vs hooks: max |dloss| = {diff:.1e}")
+    assert diff <= 1e-5, losses
     for n, p in weights["variant"].items():
         torch.testing.assert_close(p, weights["hooks"][n], rtol=1e-4, atol=1e-6)
 
