@@ -101,6 +101,10 @@ def run(cfg: FinetuneConfig) -> dict:
     cfg = resolved(cfg)
     out = check_output_dir(cfg)
     device = resolve_device(cfg)
+    if cfg.liger:
+        from .kernels import check_liger
+
+        check_liger(device)  # before anything is loaded or written
     t_start = time.perf_counter()
     ckpt = None
     if cfg.resume:
@@ -109,6 +113,10 @@ def run(cfg: FinetuneConfig) -> dict:
     torch.manual_seed(cfg.seed)
     _say(f"loading {cfg.model or 'the built-in SmolLM2-135M-Instruct'} in 4-bit on {device} ...")
     model, tok = load_model(cfg.model, device=device, compute_dtype=cfg.compute_dtype)
+    if cfg.liger:
+        from .kernels import apply_liger
+
+        _say(f"Liger Kernel: fused kernels for {apply_liger(model, device)}")
     compute_dtype = model.config.dtype if isinstance(model.config.dtype, torch.dtype) else getattr(torch, str(model.config.dtype))
     data_cfg = DataConfig(
         dataset=cfg.dataset, format=cfg.format, prompt_column=cfg.prompt_column, response_column=cfg.response_column,
@@ -173,7 +181,7 @@ def run(cfg: FinetuneConfig) -> dict:
         batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, lr=cfg.lr, epochs=cfg.epochs, max_steps=cfg.max_steps,
         warmup=cfg.warmup, weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm, optim=cfg.optim,
         seed=cfg.seed, eval_every=cfg.eval_every, save_every=cfg.save_every, log_every=cfg.log_every,
-        gradient_checkpointing=not cfg.no_gradient_checkpointing,
+        gradient_checkpointing=not cfg.no_gradient_checkpointing, group_by_length=cfg.group_by_length,
     )
     summary = {"output_dir": str(out), "init": cfg.init}
     if cfg.max_steps != 0:

@@ -129,6 +129,8 @@ class FinetuneConfig:
     optim: str = _f("paged_adamw_32bit", "optimizer", choices=OPTIMS)
     seed: int = _f(0, "random seed")
     no_gradient_checkpointing: bool = _f(False, "disable gradient checkpointing (faster, more memory)")
+    group_by_length: bool = _f(False, "batch sequences of similar length together (less padding; the order stays seeded and resumable)")
+    liger: bool = _f(False, "CUDA only: Liger Kernel's fused Triton kernels (RMSNorm, RoPE, SwiGLU, fused linear cross-entropy); needs pip install 'qlora-ga[liger]'")
     device: str | None = _f(None, "device ('cuda', 'cuda:1', 'cpu'); default: the current GPU, else CPU")
     compute_dtype: str = _f(
         "auto", "dtype of the 4-bit layers' compute and of the rest of the model; auto: bf16 on Ampere and newer "

@@ -4,16 +4,32 @@ A LoRA-GA init starts the adapter at (B0, A0) != 0. Instead of re-quantizing W -
 4-bit weights (a second rounding error), every LoRA layer carries the frozen offset as two buffers,
 ``qlora_ga_A0`` (r x n) and ``qlora_ga_B0`` (m x r), and computes
 
-    y = base(x) + s * (B (A x') - B0 (A0 x')),     x' = lora_dropout(x)
+    y = base(x) + s * (B A x' - B0 A0 x'),     x' = lora_dropout(x)
 
-The subtraction happens inside the LoRA branch, before the scaling and before the branch is added
-to the base output: at init (B, A) == (B0, A0) bit for bit, so the branch is exactly zero and the
-logits equal the plain 4-bit model's exactly. Equivalent view, used by the adapter export: a
-rank-2r LoRA with A' = [A; A0], B' = [B, -B0], of which the second half is frozen.
+as ONE rank-2r LoRA product, written in the difference form
 
-Mechanics: a forward pre-hook on ``lora_A[adapter]`` keeps its input x' for the duration of the
-call, and a forward hook on ``lora_B[adapter]`` subtracts ``B0 (A0 x')`` from its output. The
-residual is stored in the compute dtype (bf16 on GPU, fp32 on CPU).
+    B A - B0 A0 = [B - B0, B0] [A; A - A0]      (= (B - B0) A + B0 (A - A0))
+
+    h = [A; A - A0] x'                      one matmul, 2r outputs
+    y = base(x) + h [s (B - B0), s B0]^T     one addmm, accumulating straight into base(x)
+
+At init (B, A) == (B0, A0) bit for bit, so ``B - B0`` and ``A - A0`` are exact zeros, every term of
+the branch is an exact zero whatever order the matmuls sum in, and the logits equal the plain 4-bit
+model's exactly. The plain stacked form ``[B, -B0] [A; A0]`` would not be exact: one matmul sums
+``B h - B0 h`` term by term, and such a sum is not exactly zero in floating point. The weights are
+rebuilt on every call (two r x n / m x r subtractions and concatenations, nothing of activation
+size), so autograd sends the gradient of both halves to the trainable A and B; A0 and B0 are
+buffers, outside the optimizer and its weight decay. Scaling the small matrix instead of the
+output and adding into base(x) with addmm makes the branch one pass over x and one over the output,
+where PEFT's own rank-r branch (``lora_B(lora_A(x)) * s`` then ``+``) makes three extra passes over
+the output: the residual costs rank, not memory traffic.
+
+Mechanics: a PEFT LoRA variant (``peft.tuners.lora.layer.LoraVariant``, the dispatch DoRA uses)
+registered in ``layer.lora_variant[adapter]``: no hooks, and PEFT's own merge/unmerge include the
+residual. The residual is stored in the compute dtype (bf16 on GPU, fp32 on CPU); under autocast
+the branch is computed in that dtype (the values autocast would round the adapter to), so the
+init stays exact there too. Equivalent view, used by the adapter export: a rank-2r LoRA with
+A' = [A; A0], B' = [B, -B0], of which the second half is frozen.
 """
 
 from __future__ import annotations
@@ -22,49 +38,76 @@ from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
+from peft.tuners.lora.layer import LoraVariant
 from torch import nn
 
 A0_NAME, B0_NAME = "qlora_ga_A0", "qlora_ga_B0"
 
 
-def _stash_input(module: nn.Module, args):
-    module._qlora_ga_x = args[0]
+def _delta_weight(module: nn.Module, adapter: str) -> torch.Tensor:
+    """``s (B A - B0 A0)`` in fp32 (the full-size weight update, for PEFT's merge/unmerge)."""
+    A, B = module.lora_A[adapter].weight.float(), module.lora_B[adapter].weight.float()
+    A0, B0 = getattr(module, A0_NAME).float(), getattr(module, B0_NAME).float()
+    return (B @ A - B0 @ A0) * module.scaling[adapter]
 
 
-def _subtract_residual(owner: nn.Module):
-    def hook(module: nn.Module, args, output):
-        lora_A = owner._qlora_ga_lora_A
-        x = lora_A.__dict__.pop("_qlora_ga_x", None)
-        if x is None:  # lora_B called without lora_A (not a path PEFT takes): leave the output alone
-            return output
-        a0 = getattr(owner, A0_NAME).to(x.dtype)
-        b0 = getattr(owner, B0_NAME).to(x.dtype)
-        return output - F.linear(F.linear(x, a0), b0)
+class ResidualVariant(LoraVariant):
+    """LoRA with the frozen residual ``-s B0 A0``, computed as one rank-2r product (module docstring)."""
 
-    return hook
+    def supports_lora_conversion(self) -> bool:
+        return False  # PEFT's conversion reads get_delta_weight, which does not know the residual
+
+    @staticmethod
+    def init(module: nn.Module, adapter_name: str, **kwargs) -> None:
+        pass  # the buffers are set by attach_residual
+
+    @staticmethod
+    def merge_safe(module, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
+        return orig_weight + _delta_weight(module, active_adapter).to(orig_weight.dtype)
+
+    @staticmethod
+    def merge_unsafe(module, active_adapter: str, orig_weight: torch.Tensor) -> None:
+        orig_weight.data += _delta_weight(module, active_adapter).to(orig_weight.dtype)
+
+    @staticmethod
+    def unmerge(module, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
+        return orig_weight.data - _delta_weight(module, active_adapter).to(orig_weight.dtype)
+
+    @staticmethod
+    def forward(module, active_adapter: str, x: torch.Tensor, result: torch.Tensor, **kwargs) -> torch.Tensor:
+        A0, B0 = getattr(module, A0_NAME), getattr(module, B0_NAME)
+        # under autocast: the dtype the residual was rounded to (= what autocast makes of A and B)
+        dt = A0.dtype if torch.is_autocast_enabled(x.device.type) else x.dtype
+        A = module.lora_A[active_adapter].weight.to(dt)
+        B = module.lora_B[active_adapter].weight.to(dt)
+        A0, B0 = A0.to(dt), B0.to(dt)
+        s = module.scaling[active_adapter]
+        x = module.lora_dropout[active_adapter](x)
+        h = F.linear(x.reshape(-1, x.shape[-1]), torch.cat([A, A - A0]))  # [A x'; (A - A0) x']
+        B2 = torch.cat([B - B0, B0], dim=1) * s
+        res = result.reshape(-1, result.shape[-1])
+        if res.dtype == h.dtype:
+            out = torch.addmm(res, h, B2.t())
+        else:  # e.g. an fp32 residual stream under bf16 autocast: add without rounding base(x) to h's dtype
+            out = res + F.linear(h, B2)
+        return out.view(*result.shape[:-1], out.shape[-1])
 
 
 def attach_residual(layer: nn.Module, A0: torch.Tensor, B0: torch.Tensor, adapter_name: str = "default", dtype=None):
     """Give a PEFT LoRA layer the frozen residual ``-s * B0 @ A0`` (see module docstring)."""
     if has_residual(layer):
         detach_residual(layer)
-    lora_A, lora_B = layer.lora_A[adapter_name], layer.lora_B[adapter_name]
+    lora_A = layer.lora_A[adapter_name]
     dtype = dtype or lora_A.weight.dtype
     device = lora_A.weight.device
     layer.register_buffer(A0_NAME, A0.detach().to(device=device, dtype=dtype).clone(), persistent=False)
     layer.register_buffer(B0_NAME, B0.detach().to(device=device, dtype=dtype).clone(), persistent=False)
-    # plain attributes (not submodules), so state dicts and named_modules() stay PEFT's own
-    layer.__dict__["_qlora_ga_lora_A"] = lora_A
-    layer.__dict__["_qlora_ga_handles"] = (
-        lora_A.register_forward_pre_hook(_stash_input),
-        lora_B.register_forward_hook(_subtract_residual(layer)),
-    )
+    layer.lora_variant[adapter_name] = ResidualVariant()
 
 
 def detach_residual(layer: nn.Module):
-    for h in layer.__dict__.pop("_qlora_ga_handles", ()):
-        h.remove()
-    layer.__dict__.pop("_qlora_ga_lora_A", None)
+    for name in [k for k, v in layer.lora_variant.items() if isinstance(v, ResidualVariant)]:
+        del layer.lora_variant[name]
     for name in (A0_NAME, B0_NAME):
         if name in layer._buffers:
             del layer._buffers[name]

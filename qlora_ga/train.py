@@ -48,6 +48,8 @@ class TrainSettings:
     log_every: int = 1
     gradient_checkpointing: bool = True
     precond_lambda: float = 1e-6
+    group_by_length: bool = False
+    num_workers: int | None = None  # DataLoader workers; None: 2 on CUDA, 0 (main process) elsewhere
 
 
 def total_steps(n_train: int, s: TrainSettings) -> int:
@@ -94,30 +96,79 @@ def precondition_lora_grads(model, lam: float = 1e-6):
             A, B = layer.lora_A[name].weight, layer.lora_B[name].weight
             r = A.shape[0]
             eye = torch.eye(r, device=A.device, dtype=torch.float32)
+            # solve_ex: no per-layer device sync for an error check (the matrices are positive definite for lam > 0)
             if A.grad is not None:
-                A.grad.copy_(torch.linalg.solve(B.float().T @ B.float() + lam * eye, A.grad.float()).to(A.grad.dtype))
+                A.grad.copy_(torch.linalg.solve_ex(B.float().T @ B.float() + lam * eye, A.grad.float())[0].to(A.grad.dtype))
             if B.grad is not None:
-                B.grad.copy_(torch.linalg.solve(A.float() @ A.float().T + lam * eye, B.grad.float().T).T.to(B.grad.dtype))
+                B.grad.copy_(torch.linalg.solve_ex(A.float() @ A.float().T + lam * eye, B.grad.float().T)[0].T.to(B.grad.dtype))
 
 
 # ------------------------------------------------------------------ data order
 
+#: --group-by-length sorts the sequences of each chunk of this many micro-batches by length
+#: (transformers' LengthGroupedSampler uses the same 50)
+LENGTH_GROUP_MICRO_BATCHES = 50
 
-def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+
+def epoch_order(n: int, seed: int, epoch: int, lengths: list[int] | None = None, group: int = 0) -> list[int]:
+    """The example order of ``epoch``: a seeded permutation; with ``lengths``, each run of ``group``
+    consecutive examples of it sorted by length, longest first (so a micro-batch holds similar lengths)."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(n, generator=g).tolist()
+    order = torch.randperm(n, generator=g).tolist()
+    if lengths is None:
+        return order
+    return [i for j in range(0, n, group) for i in sorted(order[j : j + group], key=lambda i: -lengths[i])]
+
+
+class StepBatches(torch.utils.data.Dataset):
+    """Item ``step``: the collated micro-batches of optimizer step ``step`` and their token counts.
+
+    A pure function of (data, seed, step), so a resumed run needs no data cursor; each epoch's order
+    is computed once (the last two are kept: a step may straddle an epoch boundary). Indexed by a
+    ``DataLoader``, whose workers collate the next steps while the current one trains.
+    """
+
+    def __init__(self, train: list[dict], s: TrainSettings, pad_token_id: int | None = None):
+        self.train, self.s, self.pad = train, s, pad_token_id
+        self.lengths = [len(ex["input_ids"]) for ex in train] if s.group_by_length else None
+        self._orders: dict[int, list[int]] = {}
+
+    def order(self, epoch: int) -> list[int]:
+        if epoch not in self._orders:
+            self._orders = {e: o for e, o in self._orders.items() if e >= epoch - 1}
+            self._orders[epoch] = epoch_order(len(self.train), self.s.seed, epoch, self.lengths,
+                                              LENGTH_GROUP_MICRO_BATCHES * self.s.batch_size)
+        return self._orders[epoch]
+
+    def examples(self, step: int) -> list[list[dict]]:
+        per_step = self.s.batch_size * self.s.grad_accum
+        out = []
+        for k in range(step * per_step, (step + 1) * per_step):
+            epoch, i = divmod(k, len(self.train))
+            out.append(self.train[self.order(epoch)[i]])
+        return [out[j : j + self.s.batch_size] for j in range(0, per_step, self.s.batch_size)]
+
+    def __getitem__(self, step: int) -> dict:
+        mbs = [collate(mb, self.pad) for mb in self.examples(step)]
+        return {"micro_batches": mbs,
+                "label_tokens": [int((b["labels"][:, 1:] != -100).sum()) for b in mbs],
+                "input_tokens": sum(int(b["attention_mask"].sum()) for b in mbs)}
 
 
 def micro_batches_for_step(train: list[dict], step: int, s: TrainSettings) -> list[list[dict]]:
     """The micro-batches of optimizer step ``step``: a pure function of (data, seed, step) — resume needs no cursor."""
-    per_step = s.batch_size * s.grad_accum
-    out, cache = [], {}
-    for k in range(step * per_step, (step + 1) * per_step):
-        epoch, i = divmod(k, len(train))
-        if epoch not in cache:
-            cache[epoch] = epoch_order(len(train), s.seed, epoch)
-        out.append(train[cache[epoch][i]])
-    return [out[j : j + s.batch_size] for j in range(0, per_step, s.batch_size)]
+    return StepBatches(train, s).examples(step)
+
+
+def step_loader(train: list[dict], s: TrainSettings, pad_token_id: int, start_step: int, steps: int, device: torch.device):
+    """Steps ``start_step .. steps-1`` through a ``DataLoader``: on CUDA two worker processes collate
+    ahead into pinned memory; on CPU the main process does it (workers would only compete for the cores)."""
+    cuda = device.type == "cuda"
+    workers = s.num_workers if s.num_workers is not None else (min(2, os.cpu_count() or 1) if cuda else 0)
+    # its own generator: creating the iterator draws a seed, which must not move the global RNG (exact resume)
+    return torch.utils.data.DataLoader(StepBatches(train, s, pad_token_id), batch_size=None,
+                                       sampler=range(start_step, steps), num_workers=workers, pin_memory=cuda,
+                                       generator=torch.Generator().manual_seed(s.seed))
 
 
 # ------------------------------------------------------------------ checkpoints
@@ -216,18 +267,18 @@ def evaluate_loss(model, examples: list[dict], batch_size: int, pad_token_id: in
     """Token-weighted mean loss over all label tokens of ``examples``."""
     was = model.training
     model.eval()
-    total, n = 0.0, 0
+    total, n = torch.zeros((), dtype=torch.float64, device=device), 0
     for i in range(0, len(examples), batch_size):
-        b = {k: v.to(device) for k, v in collate(examples[i : i + batch_size], pad_token_id).items()}
-        k = int((b["labels"][:, 1:] != -100).sum())
+        b = collate(examples[i : i + batch_size], pad_token_id)
+        k = int((b["labels"][:, 1:] != -100).sum())  # on the host: no device sync per batch
         if k == 0:
             continue
         with _autocast(device, dtype):
-            loss = model(**b).loss
-        total += float(loss) * k
+            loss = model(**{key: v.to(device) for key, v in b.items()}).loss
+        total = total + loss.double() * k
         n += k
     model.train(was)
-    return total / max(n, 1)
+    return float(total) / max(n, 1)
 
 
 def _checkpointing(model, on: bool):
@@ -283,29 +334,30 @@ def train(model, tokenizer, train_data: list[dict], eval_data: list[dict], s: Tr
         summary["eval_loss_start"] = round(evaluate_loss(model, eval_data, s.batch_size, pad, device, compute_dtype), 6)
         metrics.log(step=0, eval_loss=summary["eval_loss_start"])
         model.train()
+    loader = iter(step_loader(train_data, s, pad, start_step, steps, device))
     try:
         for step in range(start_step, steps):
             t0 = time.perf_counter()
-            mbs = [collate(mb, pad) for mb in micro_batches_for_step(train_data, step, s)]
-            n_tok = sum(int((b["labels"][:, 1:] != -100).sum()) for b in mbs)
-            n_in = sum(int(b["attention_mask"].sum()) for b in mbs)
-            loss_sum = 0.0
-            for b in mbs:
-                b = {k: v.to(device) for k, v in b.items()}
-                k = int((b["labels"][:, 1:] != -100).sum())
+            item = next(loader)
+            n_tok = sum(item["label_tokens"])  # counted on the host when collated: no device sync
+            # the step's loss stays on the device (fp64, summed like Python floats) until its one sync below
+            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+            for b, k in zip(item["micro_batches"], item["label_tokens"]):
                 if k == 0:
                     continue
+                b = {key: v.to(device, non_blocking=True) for key, v in b.items()}
                 with _autocast(device, compute_dtype):
                     loss = model(**b).loss * (k / n_tok)  # token-weighted over the whole optimizer step
                 scaler.scale(loss).backward()
-                loss_sum += float(loss.detach())
-            if not math.isfinite(loss_sum):
-                where = f"; the last good checkpoint is {last_ckpt}" if last_ckpt else ""
-                raise NonFiniteLoss(f"the loss became {loss_sum} at step {step + 1}{where}: lower --lr, or check the data")
+                loss_sum = loss_sum + loss.detach().double()
             scaler.unscale_(optimizer)
             if s.optim == "lora-one-precond":
                 precondition_lora_grads(model, s.precond_lambda)
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm if s.max_grad_norm > 0 else float("inf")))
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm if s.max_grad_norm > 0 else float("inf"))
+            loss_val, grad_norm = torch.stack([loss_sum, grad_norm.double()]).tolist()  # the step's one host sync
+            if not math.isfinite(loss_val):
+                where = f"; the last good checkpoint is {last_ckpt}" if last_ckpt else ""
+                raise NonFiniteLoss(f"the loss became {loss_val} at step {step + 1}{where}: lower --lr, or check the data")
             if not math.isfinite(grad_norm) and not scaler.is_enabled():  # (fp16's scaler skips such steps itself)
                 where = f"; the last good checkpoint is {last_ckpt}" if last_ckpt else ""
                 raise NonFiniteLoss(f"the gradient became {grad_norm} at step {step + 1}{where}: lower --lr, or check the data")
@@ -316,20 +368,21 @@ def train(model, tokenizer, train_data: list[dict], eval_data: list[dict], s: Tr
             optimizer.zero_grad(set_to_none=True)
             done = step + 1
             dt = time.perf_counter() - t0
-            row = {"step": done, "loss": round(loss_sum, 6), "lr": lr, "grad_norm": round(grad_norm, 6),
-                   "tokens_per_s": round(n_in / dt, 1), "mem": _mem(device)}
+            row = {"step": done, "loss": round(loss_val, 6), "lr": lr, "grad_norm": round(grad_norm, 6),
+                   "tokens_per_s": round(item["input_tokens"] / dt, 1), "mem": _mem(device)}
             if eval_data and ((s.eval_every and done % s.eval_every == 0) or done == steps):
                 row["eval_loss"] = round(evaluate_loss(model, eval_data, s.batch_size, pad, device, compute_dtype), 6)
             if done % s.log_every == 0 or done == steps or "eval_loss" in row:
                 metrics.log(**row)
-            bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
+            bar.set_postfix(loss=f"{loss_val:.4f}", lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
             bar.update(1)
             if (s.save_every and done % s.save_every == 0) or done == steps or (stop_after is not None and done == stop_after):
                 last_ckpt = save_checkpoint(model, optimizer, scheduler, done, out_dir, {"total_steps": steps}, scaler)
             if stop_after is not None and done == stop_after and done < steps:
                 raise KeyboardInterrupt
-            summary.update(final_loss=loss_sum, **({"eval_loss": row["eval_loss"]} if "eval_loss" in row else {}))
+            summary.update(final_loss=loss_val, **({"eval_loss": row["eval_loss"]} if "eval_loss" in row else {}))
     finally:
+        loader = None  # stops the DataLoader's workers
         bar.close()
         metrics.close()
         if s.gradient_checkpointing:

@@ -16,11 +16,15 @@ One process measures, side by side (each in its own phase; peaks are reset betwe
 - ``train``: tokens/s and peak memory of a training step (bf16 autocast on CUDA, gradient checkpointing,
   ``PagedAdamW32bit``, grad-norm clipping: the inner step of ``qlora_ga.train.train``) for
   ``qlora_ga`` (PEFT LoRA on the 4-bit model with the LoRA-GA init and its frozen residual),
-  ``qlora_ga_no_residual`` (the same with ``detach_residual`` on every layer) and ``peft_qlora``
-  (``prepare_model_for_kbit_training`` + ``get_peft_model`` with ``LoraConfig(r, all 7 linears)``: PEFT's
-  own QLoRA recipe, which also upcasts the non-quantized weights to fp32). The three use one step
+  ``qlora_ga_no_residual`` (the same with ``detach_residual`` on every layer), and the two PEFT
+  baselines: ``peft_qlora`` (``prepare_model_for_kbit_training`` + ``get_peft_model`` with
+  ``LoraConfig(r, all 7 linears)``: PEFT's own QLoRA recipe, which also upcasts the non-quantized weights
+  to fp32) and ``peft_qlora_no_prepare`` (``get_peft_model`` alone; users run both). All use one step
   function, so only the model set-up differs. PEFT is also run at the init's micro-batch shape
   (``{init micro-batch}xT``) for the memory target.
+- ``liger`` (CUDA with ``liger-kernel`` installed, or ``--liger on``): ``qlora_ga_liger``, the qlora-ga
+  training step with Liger Kernel's fused kernels (``qlora_ga.kernels.apply_liger``). Run last: Liger
+  patches transformers' model code for the whole process.
 
 Then it prints tables, the ratios and PASS/MISS for the targets of the issue, and appends one JSON row per
 measurement to ``--out`` (each with device name, torch/bitsandbytes/transformers/peft versions, date and
@@ -74,7 +78,8 @@ TINY = dict(vocab_size=32000, hidden_size=256, intermediate_size=688, num_hidden
             num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=4096)
 FULL_DEFAULTS = dict(init_shapes="64x512,128x1024", train_shapes="1x1024,4x512,4x1024", warmup=2, steps=5)
 TINY_DEFAULTS = dict(init_shapes="4x64", train_shapes="1x64", warmup=1, steps=2)
-PARTS = ("init", "ref", "train", "peft", "residual")
+PARTS = ("init", "ref", "train", "peft", "residual", "liger")
+PEFT_IMPLS = {"kbit": "peft_qlora", "none": "peft_qlora_no_prepare"}
 
 
 # ----------------------------------------------------------------------------- arguments
@@ -100,8 +105,11 @@ def parse_args(argv=None):
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--alpha", type=float, default=16.0)
     p.add_argument("--optim", default="paged_adamw_32bit", help="optimizer of both training steps (qlora_ga.train.build_optimizer)")
-    p.add_argument("--peft-prepare", choices=("kbit", "none"), default="kbit",
-                   help="kbit: PEFT's prepare_model_for_kbit_training (upcasts non-4-bit weights to fp32); none: skip it")
+    p.add_argument("--peft-prepare", choices=("both", "kbit", "none"), default="both",
+                   help="PEFT baselines: kbit: with prepare_model_for_kbit_training (upcasts non-4-bit weights to fp32); "
+                        "none: without it; both (default)")
+    p.add_argument("--liger", choices=("auto", "on", "off"), default="auto",
+                   help="also measure qlora-ga with Liger Kernel's fused kernels; auto: on CUDA when liger-kernel is installed")
     p.add_argument("--state-budget-gib", type=float, default=None, help="cap on the gradient pass's state store (default: automatic)")
     p.add_argument("--state-device", default=None, help="where the gradient pass stores block inputs (default: automatic)")
     p.add_argument("--skip", default="", help=f"comma-separated parts to skip: {', '.join(PARTS)}")
@@ -122,7 +130,23 @@ def parse_args(argv=None):
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error(f"--device {args.device}: no CUDA GPU is available (use --device cpu)")
+    if args.liger == "auto":
+        args.liger = "on" if args.device.startswith("cuda") and _liger_installed() else "off"
+    elif args.liger == "on":
+        from qlora_ga.errors import QloraGaError
+        from qlora_ga.kernels import check_liger
+
+        try:
+            check_liger(args.device)
+        except QloraGaError as e:
+            p.error(str(e))
     return args
+
+
+def _liger_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("liger_kernel") is not None
 
 
 def parse_shapes(text: str) -> list[tuple[int, int]]:
@@ -600,7 +624,7 @@ def phase_ours(rec: Recorder, factory: ModelFactory, args, device):
     free_memory(device)
 
 
-def phase_peft(rec: Recorder, factory: ModelFactory, args, device):
+def phase_peft(rec: Recorder, factory: ModelFactory, args, device, prepare: str = "kbit"):
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     from qlora_ga.model import resolve_targets
@@ -608,7 +632,7 @@ def phase_peft(rec: Recorder, factory: ModelFactory, args, device):
 
     dtype = factory.compute_dtype
     model = factory.quantized()
-    if args.peft_prepare == "kbit":
+    if prepare == "kbit":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
     cfg = LoraConfig(r=args.rank, lora_alpha=args.alpha, lora_dropout=0.0, target_modules=list(resolve_targets(model)),
@@ -620,12 +644,38 @@ def phase_peft(rec: Recorder, factory: ModelFactory, args, device):
     _checkpointing(pm, True)
     pm.train()
     shapes = [(s, "train") for s in args.train_shapes]
-    for n, t in args.init_shapes:  # the memory target compares the init with training at its micro-batch
+    for n, t in args.init_shapes if prepare == "kbit" else ():  # the memory target: the init vs training at its micro-batch
         s = (args.init_micro_batch, t)
         if s not in args.train_shapes and s not in [x for x, _ in shapes]:
             shapes.append((s, "init-compare"))
     for shape, role in shapes:
-        bench_train(rec, "peft_qlora", pm, optimizer, shape, args, device, dtype, factory.vocab_size, role=role)
+        bench_train(rec, PEFT_IMPLS[prepare], pm, optimizer, shape, args, device, dtype, factory.vocab_size, role=role)
+    del optimizer, pm, model
+    free_memory(device)
+
+
+def phase_liger(rec: Recorder, factory: ModelFactory, args, device):
+    """qlora-ga's training step with Liger Kernel's fused kernels (run last: Liger patches transformers' code)."""
+    from qlora_ga.gradient import estimate_factors
+    from qlora_ga.init import init_adapters, singular_vectors_needed
+    from qlora_ga.kernels import apply_liger
+    from qlora_ga.train import TrainSettings, _checkpointing, build_optimizer
+
+    dtype = factory.compute_dtype
+    model = factory.quantized()
+    apply_liger(model, device)
+    # adapters from a small sample: the step's speed does not depend on their values
+    factors = estimate_factors(model, random_examples(2, 64, factory.vocab_size, args.seed), rank=args.rank,
+                               n_vectors=singular_vectors_needed("lora-ga", args.rank), progress=False)
+    pm = init_adapters(model, factors, method="lora-ga", rank=args.rank, alpha=args.alpha)
+    del factors
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        optimizer = build_optimizer(pm, TrainSettings(optim=args.optim, lr=5e-5), device)
+    _checkpointing(pm, True)
+    pm.train()
+    for shape in args.train_shapes:
+        bench_train(rec, "qlora_ga_liger", pm, optimizer, shape, args, device, dtype, factory.vocab_size)
     del optimizer, pm, model
     free_memory(device)
 
@@ -722,23 +772,37 @@ def summarize(rec: Recorder, args, device):
                 rec.add(part="ratio", ratio="init_peak_over_reference_peak", shape=s, value=_r(ours[mk] / ref[mk], 4))
 
     say("\n== training step (tokens/s; peak %s GiB) ==" % mem_name)
-    say(f"{'shape':>9} {'ours':>10} {'no resid':>10} {'PEFT':>10} {'ours/PEFT':>9} {'overhead':>9} "
-        f"{'ours peak':>10} {'PEFT peak':>10}")
+    say("PEFT: with prepare_model_for_kbit_training; PEFT-np: without it")
+    say(f"{'shape':>9} {'ours':>9} {'no resid':>9} {'PEFT':>9} {'PEFT-np':>9} {'Liger':>9} {'/PEFT':>7} {'/PEFT-np':>8} "
+        f"{'overhead':>9} {'ours peak':>10} {'PEFT peak':>10}")
+
+    def tps(row):
+        return _fmt("OOM" if row.get("oom") else row.get("tokens_per_s"), ".1f")
+
+    def over(a, b):
+        return a["tokens_per_s"] / b["tokens_per_s"] if a.get("tokens_per_s") and b.get("tokens_per_s") else None
+
     for shape in args.train_shapes:
         s = shape_str(shape)
         o = rec.find(part="train", impl="qlora_ga", shape=s) or {}
         d = rec.find(part="train", impl="qlora_ga_no_residual", shape=s) or {}
         p = rec.find(part="train", impl="peft_qlora", shape=s) or {}
-        ratio = o["tokens_per_s"] / p["tokens_per_s"] if o.get("tokens_per_s") and p.get("tokens_per_s") else None
-        overhead = d["tokens_per_s"] / o["tokens_per_s"] - 1 if o.get("tokens_per_s") and d.get("tokens_per_s") else None
-        say(f"{s:>9} {_fmt('OOM' if o.get('oom') else o.get('tokens_per_s'), '.1f'):>10} "
-            f"{_fmt('OOM' if d.get('oom') else d.get('tokens_per_s'), '.1f'):>10} "
-            f"{_fmt('OOM' if p.get('oom') else p.get('tokens_per_s'), '.1f'):>10} {_fmt(ratio, '.3f'):>9} "
-            f"{_fmt(None if overhead is None else f'{100 * overhead:+.2f}%'):>9} {_fmt(o.get(mk)):>10} {_fmt(p.get(mk)):>10}")
-        if ratio is not None:
-            rec.add(part="ratio", ratio="train_tokens_per_s_ours_over_peft", shape=s, value=_r(ratio, 4))
+        pn = rec.find(part="train", impl="peft_qlora_no_prepare", shape=s) or {}
+        lg = rec.find(part="train", impl="qlora_ga_liger", shape=s) or {}
+        ratio, ratio_np, overhead = over(o, p), over(o, pn), over(d, o)
+        overhead = None if overhead is None else overhead - 1
+        say(f"{s:>9} {tps(o):>9} {tps(d):>9} {tps(p):>9} {tps(pn):>9} {tps(lg):>9} {_fmt(ratio, '.3f'):>7} "
+            f"{_fmt(ratio_np, '.3f'):>8} {_fmt(None if overhead is None else f'{100 * overhead:+.2f}%'):>9} "
+            f"{_fmt(o.get(mk)):>10} {_fmt(p.get(mk)):>10}")
+        for name, value in (("ours_over_peft", ratio), ("ours_over_peft_no_prepare", ratio_np),
+                            ("liger_over_peft", over(lg, p)), ("liger_over_peft_no_prepare", over(lg, pn)),
+                            ("liger_over_ours", over(lg, o))):
+            if value is not None:
+                rec.add(part="ratio", ratio=f"train_tokens_per_s_{name}", shape=s, value=_r(value, 4))
         if o or p:
-            target("training tokens/s >= 1.0x PEFT QLoRA", s, ratio, ">=", 1.0)
+            target("training tokens/s >= 1.0x PEFT QLoRA (prepare_model_for_kbit_training)", s, ratio, ">=", 1.0)
+        if o or pn:
+            target("training tokens/s >= 1.0x PEFT QLoRA (no prepare)", s, ratio_np, ">=", 1.0)
         if o or d:
             target("residual overhead < 3%", s, overhead, "<", 0.03, note="tokens/s without residual / with - 1")
 
@@ -778,11 +842,15 @@ def main(argv=None) -> int:
         say("-- qlora-ga: gradient init, training step, residual overhead")
         phase_ours(rec, factory, args, device)
     if "peft" not in args.skip:
-        say("-- PEFT QLoRA training step")
-        phase_peft(rec, factory, args, device)
+        for prepare in ("kbit", "none") if args.peft_prepare == "both" else (args.peft_prepare,):
+            say(f"-- PEFT QLoRA training step ({'prepare_model_for_kbit_training' if prepare == 'kbit' else 'no prepare'})")
+            phase_peft(rec, factory, args, device, prepare)
     if "ref" not in args.skip:
         say("-- official-style LoRA-GA estimation (bf16 model, .grad on every target weight)")
         phase_reference(rec, factory, args, device)
+    if args.liger == "on" and "liger" not in args.skip:
+        say("-- qlora-ga training step with Liger Kernel")
+        phase_liger(rec, factory, args, device)
     summarize(rec, args, device)
     say(f"\n{len(rec.rows)} rows appended to {args.out} ({time.perf_counter() - t0:.1f} s)")
     return 0

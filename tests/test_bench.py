@@ -43,14 +43,33 @@ def test_bench_memory_tiny_cpu(tmp_path):
     ref = [r for r in rows if r["part"] == "ref_init"]
     assert len(ref) == 1 and ref[0]["oom"] is False and ref[0]["wall_s"] > 0
     train = {(r["impl"], r["shape"]) for r in rows if r["part"] == "train"}
-    assert {("qlora_ga", "1x32"), ("qlora_ga_no_residual", "1x32"), ("peft_qlora", "1x32"), ("peft_qlora", "2x32")} <= train
+    assert {("qlora_ga", "1x32"), ("qlora_ga_no_residual", "1x32"), ("peft_qlora", "1x32"), ("peft_qlora", "2x32"),
+            ("peft_qlora_no_prepare", "1x32")} <= train
+    assert not any(impl == "qlora_ga_liger" for impl, _ in train)  # Liger: CUDA only
     for r in rows:
         if r["part"] == "train":
             assert r["tokens_per_s"] > 0 and {"step_s", "peak_gpu_gib", "peak_rss_gib", "loss"} <= set(r)
     targets = [r for r in rows if r["part"] == "target"]
-    assert len(targets) == 4 and all({"target", "value", "threshold", "passed"} <= set(t) for t in targets)
+    assert len(targets) == 5 and all({"target", "value", "threshold", "passed"} <= set(t) for t in targets)
+    assert sum("PEFT QLoRA" in t["target"] and "tokens/s" in t["target"] for t in targets) == 2  # both PEFT baselines
     assert all(isinstance(t["passed"], bool) for t in targets)
     assert "== targets ==" in proc.stdout and ("PASS" in proc.stdout or "MISS" in proc.stdout)
+
+
+def test_bench_step_tiny_cpu(tmp_path):
+    out = tmp_path / "bench" / "step.jsonl"
+    proc = _run([str(ROOT / "scripts" / "bench_step.py"), "--tiny", "--device", "cpu", "--shape", "1x32", "--rounds", "1",
+                 "--warmup", "0", "--out", str(out)], tmp_path)
+    rows = _rows(out)
+    assert rows and all(META_KEYS <= set(r) for r in rows) and {r["bench"] for r in rows} == {"step"}
+    steps = [r for r in rows if r["part"] == "step"]
+    impls = ("qlora_ga", "qlora_ga_no_residual", "peft_qlora", "peft_qlora_no_prepare")
+    assert sorted((r["impl"], r["round"]) for r in steps) == sorted((i, k) for i in impls for k in range(1))
+    assert all(r["tokens_per_s"] > 0 for r in steps)
+    (summary,) = [r for r in rows if r["part"] == "summary"]
+    assert set(summary["median_tokens_per_s"]) == set(impls)
+    assert {"residual_overhead", "ours_over_peft", "ours_over_peft_no_prepare"} <= set(summary)
+    assert "residual overhead" in proc.stdout
 
 
 def _write_gsm8k(folder: Path):

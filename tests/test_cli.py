@@ -59,8 +59,9 @@ def test_training_lowers_the_loss_and_writes_the_documented_layout(tiny_model_di
     assert all(len(m["top_singular_values"]) > 0 for m in report["modules"].values())
 
 
-def test_interrupted_run_resumes_exactly(tiny_model_dir, tmp_path):
-    common = ("--max-steps", "6", "--lr", "2e-3", "--eval-split", "0.1", "--eval-every", "2", "--lora-dropout", "0.1")
+@pytest.mark.parametrize("order", [(), ("--group-by-length",)], ids=["shuffled", "grouped-by-length"])
+def test_interrupted_run_resumes_exactly(tiny_model_dir, tmp_path, order):
+    common = ("--max-steps", "6", "--lr", "2e-3", "--eval-split", "0.1", "--eval-every", "2", "--lora-dropout", "0.1", *order)
     full, part = tmp_path / "full", tmp_path / "part"
     assert main(base_args(tiny_model_dir, full, *common)) == 0
     os.environ["QLORA_GA_STOP_AFTER"] = "3"
@@ -126,6 +127,7 @@ def _write(path, text):
         (["--lr", "-1e-4"], r"lr"),
         (["--overlong", "drop", "--max-length", "8"], r"max.length"),
         (["--device", "cuda"], r"CUDA"),
+        (["--liger"], r"--liger needs a CUDA GPU"),
         (["--unknown-flag", "1"], r"unknown|unrecognized"),
     ],
 )

@@ -55,6 +55,8 @@ NON_DEFAULT = {
     "optim": "adamw",
     "seed": 7,
     "no_gradient_checkpointing": True,
+    "group_by_length": True,
+    "liger": True,
     "device": "cuda:1",
     "compute_dtype": "fp16",
     "eval_every": 50,

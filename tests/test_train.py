@@ -98,3 +98,74 @@ def test_nan_gradient_stops_before_the_update_and_keeps_the_last_good_checkpoint
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-1", "step-2"]
     assert all(torch.isfinite(t).all() for t in load_file(tmp_path / "checkpoints" / "step-2" / "adapter_model.safetensors").values())
     assert torch.isfinite(param).all()  # the poisoned step was not applied
+
+
+def _lengths_data(n=120, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [{"input_ids": [i] * L, "labels": [i] * L} for i, L in enumerate(torch.randint(1, 60, (n,), generator=g).tolist())]
+
+
+def _padding(steps):
+    return sum(len(mb) * max(len(e["input_ids"]) for e in mb) - sum(len(e["input_ids"]) for e in mb) for st in steps for mb in st)
+
+
+def test_group_by_length_groups_each_chunk_and_keeps_every_epoch_a_permutation():
+    from qlora_ga.train import LENGTH_GROUP_MICRO_BATCHES, StepBatches, epoch_order
+
+    data = _lengths_data()
+    s = TrainSettings(batch_size=2, grad_accum=3, seed=3, group_by_length=True)
+    plain = TrainSettings(batch_size=2, grad_accum=3, seed=3)
+    n_steps = 2 * len(data) // 6  # two epochs
+    grouped = [micro_batches_for_step(data, k, s) for k in range(n_steps)]
+    ungrouped = [micro_batches_for_step(data, k, plain) for k in range(n_steps)]
+    flat = [e["input_ids"][0] for st in grouped for mb in st for e in mb]
+    assert sorted(flat[: len(data)]) == list(range(len(data))) and sorted(flat[len(data) :]) == list(range(len(data)))
+    assert flat[: len(data)] != flat[len(data) :]  # each epoch reshuffled
+    # the same seeded permutation as without grouping, each chunk of 50 micro-batches sorted longest first
+    group = LENGTH_GROUP_MICRO_BATCHES * s.batch_size
+    lengths = [len(e["input_ids"]) for e in data]
+    order, base = epoch_order(len(data), 3, 0, lengths, group), epoch_order(len(data), 3, 0)
+    assert flat[: len(data)] == order
+    for j in range(0, len(data), group):
+        assert sorted(order[j : j + group]) == sorted(base[j : j + group])
+        assert [lengths[i] for i in order[j : j + group]] == sorted((lengths[i] for i in base[j : j + group]), reverse=True)
+    assert _padding(grouped) < _padding(ungrouped) / 4
+    # a pure function of (seed, step): a fresh object (a resumed run) gives the same steps
+    assert StepBatches(data, s).examples(n_steps - 1) == grouped[-1]
+
+
+def test_step_loader_resumes_at_any_step_with_or_without_workers():
+    from qlora_ga.train import StepBatches, step_loader
+
+    data = _lengths_data(40)
+    s = TrainSettings(batch_size=2, grad_accum=2, seed=1, group_by_length=True)
+    cpu = torch.device("cpu")
+    full = list(step_loader(data, s, 0, 0, 25, cpu))  # 100 sequences: two and a half epochs
+    assert len(full) == 25
+    s1 = TrainSettings(batch_size=2, grad_accum=2, seed=1, group_by_length=True, num_workers=1)
+    for start, items in ((7, list(step_loader(data, s, 0, 7, 25, cpu))), (9, list(step_loader(data, s1, 0, 9, 25, cpu)))):
+        assert len(items) == 25 - start
+        for a, b in zip(full[start:], items):
+            assert all(torch.equal(x[k], y[k]) for x, y in zip(a["micro_batches"], b["micro_batches"]) for k in x)
+            assert a["label_tokens"] == b["label_tokens"] and a["input_tokens"] == b["input_tokens"]
+    item = StepBatches(data, s, 0)[3]
+    assert item["label_tokens"] == [int((b["labels"][:, 1:] != -100).sum()) for b in item["micro_batches"]]
+    assert item["input_tokens"] == sum(len(e["input_ids"]) for mb in micro_batches_for_step(data, 3, s) for e in mb)
+
+
+def test_logged_loss_is_the_token_weighted_loss_of_the_step(tiny_model_dir, tmp_path):
+    from qlora_ga.metrics import read_metrics
+    from qlora_ga.train import StepBatches, train
+
+    model, tok = load_model(tiny_model_dir)
+    pm = init_adapters(model, None, method="gaussian", rank=4)
+    ex = _examples(tok)
+    s = TrainSettings(batch_size=3, grad_accum=2, lr=1e-3, max_steps=1, optim="adamw", gradient_checkpointing=False)
+    item = StepBatches(ex, s, tok.pad_token_id)[0]
+    n = sum(item["label_tokens"])
+    with torch.no_grad():
+        want = sum(float(pm(**b).loss) * k / n for b, k in zip(item["micro_batches"], item["label_tokens"]))
+    train(pm, tok, ex, [], s, tmp_path, progress=False)
+    (row,) = read_metrics(tmp_path / "metrics.jsonl")
+    assert row["loss"] == pytest.approx(want, abs=2e-6)
+    assert row["tokens_per_s"] > 0
