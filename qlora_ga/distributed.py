@@ -9,11 +9,14 @@ reports bad input.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 
 import torch
 import torch.distributed as dist
+
+from .errors import QloraGaError
 
 
 def launched() -> bool:
@@ -21,12 +24,15 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def init(timeout_minutes: float = 30.0) -> torch.device | None:
-    """Join the process group of a launcher (once); return this process's device, or None without a launcher."""
+def init(cpu: bool = False, timeout_minutes: float = 30.0) -> torch.device | None:
+    """Join the process group of a launcher (once); return this process's device, or None without a launcher.
+
+    ``cpu``: gloo on the CPU even where GPUs are present.
+    """
     if not launched():
         return None
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    cuda = torch.cuda.is_available()
+    cuda = torch.cuda.is_available() and not cpu
     device = torch.device("cuda", local) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
@@ -42,7 +48,10 @@ def active() -> bool:
 
 
 def rank() -> int:
-    return dist.get_rank() if active() else 0
+    """This process's rank (from the launcher's environment before the group is joined), 0 without a launcher."""
+    if active():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", "0")) if launched() else 0
 
 
 def world() -> int:
@@ -66,6 +75,13 @@ def sum_values(*values: float) -> list[float]:
     return t.tolist()
 
 
+def sum_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` summed over all processes, in place (on the backend's device); itself with one process."""
+    if active():
+        dist.all_reduce(tensor)
+    return tensor
+
+
 def reduce_to(tensor: torch.Tensor, owner: int):
     """Sum ``tensor`` over all processes into process ``owner``'s copy (the others' copies are left undefined)."""
     if active():
@@ -79,6 +95,35 @@ def gather_objects(obj) -> list:
     out = [None] * world()
     dist.all_gather_object(out, obj)
     return out
+
+
+@contextlib.contextmanager
+def main_first():
+    """The main process runs the block first (e.g. to fill a cache), then the others. If it fails there
+    (bad input, which would fail everywhere), the others raise the same error without running the block."""
+    if not active():
+        yield
+        return
+    if not is_main():
+        status = [None]
+        dist.broadcast_object_list(status, src=0)
+        if status[0] is not None:
+            raise QloraGaError(status[0])
+        yield
+        return
+    try:
+        yield
+    except BaseException as e:
+        dist.broadcast_object_list([str(e) or type(e).__name__], src=0)
+        raise
+    dist.broadcast_object_list([None], src=0)
+
+
+def peer_failed(e: BaseException) -> bool:
+    """Whether ``e`` is a collective that broke because another process went away."""
+    text = str(e).lower()
+    return isinstance(e, getattr(dist, "DistBackendError", ())) or any(
+        w in text for w in ("closed by peer", "connection reset", "broken pipe", "nccl communicator was aborted"))
 
 
 def barrier():

@@ -39,7 +39,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import distributed
-from .data import IGNORE_INDEX
+from .data import IGNORE_INDEX, count_label_tokens
 from .errors import QloraGaError
 from .head import ModelHead
 from .model import DEFAULT_TARGETS, find_decoder_layers, keep_4bit_trainable, resolve_targets, target_linears
@@ -171,11 +171,6 @@ def make_micro_batches(examples: Sequence[dict], micro_batch_size: int, pad_toke
             raise QloraGaError("every example needs input_ids and labels of the same length (and attention_mask, if any): fix the data collation")
     rows = sorted(examples, key=lambda ex: -len(ex["input_ids"]))
     return [collate(rows[i : i + micro_batch_size], pad_token_id) for i in range(0, len(rows), micro_batch_size)]
-
-
-def count_label_tokens(labels: torch.Tensor) -> int:
-    """Label tokens that get a loss in a causal LM (position t predicts labels[t+1])."""
-    return int((labels[:, 1:] != IGNORE_INDEX).sum())
 
 
 # ------------------------------------------------------------------ state store
