@@ -9,11 +9,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import sys
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
+from . import distributed
 from .config import FinetuneConfig, parse_config, resolved, save_yaml
 from .errors import QloraGaError
 from .fileio import atomic_write
@@ -33,11 +35,14 @@ def apply_demo_preset(cfg: FinetuneConfig) -> FinetuneConfig:
     return replace(cfg, **changes)
 
 
+LAUNCHED_ERROR_GRACE_S = 3.0
+
 RUN_MARKERS = ("run_config.yaml", "metrics.jsonl", "checkpoints", "adapter", "init_report.json")
 
 
 def _say(msg: str):
-    print(msg, flush=True)
+    if distributed.is_main():
+        print(msg, flush=True)
 
 
 def check_output_dir(cfg: FinetuneConfig) -> Path:
@@ -53,6 +58,8 @@ def check_output_dir(cfg: FinetuneConfig) -> Path:
 def resolve_device(cfg: FinetuneConfig):
     import torch
 
+    if distributed.launched():  # one process per GPU (LOCAL_RANK), or gloo on the CPU
+        return distributed.init(cpu=cfg.device == "cpu")
     if cfg.device:
         dev = torch.device(cfg.device)
         if dev.type == "cuda" and not torch.cuda.is_available():
@@ -99,8 +106,9 @@ def run(cfg: FinetuneConfig) -> dict:
     from .train import TrainSettings, find_checkpoint, load_checkpoint_weights, train
 
     cfg = resolved(cfg)
-    out = check_output_dir(cfg)
     device = resolve_device(cfg)
+    out = check_output_dir(cfg)
+    distributed.barrier()  # every process has looked at --output-dir before the main one writes into it
     if cfg.liger:
         from .kernels import check_liger
 
@@ -112,7 +120,8 @@ def run(cfg: FinetuneConfig) -> dict:
 
     torch.manual_seed(cfg.seed)
     _say(f"loading {cfg.model or 'the built-in SmolLM2-135M-Instruct'} in 4-bit on {device} ...")
-    model, tok = load_model(cfg.model, device=device, compute_dtype=cfg.compute_dtype)
+    with distributed.main_first():  # the main process fills the caches (a GGUF's conversion, the dataset) first
+        model, tok = load_model(cfg.model, device=device, compute_dtype=cfg.compute_dtype)
     if cfg.liger:
         from .kernels import apply_liger
 
@@ -124,7 +133,8 @@ def run(cfg: FinetuneConfig) -> dict:
         overlong=cfg.overlong, eval_split=cfg.eval_fraction if cfg.eval_fraction is not None else cfg.eval_split_name,
         n_builtin=cfg.n_builtin, seed=cfg.seed,
     )
-    data = build_data(tok, data_cfg)
+    with distributed.main_first():
+        data = build_data(tok, data_cfg)
     st = data.stats
     _say(f"data: {st.n_train} train / {st.n_eval} eval examples, {st.n_label_tokens} label tokens "
          f"(dropped {st.n_empty_dropped} empty, {st.n_overlong_dropped} over-long; truncated {st.n_truncated})")
@@ -136,7 +146,7 @@ def run(cfg: FinetuneConfig) -> dict:
     lora_kw = dict(rank=cfg.rank, alpha=cfg.alpha, target_modules=targets, lora_dropout=cfg.lora_dropout,
                    use_rslora=cfg.use_rslora)
     prompts = _sample_prompts(data.eval or data.train, cfg.sample_prompts)
-    before = show_samples(model, tok, prompts, "before training") if prompts and not ckpt else []
+    before = show_samples(model, tok, prompts, "before training") if prompts and not ckpt and distributed.is_main() else []
 
     if ckpt is not None:
         _say(f"resuming from {ckpt}")
@@ -158,8 +168,7 @@ def run(cfg: FinetuneConfig) -> dict:
             factors = estimate_factors(
                 model, sample, rank=cfg.rank, target_modules=targets, n_vectors=singular_vectors_needed(cfg.init, cfg.rank),
                 reducer=factor_reducer(cfg.init, cfg.rank, cfg.gamma), micro_batch_size=cfg.init_micro_batch,
-                pad_token_id=tok.pad_token_id,
-                report=report,
+                pad_token_id=tok.pad_token_id, report=report, progress=distributed.is_main(),
             )
             init_report = asdict(report)
             _say(f"gradient pass: {report.n_sequences} sequences, {report.n_label_tokens} label tokens, "
@@ -168,14 +177,16 @@ def run(cfg: FinetuneConfig) -> dict:
         start_step = 0
 
     # Everything the run needs is in hand: only now is an old run (with --overwrite) replaced.
-    if cfg.overwrite and not ckpt and out.is_dir():
-        for m in RUN_MARKERS + ("loss.png", "summary.json", "merged"):
-            p = out / m
-            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
-    save_yaml(cfg, out / "run_config.yaml")
-    if ckpt is None and init_report is not None:
-        _write_json(out / "init_report.json", init_report)
+    if distributed.is_main():
+        if cfg.overwrite and not ckpt and out.is_dir():
+            for m in RUN_MARKERS + ("loss.png", "summary.json", "merged"):
+                p = out / m
+                shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+        out.mkdir(parents=True, exist_ok=True)
+        save_yaml(cfg, out / "run_config.yaml")
+        if ckpt is None and init_report is not None:
+            _write_json(out / "init_report.json", init_report)
+    distributed.barrier()
 
     settings = TrainSettings(
         batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, lr=cfg.lr, epochs=cfg.epochs, max_steps=cfg.max_steps,
@@ -187,12 +198,14 @@ def run(cfg: FinetuneConfig) -> dict:
     if cfg.max_steps != 0:
         stop_after = int(os.environ["QLORA_GA_STOP_AFTER"]) if os.environ.get("QLORA_GA_STOP_AFTER") else None
         summary.update(train(pm, tok, data.train, data.eval, settings, out, start_step=start_step, checkpoint=ckpt,
-                             compute_dtype=compute_dtype, stop_after=stop_after))
-        if (out / "metrics.jsonl").is_file():
+                             compute_dtype=compute_dtype, stop_after=stop_after, progress=distributed.is_main()))
+        if distributed.is_main() and (out / "metrics.jsonl").is_file():
             plot_losses(out / "metrics.jsonl", out / "loss.png", title=f"{cfg.init}, r={cfg.rank}, lr={cfg.lr:g}")
 
     from .export import merge_export, save_adapter
 
+    if not distributed.is_main():  # the processes' adapters are the same: the main one writes it
+        return summary
     save_adapter(pm, out / "adapter")
     _say(f"adapter written to {out / 'adapter'} (PEFT format)")
     after = show_samples(pm, tok, prompts, "after training") if prompts and cfg.max_steps != 0 else []
@@ -212,27 +225,56 @@ def _write_json(path: Path, obj):
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the tool; return the exit code. Under a launcher, every process runs this: bad input (the
+    same on all of them) is reported by the main one; a failure of one process ends it at once, and
+    the launcher then stops the others."""
     quiet_libraries()
+    code = _main(argv)
+    if distributed.launched():
+        if code == 0:
+            distributed.finish()
+        else:  # leave now, without waiting for processes that may sit in a collective
+            if code == 2:  # bad input, met by every process at about the same moment: let each exit with 2
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)  # before the launcher, seeing the first, stops the rest
+                time.sleep(LAUNCHED_ERROR_GRACE_S)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    return code
+
+
+def _main(argv: list[str] | None) -> int:
+    where = f"process {distributed.rank()}: " if distributed.launched() else ""  # (the launcher's RANK)
     try:
         cfg = apply_demo_preset(parse_config(argv))
         run(cfg)
         return 0
     except QloraGaError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if distributed.is_main():  # the same on every process
+            print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: the last checkpoint is kept; continue with --resume", file=sys.stderr)
+        if distributed.is_main():
+            print("interrupted: the last checkpoint is kept; continue with --resume", file=sys.stderr)
         return 130
     except MemoryError:
-        print("error: out of host memory: lower --batch-size, --max-length or --init-samples", file=sys.stderr)
+        print(f"error: {where}out of host memory: lower --batch-size, --max-length or --init-samples", file=sys.stderr)
         return 2
     except Exception as e:  # CUDA out-of-memory is a RuntimeError subclass
         import torch
 
         if isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower():
-            print("error: out of GPU memory: lower --batch-size (raise --grad-accum to keep the effective batch), "
+            print(f"error: {where}out of GPU memory: lower --batch-size (raise --grad-accum to keep the effective batch), "
                   "--max-length, or --init-samples / --init-micro-batch for the gradient pass", file=sys.stderr)
             return 2
+        if distributed.launched():  # leave at once (see main)
+            if distributed.peer_failed(e):  # a consequence: the failing process has said why
+                print(f"error: {where}stopped: another process failed (its error is above)", file=sys.stderr)
+            else:
+                import traceback
+
+                traceback.print_exc()
+            return 1
         raise
 
 

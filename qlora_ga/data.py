@@ -762,6 +762,11 @@ def build_data(tokenizer, cfg: DataConfig) -> TokenizedData:
 # batching
 # ---------------------------------------------------------------------------------------------
 
+def count_label_tokens(labels: torch.Tensor) -> int:
+    """Label tokens of a collated batch that get a loss in a causal LM (position t predicts labels[:, t+1])."""
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
 def collate(examples: list[dict], pad_token_id: int, pad_to_multiple_of: int | None = None) -> dict[str, torch.Tensor]:
     """Right-pad to the longest example (rounded up to ``pad_to_multiple_of``): ``input_ids`` (pad
     id), ``attention_mask`` (0 on pad), ``labels`` (-100 on pad); all int64 ``[batch, length]``.

@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 import time
 import weakref
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -37,7 +38,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .data import IGNORE_INDEX
+from . import distributed
+from .data import IGNORE_INDEX, count_label_tokens
 from .errors import QloraGaError
 from .head import ModelHead
 from .model import DEFAULT_TARGETS, find_decoder_layers, keep_4bit_trainable, resolve_targets, target_linears
@@ -111,25 +113,40 @@ def truncated_svd(G: torch.Tensor, k: int, method: str = "lowrank", niter: int =
 
     ``lowrank``: ``torch.svd_lowrank`` with ``q = min(2k, m, n)`` (= 4r for the 2r vectors LoRA-GA
     needs) and ``niter`` power iterations; ``exact``: full ``torch.linalg.svd``.
+
+    Signs are canonical: each left singular vector's largest entry (in absolute value) is positive,
+    its right vector flipped with it. LoRA-GA pairs u_(r+i) with v_i, so its start would otherwise
+    depend on the sign a solver happens to pick (a tiny change in G, e.g. another summation order
+    over processes, can flip one).
     """
     m, n = G.shape
     if method == "exact" or min(m, n) <= 2 * k:
         U, S, Vh = torch.linalg.svd(G, full_matrices=False)
-        return U[:, :k], S[:k], Vh[:k].T
-    if method != "lowrank":
+        U, S, V = U[:, :k], S[:k], Vh[:k].T
+    elif method == "lowrank":
+        U, S, V = torch.svd_lowrank(G, q=min(2 * k, m, n), niter=niter)
+        U, S, V = U[:, :k], S[:k], V[:, :k]
+    else:
         raise QloraGaError(f"unknown SVD method '{method}': use 'lowrank' or 'exact'")
-    U, S, V = torch.svd_lowrank(G, q=min(2 * k, m, n), niter=niter)
-    return U[:, :k], S[:k], V[:, :k]
+    sign = torch.sign(U.gather(0, U.abs().argmax(0, keepdim=True)))
+    sign[sign == 0] = 1
+    return U * sign, S, V * sign
 
 
 def svd_reducer(k: int, method: str = "lowrank", niter: int = 4, transform: Callable | None = None):
-    """``reduce_fn`` for :func:`gradient_pass` that keeps the top-``k`` SVD factors of each G (on CPU)."""
+    """``reduce_fn`` for :func:`gradient_pass` that keeps the top-``k`` SVD factors of each G (on CPU).
+
+    The randomized SVD draws from a generator seeded by the module's name, so a module's factors
+    depend on its G alone (not on which process reduces it, or on what ran before).
+    """
 
     def reduce(name: str, G: torch.Tensor) -> Factors:
         t = time.perf_counter()
         norm = float(torch.linalg.matrix_norm(G))
         target = transform(G) if transform is not None else G
-        U, S, V = truncated_svd(target, k, method, niter)
+        with torch.random.fork_rng(devices=[G.device] if G.device.type == "cuda" else []):
+            torch.manual_seed(zlib.crc32(name.encode()))
+            U, S, V = truncated_svd(target, k, method, niter)
         return Factors(U.cpu(), S.cpu(), V.cpu(), tuple(G.shape), norm, time.perf_counter() - t)
 
     return reduce
@@ -154,11 +171,6 @@ def make_micro_batches(examples: Sequence[dict], micro_batch_size: int, pad_toke
             raise QloraGaError("every example needs input_ids and labels of the same length (and attention_mask, if any): fix the data collation")
     rows = sorted(examples, key=lambda ex: -len(ex["input_ids"]))
     return [collate(rows[i : i + micro_batch_size], pad_token_id) for i in range(0, len(rows), micro_batch_size)]
-
-
-def count_label_tokens(labels: torch.Tensor) -> int:
-    """Label tokens that get a loss in a causal LM (position t predicts labels[t+1])."""
-    return int((labels[:, 1:] != IGNORE_INDEX).sum())
 
 
 # ------------------------------------------------------------------ state store
@@ -371,7 +383,15 @@ def gradient_pass(
     dtype = model.get_input_embeddings().weight.dtype
 
     batches = make_micro_batches(examples, micro_batch_size, pad_token_id)
-    n_total = sum(count_label_tokens(b["labels"]) for b in batches)
+    if len(batches) < distributed.world():
+        raise QloraGaError(
+            f"the gradient sample has {len(batches)} micro-batches for {distributed.world()} processes: "
+            "raise --init-samples or lower --init-micro-batch"
+        )
+    batches = batches[distributed.rank() :: distributed.world()]  # this process's share of the sample
+    n_total, n_seq, padded_tokens = (int(v) for v in distributed.sum_values(
+        sum(count_label_tokens(b["labels"]) for b in batches), sum(len(b["input_ids"]) for b in batches),
+        sum(b["input_ids"].numel() for b in batches)))
     if n_total == 0:
         raise QloraGaError("the gradient sample batch has no label tokens (every token is masked): check the data format and prompt masking")
     n_layers = len(layers)
@@ -381,8 +401,7 @@ def gradient_pass(
     store_dev, stride = plan_state_store(n_layers, plan, device, state_device, state_budget_bytes)
     pin = store_dev.type == "cpu" and device.type == "cuda"
     pool = _BufferPool(store_dev, pin)
-    padded_tokens = sum(b["input_ids"].numel() for b in batches)
-    report.n_sequences, report.n_label_tokens, report.n_padded_tokens = len(examples), n_total, padded_tokens
+    report.n_sequences, report.n_label_tokens, report.n_padded_tokens = n_seq, n_total, padded_tokens
     report.n_blocks, report.state_device, report.state_stride = n_layers, str(store_dev), stride
     report.state_bytes_per_layer, report.state_fixed_bytes, report.reserve_bytes = plan.per_layer, plan.fixed, plan.reserve
     report.max_block_grad_bytes = max(sum(m.out_features * m.in_features * 4 for m in b.values()) for b in blocks)
@@ -414,7 +433,7 @@ def gradient_pass(
                     del g, h_last
         finally:
             capture.enabled = False
-        report.loss = loss_total / n_total
+        report.loss = distributed.sum_values(loss_total)[0] / n_total
         if not math.isfinite(report.loss):
             raise QloraGaError(f"the sample loss is not finite ({report.loss}): check the data and the model weights")
 
@@ -453,15 +472,10 @@ def gradient_pass(
             grad_out = new_grad
             pool.release(capture.inputs[li])  # this block is done; a segment's stored start is its last block
             capture.inputs[li] = []
-            for name, g in G.items():
-                g.mul_(1.0 / n_total)  # the summed loss's gradient -> the mean's, in fp32
-                if not torch.isfinite(g).all():
-                    raise QloraGaError(
-                        f"the gradient of {name} is not finite (NaN/inf): check the data, lower --max-length, "
-                        "or load the model in a wider compute dtype"
-                    )
-                results[name] = reduce_fn(name, g)
-                f = results[name]
+            block = _reduce_block(G, n_total, reduce_fn, first=sum(len(b) for b in blocks[li + 1 :]))
+            del G
+            results.update(block)
+            for name, f in block.items():
                 if hasattr(f, "grad_norm") and hasattr(f, "S"):
                     report.modules[name] = {
                         "shape": list(f.shape), "grad_norm": f.grad_norm,
@@ -470,8 +484,6 @@ def gradient_pass(
                     }
                     if hasattr(f, "objective_end"):
                         report.modules[name]["adam_objective"] = [f.objective_start, f.objective_end]
-            del g
-            G.clear()
             bar.update(1)
     finally:
         if bar is not None:
@@ -493,6 +505,47 @@ def gradient_pass(
     except ImportError:  # pragma: no cover - not POSIX
         pass
     return results
+
+
+def _reduce_block(G: dict[str, torch.Tensor], n_total: int, reduce_fn: Callable, first: int) -> dict[str, object]:
+    """A finished block's G's -> ``{name: reduce_fn(name, G)}`` on every process.
+
+    One process: scale each G to the mean loss's gradient (in fp32), check it, reduce it. Several:
+    module j (counted over the whole pass from ``first``) belongs to process j mod N, which receives
+    the sum of every process's partial G, scales, checks and reduces it; the results are then
+    exchanged, so every process holds every module's result (and the same error, if one failed).
+    """
+    owned, error = {}, None
+    for j, name in enumerate(list(G), start=first):
+        g = G[name]
+        owner = j % distributed.world()
+        distributed.reduce_to(g, owner)
+        if owner != distributed.rank() or error is not None:
+            G[name] = g = None  # freed: another process reduces this module
+            continue
+        try:
+            g.mul_(1.0 / n_total)  # the summed loss's gradient -> the mean's, in fp32
+            if not torch.isfinite(g).all():
+                raise QloraGaError(
+                    f"the gradient of {name} is not finite (NaN/inf): check the data, lower --max-length, "
+                    "or load the model in a wider compute dtype"
+                )
+            owned[name] = reduce_fn(name, g)
+        except Exception as e:
+            if distributed.world() == 1:
+                raise
+            error = e
+        G[name] = g = None
+    if distributed.world() == 1:
+        return owned
+    gathered = distributed.gather_objects((owned, None if error is None else (str(error), isinstance(error, QloraGaError))))
+    failed = [(r, e) for r, (_, e) in enumerate(gathered) if e is not None]
+    if failed:
+        r, (msg, user_error) = failed[0]
+        if error is not None and r == distributed.rank() and not user_error:
+            raise error
+        raise QloraGaError(msg) if user_error else RuntimeError(f"process {r} failed in the gradient pass: {msg}")
+    return {name: f for part, _ in gathered for name, f in part.items()}
 
 
 def _accumulate_hook(G: torch.Tensor):

@@ -23,7 +23,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .data import collate
+from . import distributed
+from .data import collate, count_label_tokens
 from .errors import QloraGaError
 from .metrics import MetricsLogger
 from .residual import load_residual_state_dict, residual_state_dict
@@ -52,10 +53,11 @@ class TrainSettings:
     num_workers: int | None = None  # DataLoader workers; None: 2 on CUDA, 0 (main process) elsewhere
 
 
-def total_steps(n_train: int, s: TrainSettings) -> int:
+def total_steps(n_train: int, s: TrainSettings, world: int = 1) -> int:
+    """Optimizer steps of the run; each takes ``batch_size * grad_accum * world`` sequences (``world`` processes)."""
     if s.max_steps >= 0:
         return s.max_steps
-    per_epoch = math.ceil(n_train / (s.batch_size * s.grad_accum))
+    per_epoch = math.ceil(n_train / (s.batch_size * s.grad_accum * world))
     return max(1, math.ceil(s.epochs * per_epoch))
 
 
@@ -121,15 +123,17 @@ def epoch_order(n: int, seed: int, epoch: int, lengths: list[int] | None = None,
 
 
 class StepBatches(torch.utils.data.Dataset):
-    """Item ``step``: the collated micro-batches of optimizer step ``step`` and their token counts.
+    """Item ``step``: this process's collated micro-batches of optimizer step ``step`` and the token counts.
 
     A pure function of (data, seed, step), so a resumed run needs no data cursor; each epoch's order
     is computed once (the last two are kept: a step may straddle an epoch boundary). Indexed by a
-    ``DataLoader``, whose workers collate the next steps while the current one trains.
+    ``DataLoader``, whose workers collate the next steps while the current one trains. With ``world``
+    processes a step takes ``grad_accum * world`` micro-batches; process ``rank`` trains on every
+    ``world``-th of them, and the step's label-token count (the loss's weight) is the whole step's.
     """
 
-    def __init__(self, train: list[dict], s: TrainSettings, pad_token_id: int | None = None):
-        self.train, self.s, self.pad = train, s, pad_token_id
+    def __init__(self, train: list[dict], s: TrainSettings, pad_token_id: int | None = None, rank: int = 0, world: int = 1):
+        self.train, self.s, self.pad, self.rank, self.world = train, s, pad_token_id, rank, world
         self.lengths = [len(ex["input_ids"]) for ex in train] if s.group_by_length else None
         self._orders: dict[int, list[int]] = {}
 
@@ -141,7 +145,8 @@ class StepBatches(torch.utils.data.Dataset):
         return self._orders[epoch]
 
     def examples(self, step: int) -> list[list[dict]]:
-        per_step = self.s.batch_size * self.s.grad_accum
+        """All micro-batches of the step (every process's)."""
+        per_step = self.s.batch_size * self.s.grad_accum * self.world
         out = []
         for k in range(step * per_step, (step + 1) * per_step):
             epoch, i = divmod(k, len(self.train))
@@ -149,10 +154,12 @@ class StepBatches(torch.utils.data.Dataset):
         return [out[j : j + self.s.batch_size] for j in range(0, per_step, self.s.batch_size)]
 
     def __getitem__(self, step: int) -> dict:
-        mbs = [collate(mb, self.pad) for mb in self.examples(step)]
+        every = [collate(mb, self.pad) for mb in self.examples(step)]  # (cheap, on the host) for the counts
+        mbs = every[self.rank :: self.world]
         return {"micro_batches": mbs,
-                "label_tokens": [int((b["labels"][:, 1:] != -100).sum()) for b in mbs],
-                "input_tokens": sum(int(b["attention_mask"].sum()) for b in mbs)}
+                "label_tokens": [count_label_tokens(b["labels"]) for b in mbs],
+                "step_label_tokens": sum(count_label_tokens(b["labels"]) for b in every),  # the loss's weight
+                "input_tokens": sum(int(b["attention_mask"].sum()) for b in every)}
 
 
 def micro_batches_for_step(train: list[dict], step: int, s: TrainSettings) -> list[list[dict]]:
@@ -165,8 +172,9 @@ def step_loader(train: list[dict], s: TrainSettings, pad_token_id: int, start_st
     ahead into pinned memory; on CPU the main process does it (workers would only compete for the cores)."""
     cuda = device.type == "cuda"
     workers = s.num_workers if s.num_workers is not None else (min(2, os.cpu_count() or 1) if cuda else 0)
+    data = StepBatches(train, s, pad_token_id, distributed.rank(), distributed.world())
     # its own generator: creating the iterator draws a seed, which must not move the global RNG (exact resume)
-    return torch.utils.data.DataLoader(StepBatches(train, s, pad_token_id), batch_size=None,
+    return torch.utils.data.DataLoader(data, batch_size=None,
                                        sampler=range(start_step, steps), num_workers=workers, pin_memory=cuda,
                                        generator=torch.Generator().manual_seed(s.seed))
 
@@ -192,12 +200,20 @@ def _set_rng_state(st):
 def save_checkpoint(model, optimizer, scheduler, step: int, out_dir: Path, extra: dict | None = None,
                     scaler=None) -> Path:
     """Write ``checkpoints/step-N`` atomically (temp dir + rename): trainable weights, residual, optimizer,
-    scheduler, RNG, and the fp16 loss scaler's state (scale and growth tracker) when it is in use."""
+    scheduler, RNG, and the fp16 loss scaler's state (scale and growth tracker) when it is in use.
+
+    With several processes every one calls this: their RNG states are gathered (one list, by rank)
+    and the main process writes; all return once the checkpoint is complete.
+    """
     from peft import get_peft_model_state_dict
 
+    rngs = distributed.gather_objects(_rng_state())
     root = Path(out_dir) / CHECKPOINTS
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step}"
+    if not distributed.is_main():
+        distributed.barrier()
+        return final
+    root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".tmp-step-{step}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -205,11 +221,12 @@ def save_checkpoint(model, optimizer, scheduler, step: int, out_dir: Path, extra
     res = residual_state_dict(model)
     if res:
         save_file(res, tmp / "residual.safetensors")
-    state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state()}
+    state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+             "rng": rngs[0] if len(rngs) == 1 else rngs}
     if scaler is not None and scaler.is_enabled():
         state["scaler"] = scaler.state_dict()
     torch.save(state, tmp / "state.pt")
-    (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **(extra or {})}, indent=1))
+    (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "world_size": len(rngs), **(extra or {})}, indent=1))
     if final.exists():  # same step saved again (e.g. a resumed run): replace it only now that the new one is complete
         old = root / f".old-step-{step}-{os.getpid()}"
         final.rename(old)
@@ -217,6 +234,7 @@ def save_checkpoint(model, optimizer, scheduler, step: int, out_dir: Path, extra
         shutil.rmtree(old)
     else:
         tmp.rename(final)
+    distributed.barrier()
     return final
 
 
@@ -264,11 +282,11 @@ def _mem(device: torch.device) -> float:
 
 @torch.no_grad()
 def evaluate_loss(model, examples: list[dict], batch_size: int, pad_token_id: int, device, dtype) -> float:
-    """Token-weighted mean loss over all label tokens of ``examples``."""
+    """Token-weighted mean loss over all label tokens of ``examples`` (split over the processes, if several)."""
     was = model.training
     model.eval()
     total, n = torch.zeros((), dtype=torch.float64, device=device), 0
-    for i in range(0, len(examples), batch_size):
+    for i in range(distributed.rank() * batch_size, len(examples), batch_size * distributed.world()):
         b = collate(examples[i : i + batch_size], pad_token_id)
         k = int((b["labels"][:, 1:] != -100).sum())  # on the host: no device sync per batch
         if k == 0:
@@ -278,7 +296,25 @@ def evaluate_loss(model, examples: list[dict], batch_size: int, pad_token_id: in
         total = total + loss.double() * k
         n += k
     model.train(was)
-    return float(total) / max(n, 1)
+    total, n = distributed.sum_tensor(torch.stack([total, torch.tensor(float(n), dtype=torch.float64, device=device)])).tolist()
+    return total / max(n, 1)
+
+
+def _data_parallel(model, device: torch.device):
+    """The model in ``DistributedDataParallel`` over its trainable parameters (the adapters) only."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad] + [n for n, _ in model.named_buffers()]
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, frozen)  # no 4-bit weights on the wire
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                   broadcast_buffers=False)
+
+
+def _no_sync(step_model, skip: bool):
+    """``DistributedDataParallel.no_sync()`` where ``skip`` (a non-final micro-batch), else nothing."""
+    import contextlib
+
+    return step_model.no_sync() if skip and hasattr(step_model, "no_sync") else contextlib.nullcontext()
 
 
 def _checkpointing(model, on: bool):
@@ -308,7 +344,8 @@ def train(model, tokenizer, train_data: list[dict], eval_data: list[dict], s: Tr
     device = next(p for p in model.parameters() if p.requires_grad).device
     if not train_data:
         raise QloraGaError("no training examples: check the dataset")
-    steps = total_steps(len(train_data), s)
+    world = distributed.world()
+    steps = total_steps(len(train_data), s, world)
     pad = tokenizer.pad_token_id
     optimizer = build_optimizer(model, s, device)
     scheduler = get_cosine_schedule_with_warmup(optimizer, warmup_steps(steps, s.warmup), steps)
@@ -320,36 +357,52 @@ def train(model, tokenizer, train_data: list[dict], eval_data: list[dict], s: Tr
         st = torch.load(checkpoint / "state.pt", weights_only=False, map_location="cpu")
         optimizer.load_state_dict(st["optimizer"])
         scheduler.load_state_dict(st["scheduler"])
-        _set_rng_state(st["rng"])
+        rng = st["rng"] if isinstance(st["rng"], list) else [st["rng"]]  # one state per process that wrote it
+        if len(rng) != world:
+            raise QloraGaError(
+                f"checkpoint {checkpoint} was written by {len(rng)} process(es), this run has {world}: the data order and "
+                f"batch depend on it; resume with {len(rng)} process(es)"
+            )
+        _set_rng_state(rng[distributed.rank()])
         if scaler.is_enabled() and "scaler" in st:
             scaler.load_state_dict(st["scaler"])
+    main_process = distributed.is_main()  # writes the metrics and shows the progress
     metrics = MetricsLogger(out_dir / "metrics.jsonl", resume_step=start_step if checkpoint is not None else None,
-                            overwrite=checkpoint is None)
+                            overwrite=checkpoint is None) if main_process else None
     params = trainable_parameters(model)
+    step_model = _data_parallel(model, device) if world > 1 else model
     model.train()
     last_ckpt = checkpoint
-    bar = tqdm(total=steps, initial=start_step, desc="training", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=steps, initial=start_step, desc="training", disable=not (progress and main_process), dynamic_ncols=True)
     summary = {"steps": steps, "start_step": start_step}
     if eval_data and checkpoint is None:  # where the held-out loss starts (the init's own value)
         summary["eval_loss_start"] = round(evaluate_loss(model, eval_data, s.batch_size, pad, device, compute_dtype), 6)
-        metrics.log(step=0, eval_loss=summary["eval_loss_start"])
+        if metrics:
+            metrics.log(step=0, eval_loss=summary["eval_loss_start"])
         model.train()
     loader = iter(step_loader(train_data, s, pad, start_step, steps, device))
     try:
         for step in range(start_step, steps):
             t0 = time.perf_counter()
             item = next(loader)
-            n_tok = sum(item["label_tokens"])  # counted on the host when collated: no device sync
+            n_tok = item["step_label_tokens"]  # every process's, counted on the host when collated: no device sync
             # the step's loss stays on the device (fp64, summed like Python floats) until its one sync below
             loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-            for b, k in zip(item["micro_batches"], item["label_tokens"]):
-                if k == 0:
+            n_mb = len(item["micro_batches"])
+            for i, (b, k) in enumerate(zip(item["micro_batches"], item["label_tokens"])):
+                if k == 0 and world == 1:
                     continue
                 b = {key: v.to(device, non_blocking=True) for key, v in b.items()}
-                with _autocast(device, compute_dtype):
-                    loss = model(**b).loss * (k / n_tok)  # token-weighted over the whole optimizer step
-                scaler.scale(loss).backward()
+                # several processes: their gradients are averaged once, on the last micro-batch
+                with _no_sync(step_model, i < n_mb - 1), _autocast(device, compute_dtype):
+                    if k:
+                        loss = step_model(**b).loss * (k / n_tok)  # token-weighted over the whole optimizer step
+                    else:  # no label token: a zero loss keeps this process in the processes' gradient average
+                        loss = step_model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.float().sum() * 0.0
+                    # x world: the average over processes of gradients whose weights already sum over all of them
+                    scaler.scale(loss * world).backward()
                 loss_sum = loss_sum + loss.detach().double()
+            loss_sum = distributed.sum_tensor(loss_sum)
             scaler.unscale_(optimizer)
             if s.optim == "lora-one-precond":
                 precondition_lora_grads(model, s.precond_lambda)
@@ -372,7 +425,7 @@ def train(model, tokenizer, train_data: list[dict], eval_data: list[dict], s: Tr
                    "tokens_per_s": round(item["input_tokens"] / dt, 1), "mem": _mem(device)}
             if eval_data and ((s.eval_every and done % s.eval_every == 0) or done == steps):
                 row["eval_loss"] = round(evaluate_loss(model, eval_data, s.batch_size, pad, device, compute_dtype), 6)
-            if done % s.log_every == 0 or done == steps or "eval_loss" in row:
+            if metrics and (done % s.log_every == 0 or done == steps or "eval_loss" in row):
                 metrics.log(**row)
             bar.set_postfix(loss=f"{loss_val:.4f}", lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
             bar.update(1)
@@ -384,7 +437,8 @@ def train(model, tokenizer, train_data: list[dict], eval_data: list[dict], s: Tr
     finally:
         loader = None  # stops the DataLoader's workers
         bar.close()
-        metrics.close()
+        if metrics:
+            metrics.close()
         if s.gradient_checkpointing:
             _checkpointing(model, False)
         model.eval()
