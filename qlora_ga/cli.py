@@ -131,10 +131,10 @@ def run(cfg: FinetuneConfig) -> dict:
         # the adapters' starting values are in the checkpoint: no gradient pass needed
         from safetensors.torch import load_file
 
-        from .ranks import rank_pattern, ranks_from_state_dict
+        from .ranks import checkpoint_rank_pattern
 
         # per-module ranks (--rank-allocation gradient) are read back from the checkpoint's own shapes
-        pattern = rank_pattern(ranks_from_state_dict(load_file(ckpt / "adapter_model.safetensors")), cfg.rank)
+        pattern = checkpoint_rank_pattern(load_file(ckpt / "adapter_model.safetensors"), cfg.rank, cfg.rank_allocation)
         pm = init_adapters(model, None, method="kaiming", rank_pattern=pattern, **lora_kw)
         try:
             load_checkpoint_weights(pm, ckpt)

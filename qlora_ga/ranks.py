@@ -83,11 +83,31 @@ def rank_pattern(ranks: dict[str, int], rank: int) -> dict[str, int]:
 _LORA_A = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_A(?:\.[^.]+)?\.weight$")
 
 
-def ranks_from_state_dict(sd: dict) -> dict[str, int]:
-    """``{module: rank}`` from a PEFT adapter state dict (the rows of each ``lora_A.weight``)."""
+def ranks_from_state_dict(sd: dict) -> dict[str, tuple[int, int, int]]:
+    """``{module: (rank, m, n)}`` from a PEFT adapter state dict (``lora_A.weight`` is r x n, ``lora_B`` m x r)."""
     out = {}
     for key, t in sd.items():
         m = _LORA_A.match(key)
         if m:
-            out[m.group("module")] = int(t.shape[0])
+            b = sd.get(key.replace(".lora_A", ".lora_B"))
+            out[m.group("module")] = (int(t.shape[0]), int(b.shape[0]) if b is not None else 0, int(t.shape[1]))
     return out
+
+
+def checkpoint_rank_pattern(sd: dict, rank: int, allocation: str) -> dict[str, int]:
+    """The ``rank_pattern`` a checkpoint's weights were trained with, checked against the settings.
+
+    ``uniform``: none (a checkpoint of another rank then fails to load, a clear error upstream).
+    ``gradient``: every module's rank from its weights, which must be a gradient allocation of
+    ``rank`` (inside its bounds, within its budget); anything else raises :class:`QloraGaError`.
+    """
+    if allocation != "gradient":
+        return {}
+    found = ranks_from_state_dict(sd)
+    lo, hi = rank_bounds(rank)
+    used = sum(r * (m + n) for r, m, n in found.values())
+    budget = rank * sum(m + n for _, m, n in found.values())
+    if not found or any(not lo <= r <= hi for r, _, _ in found.values()) or used > budget:
+        raise QloraGaError(f"the checkpoint's ranks are not a gradient allocation of rank {rank}: "
+                           "resume with the run's own settings (its run_config.yaml)")
+    return rank_pattern({k: r for k, (r, _, _) in found.items()}, rank)
