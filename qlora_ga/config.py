@@ -51,6 +51,10 @@ from .fileio import atomic_write
 #             seed 0, sign 1e-4 / 2e-4 / 4e-4 -> 0.923 / 0.909 / 0.915, adam 1e-4 / 2e-4 / 4e-4 -> 0.920 / 0.915 /
 #             0.942; over 2 seeds adam's 1e-4 and 2e-4 tie, 0.917 / 0.919):
 #             1e-4, twice lora-ga's (sign(G) and the Adam objective give factors that want a larger step).
+#   lora-ga-peft: PEFT 0.21's LoRA-GA formula (B0 carries S[r:2r], A0 unscaled), gamma / alpha as lora-ga.
+#             Its B0 is ~S times smaller than lora-ga's, so the start is close to vanilla LoRA's (B ~ 0) with
+#             A along the gradient's top right singular vectors: lr as vanilla LoRA's default, 1e-3 (see
+#             RESULTS.md section 7 for what was measured).
 # ---------------------------------------------------------------------------------------------
 METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
     "lora-ga": dict(lr=5e-5, alpha=16.0, gamma=16.0, use_rslora=True),

@@ -95,7 +95,7 @@ def build_prodigy(params, s: TrainSettings):
     try:
         from prodigyopt import Prodigy
     except ImportError:
-        raise QloraGaError("--optim prodigy needs the prodigyopt package: pip install prodigyopt") from None
+        raise QloraGaError("--optim prodigy needs the prodigyopt package: pip install prodigyopt (or the [prodigy] extra)") from None
     return Prodigy(params, lr=s.lr, weight_decay=s.weight_decay, use_bias_correction=True, safeguard_warmup=True)
 
 
