@@ -151,7 +151,13 @@ def run(cfg: FinetuneConfig) -> dict:
     if ckpt is not None:
         _say(f"resuming from {ckpt}")
         # the adapters' starting values are in the checkpoint: no gradient pass needed
-        pm = init_adapters(model, None, method="kaiming", **lora_kw)
+        from safetensors.torch import load_file
+
+        from .ranks import checkpoint_rank_pattern
+
+        # per-module ranks (--rank-allocation gradient) are read back from the checkpoint's own shapes
+        pattern = checkpoint_rank_pattern(load_file(ckpt / "adapter_model.safetensors"), cfg.rank, cfg.rank_allocation)
+        pm = init_adapters(model, None, method="kaiming", rank_pattern=pattern, **lora_kw)
         try:
             load_checkpoint_weights(pm, ckpt)
         except (RuntimeError, KeyError) as e:
@@ -161,19 +167,36 @@ def run(cfg: FinetuneConfig) -> dict:
             ) from None
         start_step = json.loads((ckpt / "trainer_state.json").read_text())["step"]
     else:
-        factors, init_report = None, None
-        if cfg.init in GRADIENT_METHODS:
+        factors, init_report, pattern = None, None, {}
+        by_gradient = cfg.rank_allocation == "gradient"
+        if cfg.init in GRADIENT_METHODS or by_gradient:
+            from .ranks import allocate_ranks, rank_bounds, rank_pattern, trainable_count
+
             sample = sample_batch(data.train, cfg.init_samples, cfg.seed)
             report = PassReport()
+            # gradient allocation: keep the singular triplets of the largest rank a module may get
+            keep = rank_bounds(cfg.rank)[1] if by_gradient else cfg.rank
             factors = estimate_factors(
                 model, sample, rank=cfg.rank, target_modules=targets, n_vectors=singular_vectors_needed(cfg.init, cfg.rank),
-                reducer=factor_reducer(cfg.init, cfg.rank, cfg.gamma), micro_batch_size=cfg.init_micro_batch,
+                reducer=factor_reducer(cfg.init, keep, cfg.gamma), micro_batch_size=cfg.init_micro_batch,
                 pad_token_id=tok.pad_token_id, report=report, progress=distributed.is_main(),
             )
             init_report = asdict(report)
             _say(f"gradient pass: {report.n_sequences} sequences, {report.n_label_tokens} label tokens, "
                  f"{report.seconds:.1f} s, sample loss {report.loss:.4f}")
-        pm = init_adapters(model, factors, method=cfg.init, gamma=cfg.gamma, **lora_kw)
+            if by_gradient:
+                ranks = allocate_ranks(factors, cfg.rank, cfg.init)
+                pattern = rank_pattern(ranks, cfg.rank)
+                shapes = {n: f.shape for n, f in factors.items()}
+                init_report["ranks"] = ranks
+                init_report["trainable_parameters"] = {"gradient": trainable_count(ranks, shapes),
+                                                       "uniform": trainable_count(dict.fromkeys(ranks, cfg.rank), shapes)}
+                _say(f"ranks from the gradient: {min(ranks.values())}..{max(ranks.values())} "
+                     f"({init_report['trainable_parameters']['gradient']} trainable parameters, uniform rank "
+                     f"{cfg.rank}: {init_report['trainable_parameters']['uniform']})")
+            if cfg.init not in GRADIENT_METHODS:
+                factors = None
+        pm = init_adapters(model, factors, method=cfg.init, gamma=cfg.gamma, rank_pattern=pattern, **lora_kw)
         start_step = 0
 
     # Everything the run needs is in hand: only now is an old run (with --overwrite) replaced.

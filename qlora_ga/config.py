@@ -51,6 +51,10 @@ from .fileio import atomic_write
 #             seed 0, sign 1e-4 / 2e-4 / 4e-4 -> 0.923 / 0.909 / 0.915, adam 1e-4 / 2e-4 / 4e-4 -> 0.920 / 0.915 /
 #             0.942; over 2 seeds adam's 1e-4 and 2e-4 tie, 0.917 / 0.919):
 #             1e-4, twice lora-ga's (sign(G) and the Adam objective give factors that want a larger step).
+#   lora-ga-peft: PEFT 0.21's LoRA-GA formula (B0 carries S[r:2r], A0 unscaled), gamma / alpha as lora-ga.
+#             Its B0 is ~S times smaller than lora-ga's, so the start is close to vanilla LoRA's (B ~ 0) with
+#             A along the gradient's top right singular vectors: lr as vanilla LoRA's default, 1e-3 (see
+#             RESULTS.md section 8 for what was measured).
 # ---------------------------------------------------------------------------------------------
 METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
     "lora-ga": dict(lr=5e-5, alpha=16.0, gamma=16.0, use_rslora=True),
@@ -59,11 +63,14 @@ METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
     "kaiming": dict(lr=1e-3, alpha=16.0, gamma=None, use_rslora=False),
     "lora-ga-sign": dict(lr=1e-4, alpha=16.0, gamma=16.0, use_rslora=True),
     "lora-ga-adam": dict(lr=1e-4, alpha=16.0, gamma=16.0, use_rslora=True),
+    "lora-ga-peft": dict(lr=1e-3, alpha=16.0, gamma=16.0, use_rslora=True),
 }
 
 INITS = tuple(METHOD_DEFAULTS)
 GRADIENT_INITS = tuple(k for k, v in METHOD_DEFAULTS.items() if v["gamma"] is not None)
-OPTIMS = ("paged_adamw_32bit", "paged_adamw_8bit", "adamw", "lora-one-precond")
+OPTIMS = ("paged_adamw_32bit", "paged_adamw_8bit", "adamw", "lora-one-precond", "prodigy")
+RANK_ALLOCATIONS = ("uniform", "gradient")
+PRODIGY_LR = 1.0  # prodigy estimates its step size itself; --lr multiplies it
 FORMATS = ("auto", "alpaca", "prompt-response", "messages", "text")
 OVERLONG = ("truncate", "drop")
 MERGED_DTYPES = ("fp16", "bf16")
@@ -72,8 +79,8 @@ DEFAULT_TARGET_MODULES = "all-linear"
 
 # fields whose value must be one of a fixed set (checked for CLI flags by argparse and for YAML
 # values by FinetuneConfig.validate)
-CHOICE_FIELDS = {"init": INITS, "optim": OPTIMS, "format": FORMATS, "overlong": OVERLONG, "merged_dtype": MERGED_DTYPES,
-                 "compute_dtype": COMPUTE_DTYPES}
+CHOICE_FIELDS = {"init": INITS, "optim": OPTIMS, "rank_allocation": RANK_ALLOCATIONS, "format": FORMATS, "overlong": OVERLONG,
+                 "merged_dtype": MERGED_DTYPES, "compute_dtype": COMPUTE_DTYPES}
 
 
 def _f(default, help: str, **extra):
@@ -105,6 +112,9 @@ class FinetuneConfig:
 
     # --- adapters and their initialisation ---
     rank: int = _f(8, "LoRA rank r")
+    rank_allocation: str = _f(
+        "uniform", "per-module ranks: 'uniform' (every module rank r) or 'gradient' (ranks from the gradient pass's "
+        "spectra, same total trainable parameters as uniform r; see qlora_ga/ranks.py)", choices=RANK_ALLOCATIONS)
     alpha: float | None = _f(None, "LoRA alpha (scaling alpha/sqrt(r) with rsLoRA, else alpha/r); default: method default (16)")
     init: str = _f("lora-ga", "adapter initialisation method", choices=INITS)
     gamma: float | None = _f(None, "scale parameter of the gradient inits (lora-ga: 16, lora-one: 128); default: method default")
@@ -120,13 +130,13 @@ class FinetuneConfig:
     # --- training ---
     batch_size: int = _f(4, "sequences per micro-batch during training")
     grad_accum: int = _f(4, "gradient accumulation steps (effective batch = batch_size * grad_accum)")
-    lr: float | None = _f(None, "peak learning rate; default: method default (lora-ga 5e-5, lora-ga-sign/-adam 1e-4, lora-one 5e-4, gaussian/kaiming 1e-3)")
+    lr: float | None = _f(None, "peak learning rate; default: method default (lora-ga 5e-5, lora-ga-sign/-adam 1e-4, lora-ga-peft 1e-3, lora-one 5e-4, gaussian/kaiming 1e-3); with --optim prodigy 1.0 (a multiplier of its own step size)")
     epochs: float = _f(1.0, "training epochs (used when --max_steps is -1)")
     max_steps: int = _f(-1, "optimizer steps; -1: use --epochs; 0: initialise the adapters and save, no training")
     warmup: float = _f(0.03, "linear warmup: a fraction of the steps if < 1, else a number of steps")
     weight_decay: float = _f(0.0, "AdamW weight decay")
     max_grad_norm: float = _f(1.0, "gradient-norm clipping threshold (0: no clipping)")
-    optim: str = _f("paged_adamw_32bit", "optimizer", choices=OPTIMS)
+    optim: str = _f("paged_adamw_32bit", "optimizer ('prodigy': learning-rate-free Adam, the prodigyopt package)", choices=OPTIMS)
     seed: int = _f(0, "random seed")
     no_gradient_checkpointing: bool = _f(False, "disable gradient checkpointing (faster, more memory)")
     group_by_length: bool = _f(False, "batch sequences of similar length together (less padding; the order stays seeded and resumable)")
@@ -201,6 +211,10 @@ class FinetuneConfig:
             if value not in choices:
                 raise QloraGaError(f"{name} '{value}' is not known{_suggest(str(value), choices)}: use one of {', '.join(choices)}")
         _check(self.rank >= 1, f"rank must be >= 1, got {self.rank}: pass e.g. --rank 8")
+        _check(
+            self.rank_allocation == "uniform" or self.init not in ("lora-ga-sign", "lora-ga-adam"),
+            f"rank_allocation gradient does not support init {self.init}: use --rank_allocation uniform, or another init",
+        )
         _check(self.lr is None or self.lr > 0, f"lr must be > 0, got {self.lr}: pass e.g. --lr 5e-5, or leave it out for the method default")
         _check(self.alpha is None or self.alpha > 0, f"alpha must be > 0, got {self.alpha}: pass e.g. --alpha 16, or leave it out")
         _check(self.gamma is None or self.gamma > 0, f"gamma must be > 0, got {self.gamma}: pass e.g. --gamma 16, or leave it out")
@@ -283,7 +297,7 @@ def resolved(cfg: FinetuneConfig) -> FinetuneConfig:
     d = method_defaults(cfg.init)
     return dataclasses.replace(
         cfg,
-        lr=d["lr"] if cfg.lr is None else cfg.lr,
+        lr=(PRODIGY_LR if cfg.optim == "prodigy" else d["lr"]) if cfg.lr is None else cfg.lr,
         alpha=d["alpha"] if cfg.alpha is None else cfg.alpha,
         gamma=d["gamma"] if cfg.gamma is None else cfg.gamma,
     )

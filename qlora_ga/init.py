@@ -5,6 +5,10 @@ Methods (G is a module's m x n mean gradient, ``G ~= U diag(S) V^T``):
 - ``lora-ga`` (Wang et al. 2024, ArB2r + stable scale): ``A0 = V[:, :r]^T c``, ``B0 = U[:, r:2r] c``,
   ``c = m^(1/4) / sqrt(gamma)``; rsLoRA scaling ``s = alpha / sqrt(r)``; a frozen residual
   ``-s B0 A0`` keeps the function unchanged at init (see residual.py).
+- ``lora-ga-peft``: PEFT 0.21's own LoRA-GA (``LoraGAConfig()`` defaults: ArB2r, ``scale="stable"``, read
+  from ``peft/tuners/lora/layer.py::lora_ga_init``): ``A0 = V[:, :r]^T`` (unscaled),
+  ``B0 = U[:, r:2r] diag(S[r:2r]) c``, same ``c``; here with LoRA-GA's scaling and residual, so only
+  the formula differs from ``lora-ga``.
 - ``lora-ga-sign``: the same on ``sign(G)`` (the "speculative" Adam variant of the LoRA-GA blog).
 - ``lora-ga-adam``: the blog's "hard-core" Adam variant. Adam's first step moves W by about
   ``-lr sign(G)`` (full fine-tuning) and a LoRA by ``-lr s (B0 sign(B0^T G) + sign(G A0^T) A0)``;
@@ -35,9 +39,9 @@ from .gradient import Factors, svd_reducer
 from .model import DEFAULT_TARGETS, resolve_targets
 from .residual import attach_residual
 
-METHODS = ("lora-ga", "lora-ga-sign", "lora-ga-adam", "lora-one", "gaussian", "kaiming")
-GRADIENT_METHODS = ("lora-ga", "lora-ga-sign", "lora-ga-adam", "lora-one")
-DEFAULT_GAMMA = {"lora-ga": 16.0, "lora-ga-sign": 16.0, "lora-ga-adam": 16.0, "lora-one": 128.0}
+METHODS = ("lora-ga", "lora-ga-sign", "lora-ga-adam", "lora-ga-peft", "lora-one", "gaussian", "kaiming")
+GRADIENT_METHODS = ("lora-ga", "lora-ga-sign", "lora-ga-adam", "lora-ga-peft", "lora-one")
+DEFAULT_GAMMA = {"lora-ga": 16.0, "lora-ga-sign": 16.0, "lora-ga-adam": 16.0, "lora-ga-peft": 16.0, "lora-one": 128.0}
 PEFT_PREFIX = "base_model.model."
 
 
@@ -61,6 +65,12 @@ def lora_ga_factors(f: Factors, rank: int, gamma: float) -> tuple[torch.Tensor, 
     m = f.shape[0]
     c = m**0.25 / gamma**0.5
     return f.V[:, :rank].T * c, f.U[:, rank : 2 * rank] * c
+
+
+def lora_ga_peft_factors(f: Factors, rank: int, gamma: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A0, B0)`` of PEFT 0.21's LoRA-GA (ArB2r, stable scale): A0 unscaled, B0 carries S[r:2r] and c."""
+    c = f.shape[0] ** 0.25 / gamma**0.5
+    return f.V[:, :rank].T.clone(), f.U[:, rank : 2 * rank] * (f.S[rank : 2 * rank] * c)
 
 
 def lora_one_factors(f: Factors, rank: int, gamma: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -160,6 +170,7 @@ def init_adapters(
     target_modules: str | Sequence[str] = DEFAULT_TARGETS,
     lora_dropout: float = 0.0,
     residual_dtype: torch.dtype | None = None,
+    rank_pattern: dict[str, int] | None = None,
 ):
     """Wrap ``model`` with PEFT LoRA adapters and set their starting values; return the ``PeftModel``.
 
@@ -167,6 +178,8 @@ def init_adapters(
     methods). ``use_rslora`` defaults to True for the gradient methods (s = alpha / sqrt(r)) and False
     for vanilla LoRA (s = alpha / r). ``residual`` defaults to True for lora-ga*, False otherwise.
     ``residual_dtype``: the compute dtype by default (bf16 on GPU, fp32 on CPU).
+    ``rank_pattern``: ``{module name: rank}`` for modules whose rank is not ``rank`` (PEFT's own
+    ``LoraConfig.rank_pattern``, e.g. from :func:`qlora_ga.ranks.allocate_ranks`).
     """
     from peft import LoraConfig, get_peft_model
 
@@ -181,7 +194,7 @@ def init_adapters(
     gamma = DEFAULT_GAMMA.get(method) if gamma is None else gamma
     config = LoraConfig(
         r=rank, lora_alpha=alpha, lora_dropout=lora_dropout, target_modules=list(resolve_targets(model, target_modules)),
-        use_rslora=use_rslora, bias="none", task_type="CAUSAL_LM",
+        use_rslora=use_rslora, bias="none", task_type="CAUSAL_LM", rank_pattern=dict(rank_pattern or {}),
         init_lora_weights="gaussian" if method == "gaussian" else True,
     )
     peft_model = get_peft_model(model, config)
@@ -194,11 +207,17 @@ def init_adapters(
     missing = sorted(set(layers) - set(factors))
     if missing:
         raise QloraGaError(f"no gradient factors for {missing[0]} (and {len(missing) - 1} more): estimate with the same --target-modules")
-    make = lora_one_factors if method == "lora-one" else lora_ga_factors
+    make = {"lora-one": lora_one_factors, "lora-ga-peft": lora_ga_peft_factors}.get(method, lora_ga_factors)
     with torch.no_grad():
         for name, layer in layers.items():
             f = factors[name]
-            A0, B0 = (f.A0, f.B0) if isinstance(f, StartFactors) else make(f, rank, gamma)
+            r = layer.r["default"]
+            if not isinstance(f, StartFactors) and f.U.shape[1] < singular_vectors_needed(method, r):
+                raise QloraGaError(f"{name} has rank {r} but only {f.U.shape[1]} singular vectors were kept: "
+                                   "estimate with n_vectors >= singular_vectors_needed(method, its rank)")
+            if isinstance(f, StartFactors) and tuple(f.A0.shape) != (r, f.shape[1]):
+                raise QloraGaError(f"{name}: the {method} start has rank {f.A0.shape[0]}, the adapter {r}")
+            A0, B0 = (f.A0, f.B0) if isinstance(f, StartFactors) else make(f, r, gamma)
             lora_A, lora_B = layer.lora_A["default"], layer.lora_B["default"]
             lora_A.weight.copy_(A0.to(lora_A.weight.device, lora_A.weight.dtype))
             lora_B.weight.copy_(B0.to(lora_B.weight.device, lora_B.weight.dtype))
@@ -207,5 +226,5 @@ def init_adapters(
                 # compute dtype, as autocast rounds them), so the branch is exactly zero at init
                 attach_residual(layer, lora_A.weight, lora_B.weight, dtype=compute_dtype)
     peft_model.qlora_ga_init = {"method": method, "rank": rank, "alpha": alpha, "gamma": gamma,
-                                "use_rslora": use_rslora, "residual": residual}
+                                "use_rslora": use_rslora, "residual": residual, "rank_pattern": dict(rank_pattern or {})}
     return peft_model

@@ -77,8 +77,10 @@ def build_optimizer(model, s: TrainSettings, device: torch.device):
     kw = dict(lr=s.lr, weight_decay=s.weight_decay)
     if s.optim in ("adamw", "lora-one-precond"):
         return torch.optim.AdamW(params, **kw)
+    if s.optim == "prodigy":
+        return build_prodigy(params, s)
     if s.optim not in ("paged_adamw_32bit", "paged_adamw_8bit"):
-        raise QloraGaError(f"unknown --optim '{s.optim}': use paged_adamw_32bit, paged_adamw_8bit, adamw or lora-one-precond")
+        raise QloraGaError(f"unknown --optim '{s.optim}': use paged_adamw_32bit, paged_adamw_8bit, adamw, lora-one-precond or prodigy")
     if device.type != "cuda":
         # paged (unified-memory) optimizers exist only on CUDA; identical update rule without paging
         warnings.warn(f"--optim {s.optim} needs CUDA: using torch AdamW on {device.type}", stacklevel=2)
@@ -87,6 +89,18 @@ def build_optimizer(model, s: TrainSettings, device: torch.device):
 
     cls = bnb.optim.PagedAdamW32bit if s.optim == "paged_adamw_32bit" else bnb.optim.PagedAdamW8bit
     return cls(params, **kw)
+
+
+def build_prodigy(params, s: TrainSettings):
+    """Prodigy (Mishchenko & Defazio 2024, the ``prodigyopt`` package): Adam whose step size ``d`` is
+    estimated on the fly, so the lr is a multiplier (1.0) of it. Bias correction and the warmup
+    safeguard are on, as its authors advise with a warmup schedule. ``d`` lives in the param group,
+    so it is saved and restored with the optimizer state (exact resume); the trainer logs it."""
+    try:
+        from prodigyopt import Prodigy
+    except ImportError:
+        raise QloraGaError("--optim prodigy needs the prodigyopt package: pip install prodigyopt (or the [prodigy] extra)") from None
+    return Prodigy(params, lr=s.lr, weight_decay=s.weight_decay, use_bias_correction=True, safeguard_warmup=True)
 
 
 def precondition_lora_grads(model, lam: float = 1e-6):
@@ -423,6 +437,8 @@ def train(model, tokenizer, train_data: list[dict], eval_data: list[dict], s: Tr
             dt = time.perf_counter() - t0
             row = {"step": done, "loss": round(loss_val, 6), "lr": lr, "grad_norm": round(grad_norm, 6),
                    "tokens_per_s": round(item["input_tokens"] / dt, 1), "mem": _mem(device)}
+            if "d" in optimizer.param_groups[0]:  # prodigy: its step-size estimate (effective lr = d * lr)
+                row["d"] = float(optimizer.param_groups[0]["d"])
             if eval_data and ((s.eval_every and done % s.eval_every == 0) or done == steps):
                 row["eval_loss"] = round(evaluate_loss(model, eval_data, s.batch_size, pad, device, compute_dtype), 6)
             if metrics and (done % s.log_every == 0 or done == steps or "eval_loss" in row):

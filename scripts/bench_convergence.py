@@ -54,6 +54,7 @@ DEFAULT_LRS = {
     "lora-ga": [2e-5, 5e-5, 1e-4],
     "lora-ga-sign": [5e-5, 1e-4, 2e-4],
     "lora-ga-adam": [5e-5, 1e-4, 2e-4],
+    "lora-ga-peft": [5e-4, 1e-3, 2e-3],
     "lora-ga-bf16": [2e-5, 5e-5, 1e-4],
     "lora-one": [5e-4, 1e-3, 2e-3],
 }
@@ -130,7 +131,9 @@ def parse_args(argv=None):
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--gamma", type=float, default=None,
                    help="scale of the gradient inits (default: each method's own, qlora_ga.config.METHOD_DEFAULTS)")
-    p.add_argument("--optim", default="paged_adamw_32bit", help="optimizer (qlora_ga.train.build_optimizer)")
+    p.add_argument("--optim", default="paged_adamw_32bit", help="optimizer (qlora_ga.train.build_optimizer; prodigy: pass lr 1)")
+    p.add_argument("--rank-allocation", default="uniform", choices=("uniform", "gradient"),
+                   help="per-module ranks (qlora_ga.ranks): uniform rank --rank, or from the gradient at the same budget")
     p.add_argument("--warmup", type=float, default=0.03, help="warmup: fraction of the steps (< 1) or steps")
     p.add_argument("--gradient-checkpointing", action="store_true", help="train with gradient checkpointing (slower; same losses)")
     p.add_argument("--smooth", type=int, default=10, help="moving-average window of the training loss")
@@ -215,6 +218,7 @@ def run_one(method: str, lr: float, seed: int, args, data, device, factor_cache:
     from qlora_ga.train import TrainSettings, evaluate_loss, train
 
     init, quantize = method_init(method)
+    by_gradient = args.rank_allocation == "gradient"
     defaults = method_defaults(init)
     if args.gamma is not None and defaults["gamma"] is not None:
         defaults["gamma"] = args.gamma
@@ -222,15 +226,18 @@ def run_one(method: str, lr: float, seed: int, args, data, device, factor_cache:
     model, tok = load_model(args.model, quantize=quantize, device=device)
     compute_dtype = model.config.dtype if isinstance(model.config.dtype, torch.dtype) else getattr(torch, str(model.config.dtype))
     t0 = time.perf_counter()
-    factors, init_info = None, {}
-    if init in GRADIENT_METHODS:
+    factors, init_info, pattern = None, {}, {}
+    if init in GRADIENT_METHODS or by_gradient:
+        from qlora_ga.ranks import allocate_ranks, rank_bounds, rank_pattern, trainable_count
+
         n_vec = singular_vectors_needed(init, args.rank)
+        keep = rank_bounds(args.rank)[1] if by_gradient else args.rank  # triplets for the largest rank allowed
         # the package's per-module step for this init (SVD factors, or direct starts for e.g. lora-ga-adam)
         if hasattr(init_mod, "factor_reducer"):
-            step = dict(reducer=init_mod.factor_reducer(init, args.rank, defaults["gamma"]))
+            step = dict(reducer=init_mod.factor_reducer(init, keep, defaults["gamma"]))
         else:
             step = dict(transform=init_mod.svd_transform(init))
-        key = (quantize, seed, init, defaults["gamma"])
+        key = (quantize, seed, init, defaults["gamma"], by_gradient)
         if key not in factor_cache:  # the gradient depends on the base and the sample, not on the lr
             report = PassReport()
             sample = sample_batch(data.train, args.init_samples, seed)
@@ -240,9 +247,17 @@ def run_one(method: str, lr: float, seed: int, args, data, device, factor_cache:
                                  {"grad_pass_s": round(report.seconds, 3), "sample_loss": round(report.loss, 6),
                                   "sample_label_tokens": report.n_label_tokens})
         factors, init_info = factor_cache[key]
+        if by_gradient:
+            ranks = allocate_ranks(factors, args.rank, init)
+            pattern = rank_pattern(ranks, args.rank)
+            shapes = {n: f.shape for n, f in factors.items()}
+            init_info = {**init_info, "ranks": ranks, "trainable_parameters": trainable_count(ranks, shapes),
+                         "trainable_parameters_uniform": trainable_count(dict.fromkeys(ranks, args.rank), shapes)}
+        if init not in GRADIENT_METHODS:
+            factors = None
     torch.manual_seed(seed)  # the random A of vanilla LoRA: same for every lr of a seed
     pm = init_adapters(model, factors, method=init, rank=args.rank, alpha=defaults["alpha"], gamma=defaults["gamma"],
-                       use_rslora=defaults["use_rslora"])
+                       use_rslora=defaults["use_rslora"], rank_pattern=pattern)
     init_s = time.perf_counter() - t0
     pad = tok.pad_token_id
     eval0 = evaluate_loss(pm, data.eval, args.batch_size, pad, device, compute_dtype)
@@ -269,7 +284,8 @@ def run_one(method: str, lr: float, seed: int, args, data, device, factor_cache:
     evals = {0: eval0}
     for r in rows:
         rec.add(**base, step=r["step"], loss=r.get("loss"), eval_loss=r.get("eval_loss"), lr_now=r.get("lr"),
-                grad_norm=r.get("grad_norm"), tokens_per_s=r.get("tokens_per_s"), mem=r.get("mem"))
+                grad_norm=r.get("grad_norm"), tokens_per_s=r.get("tokens_per_s"), mem=r.get("mem"),
+                **({"d": r["d"]} if "d" in r else {}))
         if _finite(r.get("eval_loss")):
             evals[r["step"]] = r["eval_loss"]
     final_eval = evals[max(evals)] if error is None and len(evals) > 1 else None
@@ -333,7 +349,7 @@ def main(argv=None) -> int:
         "run_id": f"{int(time.time())}-{os.getpid()}", "rank": args.rank, "batch_size": args.batch_size,
         "grad_accum": args.grad_accum, "max_length": args.max_length, "init_samples": args.init_samples,
         "eval_examples": len(data.eval), "total_steps": args.steps, "optim": args.optim,
-        "gamma_override": args.gamma,
+        "gamma_override": args.gamma, "rank_allocation": args.rank_allocation,
     }
     rec = Recorder(args.out, meta)
     n_runs = sum(len(args.lrs[m]) for m in args.methods) * len(args.seeds)

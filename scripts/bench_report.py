@@ -77,7 +77,7 @@ def collect(rows: list[dict]) -> dict:
         setting = tuple(r.get(k) for k in SETTING)
         gradient = r.get("init") != BASELINE
         variant = (r["method"], r.get("optim", "?"), r.get("init_samples") if gradient else None,
-                   r.get("gamma_override") if gradient else None)
+                   r.get("gamma_override") if gradient else None, r.get("rank_allocation") or "uniform")
         groups[(setting, variant, r["lr"])].append({"seed": r["seed"], "eval": evals, "loss": losses})
     return groups
 
@@ -91,7 +91,7 @@ def analyse(groups: dict, smooth: int) -> list[dict]:
         steps = setting[0]
         # baseline first, then by method, optimizer, sample size, gamma and lr (numbers as numbers)
         keys = sorted((k for k in groups if k[0] == setting),
-                      key=lambda k: (k[1][0] != BASELINE, k[1][0], k[1][1], k[1][2] or 0, k[1][3] or 0, k[2]))
+                      key=lambda k: (k[1][0] != BASELINE, k[1][0], k[1][1], k[1][2] or 0, k[1][3] or 0, k[1][4], k[2]))
 
         def final(k, seeds=None):
             vals = [r["eval"][steps] for r in groups[k] if steps in r["eval"] and (seeds is None or r["seed"] in seeds)]
@@ -104,7 +104,9 @@ def analyse(groups: dict, smooth: int) -> list[dict]:
             common = set.intersection(*({r["seed"] for r in groups[k]} for k in ks))
             best_of[variant] = min(ks, key=lambda k: (final(k, common or None), k[2]))
         # the baseline's final smoothed training loss, per seed (each seed has its own data order)
-        base = next((b for b in best_of.values() if b[1][0] == BASELINE), None)
+        # (vanilla LoRA with the default optimizer and uniform ranks when there is one)
+        base = min((b for b in best_of.values() if b[1][0] == BASELINE), default=None,
+                   key=lambda b: (b[1][4] != "uniform", "adamw" not in b[1][1], str(b)))
         target = {r["seed"]: moving_average(r["loss"], smooth)[-1] for r in groups[base] if r["loss"]} if base else {}
         reach = {}
         for k in keys:
@@ -137,9 +139,11 @@ def table(groups: dict, smooth: int) -> list[str]:
         out.append(f"| method | optim | sample | lr | seeds | held-out @0 | @{half} | @{steps} | steps to baseline's final train loss |")
         out.append("|---|---|---|---|---|---|---|---|---|")
         for k in a["keys"]:
-            method, optim, sample, gamma = k[1]
+            method, optim, sample, gamma, ranks = k[1]
             if gamma is not None:
                 method = f"{method} (gamma {gamma:g})"
+            if ranks != "uniform":
+                method = f"{method}, {ranks} ranks"
             runs = sorted(groups[k], key=lambda r: r["seed"])
             at = lambda s: [r["eval"][s] for r in runs if s in r["eval"]]  # noqa: E731
             reach = ["-" if v is None else str(v) for _, v in sorted(a["reach"][k].items())]
@@ -152,8 +156,9 @@ def table(groups: dict, smooth: int) -> list[str]:
 
 
 def _label(key, n_seeds: int) -> str:
-    method, optim, sample, gamma = key[1]
+    method, optim, sample, gamma, ranks = key[1]
     extra = "".join([f" gamma {gamma:g}" if gamma is not None else "", f" {optim}" if "adamw" not in optim else "",
+                     f" {ranks} ranks" if ranks != "uniform" else "",
                      f" [{sample}]" if sample is not None else ""])
     return f"{method}{extra} lr {key[2]:g} ({n_seeds} seed{'s' if n_seeds > 1 else ''})"
 

@@ -59,9 +59,11 @@ def test_training_lowers_the_loss_and_writes_the_documented_layout(tiny_model_di
     assert all(len(m["top_singular_values"]) > 0 for m in report["modules"].values())
 
 
-@pytest.mark.parametrize("order", [(), ("--group-by-length",)], ids=["shuffled", "grouped-by-length"])
-def test_interrupted_run_resumes_exactly(tiny_model_dir, tmp_path, order):
-    common = ("--max-steps", "6", "--lr", "2e-3", "--eval-split", "0.1", "--eval-every", "2", "--lora-dropout", "0.1", *order)
+@pytest.mark.parametrize("extra", [("--lr", "2e-3"), ("--lr", "2e-3", "--group-by-length"),
+                                   ("--optim", "prodigy", "--rank-allocation", "gradient")],
+                         ids=["adamw", "grouped-by-length", "prodigy-gradient-ranks"])
+def test_interrupted_run_resumes_exactly(tiny_model_dir, tmp_path, extra):
+    common = ("--max-steps", "6", "--eval-split", "0.1", "--eval-every", "2", "--lora-dropout", "0.1", *extra)
     full, part = tmp_path / "full", tmp_path / "part"
     assert main(base_args(tiny_model_dir, full, *common)) == 0
     os.environ["QLORA_GA_STOP_AFTER"] = "3"
@@ -73,10 +75,19 @@ def test_interrupted_run_resumes_exactly(tiny_model_dir, tmp_path, order):
     assert main(base_args(tiny_model_dir, part, *common, "--resume")) == 0
     code = main(base_args(tiny_model_dir, part, *common, "--resume", "--rank", "2"))
     assert code == 2  # a checkpoint of another rank is a clear error, and nothing is written
-    keys = ("step", "loss", "lr", "grad_norm", "eval_loss")
+    keys = ("step", "loss", "lr", "grad_norm", "eval_loss", "d")
     a = [{k: r.get(k) for k in keys} for r in read_metrics(full / "metrics.jsonl")]
     b = [{k: r.get(k) for k in keys} for r in read_metrics(part / "metrics.jsonl")]
     assert a == b
+    if "prodigy" in extra:
+        # prodigy's step-size estimate is logged every step (and resumed: equal above); its lr is a multiplier, 1.0 at peak
+        ds = [r["d"] for r in a if r["step"]]
+        assert len(ds) == 6 and all(d >= 1e-6 for d in ds) and max(r["lr"] for r in a if r["step"]) == 1.0
+        report = json.loads((full / "init_report.json").read_text())
+        assert len(set(report["ranks"].values())) > 1
+        assert report["trainable_parameters"]["gradient"] <= report["trainable_parameters"]["uniform"]
+        adapter_cfg = json.loads((full / "adapter" / "adapter_config.json").read_text())
+        assert adapter_cfg["rank_pattern"]  # the per-module ranks reach PEFT's own config
 
 
 def test_max_steps_zero_writes_an_adapter_that_keeps_the_function(tiny_model_dir, tmp_path):

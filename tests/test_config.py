@@ -37,6 +37,7 @@ NON_DEFAULT = {
     "n_builtin": 123,
     "eval_split": "test",
     "rank": 16,
+    "rank_allocation": "gradient",
     "alpha": 32.0,
     "init": "lora-one",
     "gamma": 64.0,
@@ -292,7 +293,8 @@ def test_valid_edge_cases():
 
 
 def test_method_defaults_table():
-    assert set(INITS) == set(METHOD_DEFAULTS) == {"lora-ga", "lora-one", "gaussian", "kaiming", "lora-ga-sign", "lora-ga-adam"}
+    assert set(INITS) == set(METHOD_DEFAULTS) == {"lora-ga", "lora-one", "gaussian", "kaiming", "lora-ga-sign", "lora-ga-adam",
+                                                  "lora-ga-peft"}
     assert method_defaults("lora-ga") == dict(lr=5e-5, alpha=16.0, gamma=16.0, use_rslora=True)
     one = method_defaults("lora-one")
     assert one["lr"] == 5e-4 and one["alpha"] == 16 and one["gamma"] == 128
@@ -337,6 +339,18 @@ def test_shipped_configs_content():
     c = parse_config(["--config", str(REPO / "configs" / "smollm2-gsm8k.yaml")])
     assert c.model is None and c.dataset == "../shared/data/gsm8k/train.jsonl" and c.eval_fraction == 0.05
     assert parse_config(["--config", str(REPO / "configs" / "default.yaml")]).model is None
+
+
+def test_prodigy_default_lr_and_rank_allocation_checks():
+    assert resolved(parse_config(["--optim", "prodigy"])).lr == 1.0  # a multiplier of prodigy's own step size
+    assert resolved(parse_config(["--optim", "prodigy", "--init", "gaussian"])).lr == 1.0
+    assert resolved(parse_config(["--optim", "prodigy", "--lr", "0.5"])).lr == 0.5
+    assert parse_config(["--rank-allocation", "gradient", "--init", "gaussian"]).rank_allocation == "gradient"
+    for init in ("lora-ga-sign", "lora-ga-adam"):
+        with pytest.raises(QloraGaError, match=f"rank_allocation gradient does not support init {init}"):
+            parse_config(["--rank-allocation", "gradient", "--init", init])
+    with pytest.raises(QloraGaError, match="rank_allocation"):
+        parse_config(["--rank-allocation", "by-gradient"])
 
 
 def test_help_exits_zero(capsys):

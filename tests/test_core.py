@@ -8,9 +8,9 @@ import torch.nn.functional as F
 
 import qlora_ga.gradient as gradient_mod
 from qlora_ga import QloraGaError, estimate_factors, gradient_pass, init_adapters, load_model
-from qlora_ga.gradient import PassReport, make_micro_batches, truncated_svd
+from qlora_ga.gradient import Factors, PassReport, make_micro_batches, truncated_svd
 from qlora_ga.init import lora_layers
-from qlora_ga.model import dequantized_weight, find_decoder_layers, target_linears
+from qlora_ga.model import dequantized_weight, find_decoder_layers, resolve_targets, target_linears
 from qlora_ga.residual import iter_residuals
 from qlora_ga.testing import make_tiny_model
 
@@ -220,6 +220,13 @@ def ref_lora_ga(G, r, gamma):
     return Vh[:r] * c, U[:, r : 2 * r] * c  # A0, B0
 
 
+def ref_lora_ga_peft(G, r, gamma):
+    """PEFT 0.21's LoRA-GA (LoraGAConfig defaults: ArB2r, stable): A0 unscaled, B0 = U[:, r:2r] S[r:2r] c."""
+    U, S, Vh = torch.linalg.svd(G, full_matrices=False)
+    c = G.shape[0] ** 0.25 / gamma**0.5
+    return Vh[:r], U[:, r : 2 * r] @ torch.diag(S[r : 2 * r]) * c
+
+
 def ref_lora_one(G, r, gamma):
     U, S, Vh = torch.linalg.svd(-G, full_matrices=False)
     w = torch.sqrt(S[:r] / S[0]) / gamma**0.5
@@ -235,7 +242,7 @@ def _grads(model, examples):
     return gradient_pass(model, examples, lambda n, g: g.clone(), micro_batch_size=4, progress=False)
 
 
-@pytest.mark.parametrize("method", ["lora-ga", "lora-ga-sign", "lora-one"])
+@pytest.mark.parametrize("method", ["lora-ga", "lora-ga-sign", "lora-ga-peft", "lora-one"])
 def test_init_equals_reference_formula(fresh_model, method):
     model, tok = fresh_model
     ex = make_examples(len(tok))
@@ -252,12 +259,45 @@ def test_init_equals_reference_formula(fresh_model, method):
             torch.testing.assert_close(B @ A, B0 @ A0, rtol=1e-4, atol=1e-7)  # sign-invariant product
         else:
             target = torch.sign(G[name]) if method == "lora-ga-sign" else G[name]
-            A0, B0 = ref_lora_ga(target, r, gamma)
+            A0, B0 = (ref_lora_ga_peft if method == "lora-ga-peft" else ref_lora_ga)(target, r, gamma)
             # LoRA-GA pairs U[:, r:2r] with V[:, :r]: B@A depends on the SVD's sign choices, the spans do not
             torch.testing.assert_close(A.T @ A, A0.T @ A0, rtol=1e-4, atol=1e-6)
             torch.testing.assert_close(B @ B.T, B0 @ B0.T, rtol=1e-4, atol=1e-6)
         assert layer.scaling["default"] == pytest.approx(8 / math.sqrt(r))  # rsLoRA
     assert len(list(iter_residuals(pm))) == (0 if method == "lora-one" else 21)
+
+
+def test_lora_ga_peft_equals_peft_own_lora_ga_init(tiny_model_dir, monkeypatch):
+    """``--init lora-ga-peft`` against PEFT 0.21's own code (``init_lora_weights="lora_ga"``) fed the same G.
+
+    PEFT takes a randomized ``torch.svd_lowrank``; both sides get the same exact SVD here (with our
+    canonical signs), so the factors must agree to the last bits, not just up to the SVD's sign choices."""
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora.config import LoraGAConfig
+
+    def exact_svd(G, q=6, niter=2, M=None):  # ours: exact, with the canonical signs
+        return truncated_svd(G, q, "exact")
+
+    monkeypatch.setattr(torch, "svd_lowrank", exact_svd)
+    r, alpha = 4, 8
+    model, tok = load_model(tiny_model_dir, quantize=False)  # PEFT refuses LoRA-GA on a 4-bit base
+    G = _grads(model, make_examples(len(tok)))
+    for name, mod in target_linears(model).items():
+        mod._peft_loraga_grad = G[name].clone()
+    peft_pm = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, use_rslora=True, target_modules=list(resolve_targets(model)),
+                                               init_lora_weights="lora_ga", lora_ga_config=LoraGAConfig()))
+    ours_model, _ = load_model(tiny_model_dir, quantize=False)
+    factors = {n: Factors(*truncated_svd(g, 2 * r, "exact"), tuple(g.shape), float(g.norm())) for n, g in G.items()}
+    ours = init_adapters(ours_model, factors, method="lora-ga-peft", rank=r, alpha=alpha)
+    theirs = lora_layers(peft_pm)
+    assert set(theirs) == set(G) and len(G) == 21
+    for name, layer in lora_layers(ours).items():
+        for which in ("lora_A", "lora_B"):
+            torch.testing.assert_close(getattr(layer, which)["default"].weight, getattr(theirs[name], which)["default"].weight,
+                                       rtol=1e-6, atol=1e-9)
+        assert layer.scaling["default"] == theirs[name].scaling["default"]
+    # unlike PEFT (which rewrites W), the base is untouched and the residual keeps the function
+    assert len(list(iter_residuals(ours))) == 21
 
 
 def test_vanilla_inits_start_at_zero(fresh_model):

@@ -66,6 +66,18 @@ def test_lora_one_preconditioner_matches_its_formula(tiny_model_dir):
     torch.testing.assert_close(B.grad, gB @ torch.linalg.inv(A @ A.T + 1e-6 * eye), rtol=1e-4, atol=1e-6)
 
 
+def test_prodigy_without_its_package_is_a_one_line_error(monkeypatch):
+    import sys
+
+    from qlora_ga import QloraGaError
+    from qlora_ga.train import build_optimizer
+
+    monkeypatch.setitem(sys.modules, "prodigyopt", None)  # import fails as if not installed
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(QloraGaError, match=r"--optim prodigy needs the prodigyopt package: pip install prodigyopt"):
+        build_optimizer(model, TrainSettings(optim="prodigy", lr=1.0), torch.device("cpu"))
+
+
 def test_data_order_is_a_pure_function_of_seed_and_step():
     data = [{"input_ids": [i], "labels": [i]} for i in range(10)]
     s = TrainSettings(batch_size=2, grad_accum=2, seed=3)
