@@ -240,11 +240,12 @@ class NonFiniteLoss(QloraGaError):
 
 def train(model, tokenizer, train_data: list[dict], eval_data: list[dict], s: TrainSettings, out_dir: Path,
           *, start_step: int = 0, checkpoint: Path | None = None, compute_dtype: torch.dtype = torch.float32,
-          stop_after: int | None = None, progress: bool = True) -> dict:
+          stop_after: int | None = None, progress: bool = True, reporter=None) -> dict:
     """Train the adapter for ``total_steps`` optimizer steps; return a summary dict.
 
     ``checkpoint``: resume its optimizer/scheduler/RNG state (weights must already be loaded).
     ``stop_after``: raise KeyboardInterrupt after that step's checkpoint (tests the Ctrl-C path).
+    ``reporter``: also gets every metrics row (``metrics.make_reporter``, ``--report-to``); the caller closes it.
     """
     from transformers import get_cosine_schedule_with_warmup
 
@@ -265,7 +266,7 @@ def train(model, tokenizer, train_data: list[dict], eval_data: list[dict], s: Tr
         scheduler.load_state_dict(st["scheduler"])
         _set_rng_state(st["rng"])
     metrics = MetricsLogger(out_dir / "metrics.jsonl", resume_step=start_step if checkpoint is not None else None,
-                            overwrite=checkpoint is None)
+                            overwrite=checkpoint is None, reporter=reporter)
     params = trainable_parameters(model)
     model.train()
     last_ckpt = checkpoint
