@@ -101,7 +101,7 @@ def converter_cache_dir() -> Path:
 def find_converter(llama_cpp: str | os.PathLike | None = None) -> Path:
     """The folder holding ``convert_hf_to_gguf.py``: ``llama_cpp`` if given, else the cached pinned copy (fetched once)."""
     if llama_cpp is not None:
-        d = Path(llama_cpp).expanduser()
+        d = Path(llama_cpp).expanduser().absolute()  # the converter runs with this folder as its cwd
         if not (d / CONVERTER).is_file():
             raise QloraGaError(f"--llama-cpp '{d}' has no {CONVERTER}: pass the root folder of a llama.cpp checkout")
         return d
@@ -445,8 +445,12 @@ def gguf_export(
     dtype = dtype or merged_dtype
     config, _, meta = _load_adapter_dir(adapter_dir)  # a bad adapter folder is reported before anything is written
     base_name = base or (meta or {}).get("base_model") or config.base_model_name_or_path
+    keep = [Path(adapter_dir).expanduser().absolute()]
     if base_name:
-        check_disk_space(resolve_base_folder(str(base_name)), out, gguf_type)
+        keep.append(resolve_base_folder(str(base_name)).absolute())
+        check_disk_space(keep[-1], out, gguf_type)
+    if any(k == out or out in k.parents for k in keep):
+        raise QloraGaError(f"--out '{out}' would replace the adapter or base model folder: choose another --out")
     name = f"model-{gguf_type}.gguf"
     try:
         with _AtomicDir(out) as tmp:

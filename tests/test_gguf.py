@@ -352,3 +352,11 @@ def test_unknown_or_missing_template_gets_a_warning_not_a_wrong_template(tok, te
     assert chat.format is None and not any(ln.startswith(("TEMPLATE", "SYSTEM")) for ln in text.splitlines())
     assert "# WARNING: no TEMPLATE" in text and 'PARAMETER stop "<|im_end|>"' in text
     assert ("no chat template" in text) == (template is None)
+
+
+def test_out_may_not_replace_the_adapter(tiny_adapter, tmp_path, capsys):
+    conv = _fake_llama_cpp(tmp_path / "llama.cpp", "raise SystemExit('must not run')\n")
+    for out in (tiny_adapter, tiny_adapter.parent):
+        code, cap = _export(capsys, "--adapter", tiny_adapter, "--out", out, "--gguf", "f16", "--llama-cpp", conv)
+        assert code == 2 and "would replace the adapter or base model folder" in _one_error_line(cap.err)
+    assert (tiny_adapter / "adapter_config.json").is_file()
