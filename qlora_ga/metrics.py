@@ -14,7 +14,7 @@ the same scalars as ``metrics.jsonl`` (every numeric field but ``step``, under i
 ``step``) plus the run config, through the libraries' own writers: ``torch.utils.tensorboard``'s
 ``SummaryWriter`` (event files in ``OUTPUT_DIR/tensorboard``; on resume, events after the resumed
 step are purged like the JSONL rows) and ``wandb`` (run folder in ``OUTPUT_DIR/wandb``;
-``WANDB_MODE=offline`` logs without an account). A missing package is a one-line error naming the
+``WANDB_MODE=offline`` logs without an account; a resumed run is a new W&B run). A missing package is a one-line error naming the
 pip command.
 """
 
@@ -251,7 +251,6 @@ class WandbReporter:
         except Exception as e:  # noqa: BLE001 - wandb raises its own errors (no login, no network)
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise QloraGaError(f"wandb could not start a run ({first}): run 'wandb login', or set WANDB_MODE=offline") from None
-        self.dir = Path(self.run.dir).parent  # the run folder (wandb/<run>/files -> wandb/<run>)
 
     def log(self, row: dict) -> None:
         step, values = _scalars(row)

@@ -360,3 +360,21 @@ def test_out_may_not_replace_the_adapter(tiny_adapter, tmp_path, capsys):
         code, cap = _export(capsys, "--adapter", tiny_adapter, "--out", out, "--gguf", "f16", "--llama-cpp", conv)
         assert code == 2 and "would replace the adapter or base model folder" in _one_error_line(cap.err)
     assert (tiny_adapter / "adapter_config.json").is_file()
+
+
+def test_disk_full_in_the_merge_is_one_line(tiny_adapter, tmp_path, capsys, monkeypatch):
+    import errno
+
+    conv = _fake_llama_cpp(tmp_path / "llama.cpp", "raise SystemExit('must not run')\n")
+
+    def full(adapter, out, **kw):
+        Path(out).mkdir(parents=True)
+        (Path(out) / "model.safetensors").write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    import qlora_ga.export as export_module
+
+    monkeypatch.setattr(export_module, "merge_export", full)  # gguf_export imports it from there when it runs
+    code, cap = _export(capsys, "--adapter", tiny_adapter, "--out", tmp_path / "out", "--gguf", "f16", "--llama-cpp", conv)
+    assert code == 2 and "no space left on the device of" in _one_error_line(cap.err)
+    assert not (tmp_path / "out").exists() and _leftovers(tmp_path) == []
