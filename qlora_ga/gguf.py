@@ -199,9 +199,15 @@ def _last_line(*texts: str) -> str:
     return "no output"
 
 
+PIP_NAMES = {"google": "protobuf", "mistral_common": "mistral-common"}  # module -> package, where they differ
+
+
 def _hint(line: str) -> str:
     m = re.search(r"No module named '([\w.]+)'", line)
-    return f": install it with 'pip install {m.group(1).split('.')[0]}'" if m else ""
+    if not m:
+        return ""
+    module = m.group(1).split(".")[0]
+    return f": install it with 'pip install {PIP_NAMES.get(module, module)}'"
 
 
 def run_converter(conv: Path, model_dir: Path, outfile: Path, outtype: str) -> None:

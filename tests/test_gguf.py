@@ -192,12 +192,12 @@ def test_failing_converter_shows_its_last_line_and_keeps_out(tiny_adapter, tmp_p
     assert _leftovers(tmp_path) == []
 
 
-def test_converter_missing_a_module_names_the_pip_command(tiny_adapter, tmp_path, capsys):
-    conv = _fake_llama_cpp(tmp_path / "llama.cpp", "import sentencepiece_not_here\n")
+@pytest.mark.parametrize("module, package", [("sentencepiece_not_here", "sentencepiece_not_here"), ("google.protobuf", "protobuf")])
+def test_converter_missing_a_module_names_the_pip_command(tiny_adapter, tmp_path, capsys, module, package):
+    conv = _fake_llama_cpp(tmp_path / "llama.cpp", f"raise ModuleNotFoundError(\"No module named '{module}'\")\n")
     code, cap = _export(capsys, "--adapter", tiny_adapter, "--out", tmp_path / "out", "--gguf", "q8_0", "--llama-cpp", conv)
     assert code == 2
-    assert _one_error_line(cap.err).endswith(
-        "No module named 'sentencepiece_not_here': install it with 'pip install sentencepiece_not_here'")
+    assert _one_error_line(cap.err).endswith(f"No module named '{module}': install it with 'pip install {package}'")
     assert not (tmp_path / "out").exists() and _leftovers(tmp_path) == []
 
 
