@@ -182,6 +182,9 @@ class _AtomicDir:
 
     def __enter__(self) -> Path:
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(self.tmp, 0o777 & ~umask)  # like a folder made by mkdir (mkdtemp makes it private, 0700)
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb):

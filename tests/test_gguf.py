@@ -97,6 +97,9 @@ def test_smollm2_gguf_q8_0_through_export_py_replaces_an_old_out(smol_run, merge
     assert code == 0, cap.err
     assert sorted(p.name for p in out.iterdir()) == ["Modelfile", "model-q8_0.gguf", "qlora_ga.json"]
     assert _leftovers(tmp_path) == []
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask  # readable like any folder (e.g. by an Ollama service)
     from gguf import GGUFReader
 
     r = GGUFReader(str(out / "model-q8_0.gguf"))
