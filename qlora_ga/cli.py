@@ -211,7 +211,8 @@ def run(cfg: FinetuneConfig) -> dict:
     if cfg.export_gguf:
         from .gguf import gguf_export
 
-        g = gguf_export(out / "adapter", out / "gguf", cfg.export_gguf, llama_cpp=cfg.llama_cpp)
+        g = gguf_export(out / "adapter", out / "gguf", cfg.export_gguf, llama_cpp=cfg.llama_cpp,
+                        merged_dir=out / "merged" if cfg.export_merged else None)  # merged once, not twice
         _say(f"GGUF {cfg.export_gguf} written to {g.gguf_file} ({g.bytes / 1e6:.1f} MB) with an Ollama Modelfile")
     if "eval_loss_start" in summary and "eval_loss" in summary:
         _say(f"held-out loss: {summary['eval_loss_start']:.4f} at the start -> {summary['eval_loss']:.4f} after {summary['steps']} steps")

@@ -11,7 +11,8 @@
    (``llama_cpp.llama_model_quantize``), run in a child process; without that package: a one-line
    error saying what to install;
 4. write an Ollama ``Modelfile`` next to the GGUF (:func:`modelfile_text`) and ``qlora_ga.json``
-   (what was exported from what, with which converter); drop the merged folder; rename the
+   (what was exported from what, with which converter); drop the merged folder (``merged_dir``:
+   convert a merged folder that already exists instead, e.g. ``finetune.py --export-merged``'s); rename the
    temporary folder to ``out_dir``. ``out_dir`` then holds ``model-<type>.gguf``, ``Modelfile``
    and ``qlora_ga.json``; a failure at any step leaves ``out_dir`` as it was.
 
@@ -413,15 +414,16 @@ def _tree_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
-def check_disk_space(base_folder: Path, out_dir: Path, gguf_type: str) -> None:
-    """Refuse early when the merged model + GGUF (+ the f16 intermediate of q4_k_m) cannot fit beside ``out_dir``."""
-    weights = sum(p.stat().st_size for p in base_folder.glob("*.safetensors"))
-    need = weights * (3 if gguf_type in QUANTIZED_BY_LLAMA_CPP else 2)
+def check_disk_space(weights_folder: Path, out_dir: Path, gguf_type: str, merging: bool = True) -> None:
+    """Refuse early when the merged model (if ``merging``) + the GGUF (+ the f16 intermediate of q4_k_m) cannot fit
+    beside ``out_dir``; sizes estimated from the safetensors in ``weights_folder``."""
+    weights = sum(p.stat().st_size for p in weights_folder.glob("*.safetensors"))
+    need = weights * (1 + merging + (gguf_type in QUANTIZED_BY_LLAMA_CPP))
     free = shutil.disk_usage(out_dir.parent).free
     if free < need:
         raise QloraGaError(
             f"not enough disk space for the GGUF export in {out_dir.parent}: about {need / 1e9:.2f} GB needed "
-            f"(merged model + GGUF), {free / 1e9:.2f} GB free: free some space or choose another --out"
+            f"({'merged model + ' if merging else ''}GGUF), {free / 1e9:.2f} GB free: free some space or choose another --out"
         )
 
 
@@ -435,10 +437,14 @@ def gguf_export(
     merge_base: str = "original",
     dtype: str | None = None,
     max_shard_size="2GB",
+    merged_dir=None,
 ) -> GgufStats:
     """Merge the adapter, convert with llama.cpp's converter (and quantizer), write the GGUF + Modelfile into ``out_dir``.
 
     ``dtype``: dtype of the intermediate merged model (default fp16; bf16 for ``gguf_type='bf16'``).
+    ``merged_dir``: a merged model folder already written by :func:`~qlora_ga.export.merge_export` (e.g. by
+    ``finetune.py --export-merged``) to convert instead of merging again (``base``, ``merge_base``, ``dtype``
+    and ``max_shard_size`` then do not apply).
     Everything happens in a temporary folder next to ``out_dir``, renamed into place at the end.
     """
     from .export import _AtomicDir, _load_adapter_dir, merge_export, resolve_base_folder
@@ -448,20 +454,29 @@ def gguf_export(
     conv = find_converter(llama_cpp)
     out = Path(out_dir).expanduser().absolute()
     outtype, merged_dtype = OUTTYPES[gguf_type]
-    dtype = dtype or merged_dtype
-    config, _, meta = _load_adapter_dir(adapter_dir)  # a bad adapter folder is reported before anything is written
-    base_name = base or (meta or {}).get("base_model") or config.base_model_name_or_path
     keep = [Path(adapter_dir).expanduser().absolute()]
-    if base_name:
-        keep.append(resolve_base_folder(str(base_name)).absolute())
-        check_disk_space(keep[-1], out, gguf_type)
+    if merged_dir is None:
+        config, _, meta = _load_adapter_dir(adapter_dir)  # a bad adapter folder is reported before anything is written
+        base_name = base or (meta or {}).get("base_model") or config.base_model_name_or_path
+        if base_name:
+            keep.append(resolve_base_folder(str(base_name)).absolute())
+            check_disk_space(keep[-1], out, gguf_type)
+    else:
+        keep.append(Path(merged_dir).expanduser().absolute())
+        if not (keep[-1] / "config.json").is_file():
+            raise QloraGaError(f"'{keep[-1]}' has no config.json: pass a merged model folder")
+        check_disk_space(keep[-1], out, gguf_type, merging=False)
     if any(k == out or out in k.parents for k in keep):
-        raise QloraGaError(f"--out '{out}' would replace the adapter or base model folder: choose another --out")
+        raise QloraGaError(f"--out '{out}' would replace the adapter or model folder: choose another --out")
     name = f"model-{gguf_type}.gguf"
     try:
         with _AtomicDir(out) as tmp:
-            merged = tmp / "merged"
-            merge_export(adapter_dir, merged, base=base, dtype=dtype, merge_base=merge_base, max_shard_size=max_shard_size)
+            if merged_dir is None:
+                merged = tmp / "merged"
+                merge_export(adapter_dir, merged, base=base, dtype=dtype or merged_dtype, merge_base=merge_base,
+                             max_shard_size=max_shard_size)
+            else:
+                merged = keep[-1]
             if gguf_type in QUANTIZED_BY_LLAMA_CPP:
                 f16 = tmp / f"model-{outtype}.gguf"
                 run_converter(conv, merged, f16, outtype)
@@ -471,14 +486,15 @@ def gguf_export(
                 run_converter(conv, merged, tmp / name, outtype)
             chat = model_chat(merged)
             (tmp / "Modelfile").write_text(modelfile_text(name, chat), encoding="utf-8")
-            merged_meta = json.loads((merged / "qlora_ga.json").read_text())
+            merged_meta = json.loads((merged / "qlora_ga.json").read_text()) if (merged / "qlora_ga.json").is_file() else {}
             (tmp / "qlora_ga.json").write_text(json.dumps({
                 "format": "qlora-ga-gguf", "gguf_type": gguf_type, "gguf_file": name,
-                "merged_dtype": merged_meta.get("dtype"), "merge_base": merge_base,
+                "merged_dtype": merged_meta.get("dtype"), "merge_base": merged_meta.get("merge_base"),
                 "adapter": str(adapter_dir), "base_model": merged_meta.get("base_model"),
                 "converter": converter_source(conv), "chat_format": chat.format,
             }, indent=1), encoding="utf-8")
-            shutil.rmtree(merged)
+            if merged_dir is None:
+                shutil.rmtree(merged)
     except OSError as e:
         if e.errno == errno.ENOSPC:
             raise QloraGaError(f"no space left on the device of {out.parent}: free some space or choose another --out") from None

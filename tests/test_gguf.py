@@ -79,6 +79,7 @@ def test_smollm2_gguf_f16_matches_the_merged_model(smol_run, merged_logits):
     assert _leftovers(smol_run) == []
     meta = json.loads((g / "qlora_ga.json").read_text())
     assert meta["gguf_type"] == "f16" and meta["merged_dtype"] == "float16" and meta["chat_format"] == "chatml"
+    assert meta["merge_base"] == "original" and meta["base_model"] == default_model_path()
     assert meta["converter"]["sha256"] == gguf.SDIST_SHA256 or "llama_cpp_dir" in meta["converter"]
 
     ids_m, merged = merged_logits
@@ -89,12 +90,12 @@ def test_smollm2_gguf_f16_matches_the_merged_model(smol_run, merged_logits):
     assert (f16 - merged).abs().max() <= F16_MAX_ABS
 
 
-def test_smollm2_gguf_q8_0_through_export_py_replaces_an_old_out(smol_run, merged_logits, tmp_path, capsys):
+def test_smollm2_gguf_q8_0_replaces_an_old_out(smol_run, merged_logits, tmp_path):
     out = tmp_path / "q8"
     out.mkdir()
     (out / "old.gguf").write_text("replaced when the new export is complete")
-    code, cap = _export(capsys, "--adapter", smol_run / "adapter", "--out", out, "--gguf", "q8_0")
-    assert code == 0, cap.err
+    g = gguf.gguf_export(smol_run / "adapter", out, "q8_0", merged_dir=smol_run / "merged")  # finetune's merge, reused
+    assert g.chat_format == "chatml" and g.bytes == (out / "model-q8_0.gguf").stat().st_size
     assert sorted(p.name for p in out.iterdir()) == ["Modelfile", "model-q8_0.gguf", "qlora_ga.json"]
     assert _leftovers(tmp_path) == []
     umask = os.umask(0)
@@ -361,7 +362,7 @@ def test_out_may_not_replace_the_adapter(tiny_adapter, tmp_path, capsys):
     conv = _fake_llama_cpp(tmp_path / "llama.cpp", "raise SystemExit('must not run')\n")
     for out in (tiny_adapter, tiny_adapter.parent):
         code, cap = _export(capsys, "--adapter", tiny_adapter, "--out", out, "--gguf", "f16", "--llama-cpp", conv)
-        assert code == 2 and "would replace the adapter or base model folder" in _one_error_line(cap.err)
+        assert code == 2 and "would replace the adapter or model folder" in _one_error_line(cap.err)
     assert (tiny_adapter / "adapter_config.json").is_file()
 
 
