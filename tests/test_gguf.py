@@ -23,8 +23,9 @@ from qlora_ga.export import save_adapter
 from qlora_ga.model import DEFAULT_TARGETS, default_model_path, load_model, resolve_model_source
 from qlora_ga.testing import CHAT_TEMPLATE, make_tiny_tokenizer
 
-# Bounds measured on the SmolLM2 run below (docs/RESULTS.md): f16 is a lossless copy of the fp16
-# merged model, q8_0 moves the logits by at most ~0.1 (on logits of magnitude ~30).
+# Bounds from docs/RESULTS.md section 7 (SmolLM2, 1,441 positions): f16 is a lossless copy of the fp16
+# merged model (max |delta logit| 0.0); q8_0 moved the logits by at most 3.2 % of the largest logit
+# (1.46), top-1 agreement 99.2 %.
 F16_MAX_ABS = 1e-3
 Q8_MAX_REL = 0.05
 TEXT = "Question: Tom has 3 apples and buys 12 more. How many apples does he have?\nAnswer: 15 #### 15"
