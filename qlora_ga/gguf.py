@@ -219,7 +219,7 @@ def run_converter(conv: Path, model_dir: Path, outfile: Path, outtype: str) -> N
     proc = subprocess.run(cmd, cwd=conv, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, errors="replace")
     if proc.returncode != 0 or not outfile.is_file():
         last = _last_line(proc.stderr, proc.stdout)
-        _raise_if_no_space(last, outfile.parent)
+        _raise_if_no_space(last)
         raise QloraGaError(f"llama.cpp's converter failed (exit {proc.returncode}): {last}{_hint(last)}")
 
 
@@ -240,13 +240,14 @@ def run_quantizer(infile: Path, outfile: Path, gguf_type: str) -> None:
     proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, errors="replace")
     if proc.returncode != 0 or not outfile.is_file():
         last = _last_line(proc.stderr, proc.stdout)
-        _raise_if_no_space(last, outfile.parent)
+        _raise_if_no_space(last)
         raise QloraGaError(f"llama.cpp's quantizer (llama-cpp-python) failed for {gguf_type} (exit {proc.returncode}): {last}")
 
 
-def _raise_if_no_space(text: str, where: Path) -> None:
+def _raise_if_no_space(text: str) -> None:
+    """A child process that died of a full disk: raise it as ENOSPC (``gguf_export`` names the folder)."""
     if "No space left on device" in text or "Errno 28" in text:
-        raise QloraGaError(f"no space left on the device of {where}: free some space or choose another --out")
+        raise OSError(errno.ENOSPC, "No space left on device")
 
 
 # ----------------------------------------------------------------------------- Ollama Modelfile

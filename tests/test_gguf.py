@@ -212,7 +212,7 @@ def test_disk_full_during_conversion_is_one_line(tiny_adapter, tmp_path, capsys)
         "raise OSError(28, 'No space left on device')\n"))
     code, cap = _export(capsys, "--adapter", tiny_adapter, "--out", tmp_path / "out", "--gguf", "f16", "--llama-cpp", conv)
     assert code == 2
-    assert "error: no space left on the device of" in _one_error_line(cap.err)
+    assert f"error: no space left on the device of {tmp_path}: free some space" in _one_error_line(cap.err)
     assert not (tmp_path / "out").exists() and _leftovers(tmp_path) == []
 
 
@@ -381,5 +381,5 @@ def test_disk_full_in_the_merge_is_one_line(tiny_adapter, tmp_path, capsys, monk
 
     monkeypatch.setattr(export_module, "merge_export", full)  # gguf_export imports it from there when it runs
     code, cap = _export(capsys, "--adapter", tiny_adapter, "--out", tmp_path / "out", "--gguf", "f16", "--llama-cpp", conv)
-    assert code == 2 and "no space left on the device of" in _one_error_line(cap.err)
+    assert code == 2 and f"no space left on the device of {tmp_path}: free some space" in _one_error_line(cap.err)
     assert not (tmp_path / "out").exists() and _leftovers(tmp_path) == []
