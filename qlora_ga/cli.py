@@ -16,7 +16,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from . import distributed
-from .config import FinetuneConfig, parse_config, resolved, save_yaml
+from .config import FinetuneConfig, parse_config, resolved, save_yaml, to_dict
 from .errors import QloraGaError
 from .fileio import atomic_write
 from .log import quiet_libraries
@@ -53,6 +53,21 @@ def check_output_dir(cfg: FinetuneConfig) -> Path:
     if holds_run and not cfg.resume and not cfg.overwrite:
         raise QloraGaError(f"--output-dir '{out}' already holds a run: pass --resume to continue it, --overwrite to replace it, or another --output-dir")
     return out
+
+
+def check_exports(cfg: FinetuneConfig) -> None:
+    """Fail before any work when --report-to's package, the GGUF converter or q4_k_m's quantizer is missing."""
+    from .metrics import check_report_to
+
+    check_report_to(cfg.report_to)
+    if cfg.export_gguf:
+        from .gguf import check_quantizer, check_type, find_converter
+
+        check_type(cfg.export_gguf)
+        check_quantizer(cfg.export_gguf)
+        find_converter(cfg.llama_cpp)  # fetched into the cache now, not after hours of training
+    elif cfg.llama_cpp:
+        raise QloraGaError("--llama_cpp only applies with --export_gguf")
 
 
 def resolve_device(cfg: FinetuneConfig):
@@ -101,7 +116,7 @@ def run(cfg: FinetuneConfig) -> dict:
     from .data import DataConfig, build_data, sample_batch
     from .gradient import PassReport, estimate_factors
     from .init import GRADIENT_METHODS, factor_reducer, init_adapters, singular_vectors_needed
-    from .metrics import plot_losses
+    from .metrics import make_reporter, plot_losses
     from .model import load_model, resolve_targets, target_linears, unadapted_experts
     from .train import TrainSettings, find_checkpoint, load_checkpoint_weights, train
 
@@ -113,6 +128,8 @@ def run(cfg: FinetuneConfig) -> dict:
         from .kernels import check_liger
 
         check_liger(device)  # before anything is loaded or written
+    with distributed.main_first():  # the main process fetches the GGUF converter into the cache, if asked for
+        check_exports(cfg)
     t_start = time.perf_counter()
     ckpt = None
     if cfg.resume:
@@ -202,7 +219,7 @@ def run(cfg: FinetuneConfig) -> dict:
     # Everything the run needs is in hand: only now is an old run (with --overwrite) replaced.
     if distributed.is_main():
         if cfg.overwrite and not ckpt and out.is_dir():
-            for m in RUN_MARKERS + ("loss.png", "summary.json", "merged"):
+            for m in RUN_MARKERS + ("loss.png", "summary.json", "merged", "gguf", "tensorboard", "wandb"):
                 p = out / m
                 shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
         out.mkdir(parents=True, exist_ok=True)
@@ -220,8 +237,15 @@ def run(cfg: FinetuneConfig) -> dict:
     summary = {"output_dir": str(out), "init": cfg.init}
     if cfg.max_steps != 0:
         stop_after = int(os.environ["QLORA_GA_STOP_AFTER"]) if os.environ.get("QLORA_GA_STOP_AFTER") else None
-        summary.update(train(pm, tok, data.train, data.eval, settings, out, start_step=start_step, checkpoint=ckpt,
-                             compute_dtype=compute_dtype, stop_after=stop_after, progress=distributed.is_main()))
+        reporter = (make_reporter(cfg.report_to, out, to_dict(cfg), resume_step=start_step if ckpt else None)
+                    if distributed.is_main() else None)
+        try:
+            summary.update(train(pm, tok, data.train, data.eval, settings, out, start_step=start_step, checkpoint=ckpt,
+                                 compute_dtype=compute_dtype, stop_after=stop_after, progress=distributed.is_main(),
+                                 reporter=reporter))
+        finally:
+            if reporter is not None:
+                reporter.close()
         if distributed.is_main() and (out / "metrics.jsonl").is_file():
             plot_losses(out / "metrics.jsonl", out / "loss.png", title=f"{cfg.init}, r={cfg.rank}, lr={cfg.lr:g}")
 
@@ -235,6 +259,12 @@ def run(cfg: FinetuneConfig) -> dict:
     if cfg.export_merged:
         merge_export(out / "adapter", out / "merged", dtype=cfg.merged_dtype)
         _say(f"merged {cfg.merged_dtype} model written to {out / 'merged'}")
+    if cfg.export_gguf:
+        from .gguf import gguf_export
+
+        g = gguf_export(out / "adapter", out / "gguf", cfg.export_gguf, llama_cpp=cfg.llama_cpp,
+                        merged_dir=out / "merged" if cfg.export_merged else None)  # merged once, not twice
+        _say(f"GGUF {cfg.export_gguf} written to {g.gguf_file} ({g.bytes / 1e6:.1f} MB) with an Ollama Modelfile")
     if "eval_loss_start" in summary and "eval_loss" in summary:
         _say(f"held-out loss: {summary['eval_loss_start']:.4f} at the start -> {summary['eval_loss']:.4f} after {summary['steps']} steps")
     summary.update(seconds=round(time.perf_counter() - t_start, 1), samples_before=before, samples_after=after)

@@ -75,12 +75,14 @@ FORMATS = ("auto", "alpaca", "prompt-response", "messages", "text")
 OVERLONG = ("truncate", "drop")
 MERGED_DTYPES = ("fp16", "bf16")
 COMPUTE_DTYPES = ("auto", "bf16", "fp16", "fp32")
+GGUF_TYPES = ("f16", "bf16", "q8_0", "q4_k_m")
+REPORT_TO = ("none", "tensorboard", "wandb")
 DEFAULT_TARGET_MODULES = "all-linear"
 
 # fields whose value must be one of a fixed set (checked for CLI flags by argparse and for YAML
 # values by FinetuneConfig.validate)
 CHOICE_FIELDS = {"init": INITS, "optim": OPTIMS, "rank_allocation": RANK_ALLOCATIONS, "format": FORMATS, "overlong": OVERLONG,
-                 "merged_dtype": MERGED_DTYPES, "compute_dtype": COMPUTE_DTYPES}
+                 "merged_dtype": MERGED_DTYPES, "compute_dtype": COMPUTE_DTYPES, "report_to": REPORT_TO}
 
 
 def _f(default, help: str, **extra):
@@ -151,6 +153,10 @@ class FinetuneConfig:
     eval_every: int = _f(0, "evaluate every N optimizer steps (0: only at the end)")
     save_every: int = _f(0, "save a checkpoint every N optimizer steps (0: only at the end)")
     log_every: int = _f(1, "log metrics every N optimizer steps")
+    report_to: str = _f(
+        "none", "also send the metrics and the run config to tensorboard (OUTPUT_DIR/tensorboard) or wandb "
+        "(WANDB_MODE=offline logs without an account)", choices=REPORT_TO,
+    )
     sample_prompts: int = _f(1, "number of prompts whose generations are shown before and after training")
     output_dir: str = _f("outputs/run", "folder for checkpoints, metrics, plots and the adapter")
     resume: str | None = _f(
@@ -160,6 +166,14 @@ class FinetuneConfig:
     overwrite: bool = _f(False, "allow writing into a non-empty --output_dir")
     export_merged: bool = _f(False, "also export a merged 16-bit model")
     merged_dtype: str = _f("fp16", "dtype of the merged export", choices=MERGED_DTYPES)
+    export_gguf: str | None = _f(
+        None, "also export a GGUF for llama.cpp / Ollama into OUTPUT_DIR/gguf (with an Ollama Modelfile): "
+        "f16, bf16, q8_0 or q4_k_m (q4_k_m needs llama-cpp-python)",
+    )
+    llama_cpp: str | None = _f(
+        None, "llama.cpp checkout whose convert_hf_to_gguf.py --export_gguf runs; default: fetched once from the "
+        "llama-cpp-python 0.3.36 source on PyPI into the cache",
+    )
     config: str | None = _f(None, "YAML file with settings; flags on the command line override it")
 
     # ---- derived values ----
@@ -210,6 +224,10 @@ class FinetuneConfig:
             value = getattr(self, name)
             if value not in choices:
                 raise QloraGaError(f"{name} '{value}' is not known{_suggest(str(value), choices)}: use one of {', '.join(choices)}")
+        if self.export_gguf is not None and self.export_gguf not in GGUF_TYPES:
+            raise QloraGaError(
+                f"export_gguf '{self.export_gguf}' is not a GGUF type{_suggest(self.export_gguf, GGUF_TYPES)}: use one of {', '.join(GGUF_TYPES)}"
+            )
         _check(self.rank >= 1, f"rank must be >= 1, got {self.rank}: pass e.g. --rank 8")
         _check(
             self.rank_allocation == "uniform" or self.init not in ("lora-ga-sign", "lora-ga-adam"),
@@ -447,6 +465,8 @@ __all__ = [
     "OVERLONG",
     "MERGED_DTYPES",
     "COMPUTE_DTYPES",
+    "GGUF_TYPES",
+    "REPORT_TO",
     "make_parser",
     "parse_config",
     "load_yaml",

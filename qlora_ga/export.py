@@ -42,6 +42,9 @@ Two products:
     structure), targets or not, so the merged model computes exactly the function that was trained
     (up to fp rounding and the output dtype).
 
+A third product, a GGUF for llama.cpp / Ollama (merge, then llama.cpp's own converter), lives in
+``qlora_ga/gguf.py``; ``main`` reaches it with ``--gguf TYPE``.
+
 Everything is written into a temporary folder next to ``out_dir`` and renamed into place only when
 complete; an existing ``out_dir`` is replaced only after the new one is fully written.
 """
@@ -179,6 +182,9 @@ class _AtomicDir:
 
     def __enter__(self) -> Path:
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(self.tmp, 0o777 & ~umask)  # like a folder made by mkdir (mkdtemp makes it private, 0700)
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb):
@@ -796,11 +802,18 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser(prog: str = "export.py") -> argparse.ArgumentParser:
-    p = _Parser(prog=prog, description="Export a trained adapter: vanilla PEFT adapter, or a merged 16-bit model.")
+    p = _Parser(prog=prog, description="Export a trained adapter: vanilla PEFT adapter, a merged 16-bit model, or a GGUF.")
     p.add_argument("--adapter", required=True, help="adapter folder (PEFT format, as written by training)")
     p.add_argument("--out", required=True, help="output folder (replaced atomically when the export succeeds)")
     p.add_argument("--merge", action="store_true", help="merge the adapter into the base and write a full model")
-    p.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp32"], help="merged weights dtype (default fp16)")
+    p.add_argument("--gguf", default=None, metavar="TYPE",
+                   help="merge, then convert with llama.cpp's converter to a GGUF (f16, bf16, q8_0 or q4_k_m) and "
+                        "write an Ollama Modelfile beside it")
+    p.add_argument("--llama-cpp", default=None, metavar="DIR",
+                   help="llama.cpp checkout holding convert_hf_to_gguf.py; default: fetched once from the "
+                        "llama-cpp-python source on PyPI into the cache")
+    p.add_argument("--dtype", default=None, choices=["fp16", "bf16", "fp32"],
+                   help="merged weights dtype (default fp16; bf16 for --gguf bf16)")
     p.add_argument("--merge-base", default="original", choices=["original", "dequantized"],
                    help="merge into the original 16-bit weights (default) or into deQ(Q(W)), the exact trained function")
     p.add_argument("--base", default=None, help="base model (folder, hub id or .gguf); default: the one the adapter names")
@@ -813,15 +826,24 @@ def main(argv=None, prog: str = "export.py") -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     quiet_libraries()
     try:
-        if args.merge:
-            stats = merge_export(args.adapter, args.out, base=args.base, dtype=args.dtype,
+        if args.gguf is not None:
+            from .gguf import gguf_export
+
+            g = gguf_export(args.adapter, args.out, args.gguf, llama_cpp=args.llama_cpp, base=args.base,
+                            merge_base=args.merge_base, dtype=args.dtype, max_shard_size=args.max_shard_size)
+            print(f"GGUF {g.gguf_type} written to {g.gguf_file} ({g.bytes / 1e6:.1f} MB) with an Ollama Modelfile "
+                  f"({'chat template: ' + g.chat_format if g.chat_format else 'no chat template: see the warning in it'})")
+        elif args.llama_cpp is not None:
+            raise QloraGaError("--llama-cpp only applies with --gguf")
+        elif args.merge:
+            stats = merge_export(args.adapter, args.out, base=args.base, dtype=args.dtype or "fp16",
                                  merge_base=args.merge_base, max_shard_size=args.max_shard_size)
             print(f"merged model written to {stats.out_dir}: {stats.tensors_written} tensors "
                   f"({stats.tensors_merged} merged) in {stats.shards} shard(s), {stats.total_bytes / 1e6:.1f} MB, "
                   f"peak {stats.peak_bytes / 1e6:.1f} MB held")
         else:
-            if args.dtype != "fp16" or args.merge_base != "original" or args.base:
-                raise QloraGaError("--dtype, --merge-base and --base only apply with --merge")
+            if args.dtype is not None or args.merge_base != "original" or args.base:
+                raise QloraGaError("--dtype, --merge-base and --base only apply with --merge or --gguf")
             out = export_adapter(args.adapter, args.out)
             print(f"adapter written to {out}")
     except QloraGaError as e:

@@ -7,6 +7,15 @@ written, so the file is readable while training runs and survives a crash up to 
 Exact resume: ``MetricsLogger(path, resume_step=k)`` keeps the rows with ``step <= k`` (and rows
 without a step), drops the rest and a torn last line, and appends after them, so the metrics of a
 resumed run are the same as those of a run that was never interrupted.
+
+Reporting (``--report-to``): ``make_reporter("tensorboard" | "wandb", out_dir, run_config)`` gives a
+reporter that :class:`MetricsLogger` hands every row it writes, so TensorBoard / Weights & Biases get
+the same scalars as ``metrics.jsonl`` (every numeric field but ``step``, under its own name, at its
+``step``) plus the run config, through the libraries' own writers: ``torch.utils.tensorboard``'s
+``SummaryWriter`` (event files in ``OUTPUT_DIR/tensorboard``; on resume, events after the resumed
+step are purged like the JSONL rows) and ``wandb`` (run folder in ``OUTPUT_DIR/wandb``;
+``WANDB_MODE=offline`` logs without an account; a resumed run is a new W&B run). A missing package is a one-line error naming the
+pip command.
 """
 
 from __future__ import annotations
@@ -17,6 +26,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from .errors import QloraGaError
 from .fileio import atomic_write
 
 
@@ -73,7 +83,9 @@ class MetricsLogger:
     Use as a context manager or call :meth:`close`. ``rows_kept`` is the number of rows found.
     """
 
-    def __init__(self, path: str | os.PathLike, resume_step: int | None = None, overwrite: bool = False):
+    def __init__(self, path: str | os.PathLike, resume_step: int | None = None, overwrite: bool = False,
+                 reporter=None):
+        self.reporter = reporter  # also gets every row written (see make_reporter); closed by its owner
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if overwrite:
@@ -106,6 +118,8 @@ class MetricsLogger:
         row = _jsonable(dict(row))
         self._f.write(json.dumps(row) + "\n")
         self._f.flush()
+        if self.reporter is not None:
+            self.reporter.log(row)
         return row
 
     def close(self) -> None:
@@ -171,4 +185,92 @@ def plot_losses(metrics_path: str | os.PathLike, png_path: str | os.PathLike, ti
     return png_path
 
 
-__all__ = ["MetricsLogger", "read_metrics", "plot_losses"]
+# ----------------------------------------------------------------------------- --report-to
+
+PIP_NAMES = {"tensorboard": "tensorboard", "wandb": "wandb"}
+
+
+def check_report_to(report_to: str | None) -> None:
+    """Raise a one-line error when the package ``report_to`` needs is not installed (before anything runs)."""
+    import importlib.util
+
+    if report_to in (None, "none"):
+        return
+    if report_to not in PIP_NAMES:
+        raise QloraGaError(f"unknown --report-to '{report_to}': use none, tensorboard or wandb")
+    if importlib.util.find_spec(report_to) is None:
+        raise QloraGaError(f"--report-to {report_to} needs the '{PIP_NAMES[report_to]}' package: pip install {PIP_NAMES[report_to]}")
+
+
+def _scalars(row: dict) -> tuple[int | None, dict[str, float]]:
+    step = row.get("step")
+    values = {k: v for k, v in row.items()
+              if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+    return (int(step) if isinstance(step, (int, float)) else None), values
+
+
+class TensorBoardReporter:
+    """Rows as TensorBoard scalars (tag = the metrics.jsonl field name), the run config as a text summary."""
+
+    def __init__(self, log_dir: str | os.PathLike, config: dict | None = None, resume_step: int | None = None):
+        check_report_to("tensorboard")
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.log_dir = Path(log_dir)
+        # purge_step: events at steps after the resumed one (written before an interruption) are dropped
+        self.writer = SummaryWriter(str(self.log_dir), purge_step=None if resume_step is None else resume_step + 1)
+        if config:
+            import yaml
+
+            text = yaml.safe_dump(_jsonable(config), sort_keys=False)
+            self.writer.add_text("run_config", "".join("    " + line + "\n" for line in text.splitlines()), global_step=0)
+            self.writer.flush()
+
+    def log(self, row: dict) -> None:
+        step, values = _scalars(row)
+        for k, v in values.items():
+            self.writer.add_scalar(k, v, global_step=step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class WandbReporter:
+    """Rows as a W&B run's history (same keys), the run config as its config; the run folder is ``out_dir/wandb``."""
+
+    def __init__(self, out_dir: str | os.PathLike, config: dict | None = None, name: str | None = None):
+        check_report_to("wandb")
+        import wandb
+
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.run = wandb.init(project=os.environ.get("WANDB_PROJECT") or "qlora-ga", dir=str(out_dir),
+                                  name=name or out_dir.name, config=_jsonable(config or {}))
+        except Exception as e:  # noqa: BLE001 - wandb raises its own errors (no login, no network)
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise QloraGaError(f"wandb could not start a run ({first}): run 'wandb login', or set WANDB_MODE=offline") from None
+
+    def log(self, row: dict) -> None:
+        step, values = _scalars(row)
+        if values:
+            self.run.log(values, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+def make_reporter(report_to: str | None, out_dir: str | os.PathLike, config: dict | None = None,
+                  resume_step: int | None = None):
+    """A reporter for ``--report-to`` (None for ``none``): ``.log(row)`` and ``.close()``."""
+    check_report_to(report_to)
+    if report_to in (None, "none"):
+        return None
+    if report_to == "tensorboard":
+        return TensorBoardReporter(Path(out_dir) / "tensorboard", config, resume_step)
+    return WandbReporter(out_dir, config)
+
+
+__all__ = ["MetricsLogger", "read_metrics", "plot_losses", "check_report_to", "make_reporter", "TensorBoardReporter",
+           "WandbReporter"]

@@ -346,11 +346,12 @@ class NonFiniteLoss(QloraGaError):
 
 def train(model, tokenizer, train_data: list[dict], eval_data: list[dict], s: TrainSettings, out_dir: Path,
           *, start_step: int = 0, checkpoint: Path | None = None, compute_dtype: torch.dtype = torch.float32,
-          stop_after: int | None = None, progress: bool = True) -> dict:
+          stop_after: int | None = None, progress: bool = True, reporter=None) -> dict:
     """Train the adapter for ``total_steps`` optimizer steps; return a summary dict.
 
     ``checkpoint``: resume its optimizer/scheduler/RNG state (weights must already be loaded).
     ``stop_after``: raise KeyboardInterrupt after that step's checkpoint (tests the Ctrl-C path).
+    ``reporter``: also gets every metrics row (``metrics.make_reporter``, ``--report-to``); the caller closes it.
     """
     from transformers import get_cosine_schedule_with_warmup
 
@@ -382,7 +383,7 @@ def train(model, tokenizer, train_data: list[dict], eval_data: list[dict], s: Tr
             scaler.load_state_dict(st["scaler"])
     main_process = distributed.is_main()  # writes the metrics and shows the progress
     metrics = MetricsLogger(out_dir / "metrics.jsonl", resume_step=start_step if checkpoint is not None else None,
-                            overwrite=checkpoint is None) if main_process else None
+                            overwrite=checkpoint is None, reporter=reporter) if main_process else None
     params = trainable_parameters(model)
     step_model = _data_parallel(model, device) if world > 1 else model
     model.train()

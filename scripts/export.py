@@ -1,11 +1,12 @@
 #!/usr/bin/env python
-"""Export a trained adapter: vanilla PEFT adapter (default) or, with --merge, a merged 16-bit model.
+"""Export a trained adapter: vanilla PEFT adapter (default), a merged 16-bit model (--merge), or a GGUF (--gguf).
 
     python scripts/export.py --adapter runs/x/adapter --out exported/adapter
     python scripts/export.py --adapter runs/x/adapter --out exported/merged --merge --dtype bf16 \
         [--merge-base original|dequantized] [--base MODEL] [--max-shard-size 2GB]
+    python scripts/export.py --adapter runs/x/adapter --out exported/gguf --gguf q8_0 [--llama-cpp DIR]
 
-See ``qlora_ga/export.py`` for what each mode writes.
+See ``qlora_ga/export.py`` and ``qlora_ga/gguf.py`` for what each mode writes.
 """
 
 import sys

@@ -63,12 +63,15 @@ NON_DEFAULT = {
     "eval_every": 50,
     "save_every": 25,
     "log_every": 5,
+    "report_to": "tensorboard",
     "sample_prompts": 3,
     "output_dir": "outputs/x",
     "resume": "outputs/x/checkpoint-10",
     "overwrite": True,
     "export_merged": True,
     "merged_dtype": "bf16",
+    "export_gguf": "q8_0",
+    "llama_cpp": "/opt/llama.cpp",
 }
 
 
@@ -171,6 +174,8 @@ def test_resume_and_bool_flags():
         ["--format", "csv"],
         ["--overlong", "cut"],
         ["--merged_dtype", "fp8"],
+        ["--export_gguf", "q5_x"],
+        ["--report_to", "mlflow"],
         ["--overwrite", "maybe"],
         ["--config", "/does/not/exist.yaml"],
     ],
@@ -193,6 +198,8 @@ def test_bad_cli_is_one_line_error(argv):
         "format: csv\n",
         "overlong: cut\n",
         "merged_dtype: fp8\n",
+        "export_gguf: q5_x\n",
+        "report_to: mlflow\n",
         "overwrite: maybe\n",
         "rank: 0\n",
         "output_dir: null\n",
@@ -222,7 +229,8 @@ def test_unknown_key_message_names_file_and_suggests(tmp_path):
 
 def test_invalid_choice_in_yaml_checked_by_validate_too():
     # configs built in code (not through argparse) are checked by validate()
-    for name, bad in [("init", "nope"), ("optim", "sgd"), ("format", "csv"), ("overlong", "cut"), ("merged_dtype", "fp8")]:
+    for name, bad in [("init", "nope"), ("optim", "sgd"), ("format", "csv"), ("overlong", "cut"), ("merged_dtype", "fp8"),
+                      ("report_to", "mlflow"), ("export_gguf", "q5_x")]:
         with pytest.raises(QloraGaError, match=name) as e:
             FinetuneConfig(**{name: bad}).validate()
         assert "\n" not in str(e.value)

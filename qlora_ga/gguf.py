@@ -1,0 +1,510 @@
+"""GGUF export for llama.cpp, Ollama and LM Studio (DESIGN section 6), through llama.cpp's own converter.
+
+``gguf_export(adapter_dir, out_dir, "q8_0")``:
+
+1. merge the adapter into its base with the streaming merge of ``qlora_ga/export.py`` (fp16 by
+   default, bf16 for ``--gguf bf16``), into a temporary folder next to ``out_dir``;
+2. run llama.cpp's ``convert_hf_to_gguf.py`` on it as a program (``sys.executable``, its own
+   ``conversion/`` package and ``gguf-py``), ``--outtype f16|bf16|q8_0``. Nothing of the converter is
+   re-implemented or copied into this repository;
+3. ``q4_k_m``: convert to f16, then quantize with llama.cpp's quantizer through ``llama-cpp-python``
+   (``llama_cpp.llama_model_quantize``), run in a child process; without that package: a one-line
+   error saying what to install;
+4. write an Ollama ``Modelfile`` next to the GGUF (:func:`modelfile_text`) and ``qlora_ga.json``
+   (what was exported from what, with which converter); drop the merged folder (``merged_dir``:
+   convert a merged folder that already exists instead, e.g. ``finetune.py --export-merged``'s); rename the
+   temporary folder to ``out_dir``. ``out_dir`` then holds ``model-<type>.gguf``, ``Modelfile``
+   and ``qlora_ga.json``; a failure at any step leaves ``out_dir`` as it was.
+
+Where the converter comes from: ``llama_cpp`` (``--llama-cpp DIR``), a llama.cpp checkout holding
+``convert_hf_to_gguf.py``; else the source distribution of ``llama-cpp-python`` pinned below
+(version and sha256), which vendors llama.cpp, is downloaded once from PyPI and only the converter
+files are extracted into ``$QLORA_GA_CACHE/llama.cpp/`` (atomically: a temp folder renamed when
+complete). The converter needs ``sentencepiece`` for the Llama family (a dependency of this
+package), ``numpy``, ``torch`` and ``transformers`` (already here) and its own ``gguf-py``.
+
+The Modelfile's ``TEMPLATE`` is Ollama's Go-template form of the tokenizer's Jinja chat template,
+written only when the Jinja template is recognised as one of the layouts in :data:`CHAT_FORMATS`
+(ChatML, Llama-3): the tokenizer's own template is rendered on probe conversations and must
+produce exactly what the layout produces (a default system prompt the template inserts becomes
+``SYSTEM``). Any other template gets no ``TEMPLATE`` line and a warning comment instead of a wrong
+one. ``PARAMETER stop`` lists the layout's end-of-turn marker and the model's end-of-sequence tokens.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import GGUF_TYPES
+from .errors import QloraGaError
+
+log = logging.getLogger(__name__)
+
+# The pinned llama.cpp converter: llama-cpp-python's source distribution on PyPI vendors llama.cpp.
+LLAMA_CPP_PYTHON_VERSION = "0.3.36"
+SDIST_URL = (
+    "https://files.pythonhosted.org/packages/ec/e9/e7de2b0463ea3ffbf0ede6cb21b58c1258a8f6521aae45ca773a59fe7cf3/"
+    "llama_cpp_python-0.3.36.tar.gz"
+)
+SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
+SDIST_VENDOR = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}/vendor/llama.cpp/"
+#: what the converter needs from the llama.cpp tree (files, or folders ending in '/')
+CONVERTER_FILES = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/", "LICENSE")
+CONVERTER = "convert_hf_to_gguf.py"
+SOURCE_FILE = "qlora_ga_source.json"
+
+#: GGUF type -> (converter --outtype, merged-model dtype)
+OUTTYPES = {"f16": ("f16", "fp16"), "bf16": ("bf16", "bf16"), "q8_0": ("q8_0", "fp16"), "q4_k_m": ("f16", "fp16")}
+QUANTIZED_BY_LLAMA_CPP = {"q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M"}
+PIP_LLAMA_CPP = f"pip install llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}"
+
+assert set(OUTTYPES) == set(GGUF_TYPES)
+
+
+def check_type(gguf_type: str) -> str:
+    if gguf_type not in GGUF_TYPES:
+        raise QloraGaError(f"unknown GGUF type '{gguf_type}': use one of {', '.join(GGUF_TYPES)}")
+    return gguf_type
+
+
+def check_quantizer(gguf_type: str) -> None:
+    """For types that llama.cpp's quantizer makes (q4_k_m): raise a one-line error when ``llama-cpp-python`` is missing."""
+    if gguf_type in QUANTIZED_BY_LLAMA_CPP and importlib.util.find_spec("llama_cpp") is None:
+        raise QloraGaError(
+            f"GGUF type {gguf_type} needs llama.cpp's quantizer from llama-cpp-python: run '{PIP_LLAMA_CPP}' "
+            "(it compiles llama.cpp, several minutes), or export --gguf q8_0 / f16"
+        )
+
+
+# ----------------------------------------------------------------------------- the converter
+
+
+def converter_cache_dir() -> Path:
+    from .model import cache_dir
+
+    return cache_dir() / "llama.cpp" / f"llama-cpp-python-{LLAMA_CPP_PYTHON_VERSION}"
+
+
+def find_converter(llama_cpp: str | os.PathLike | None = None) -> Path:
+    """The folder holding ``convert_hf_to_gguf.py``: ``llama_cpp`` if given, else the cached pinned copy (fetched once)."""
+    if llama_cpp is not None:
+        d = Path(llama_cpp).expanduser().absolute()  # the converter runs with this folder as its cwd
+        if not (d / CONVERTER).is_file():
+            raise QloraGaError(f"--llama-cpp '{d}' has no {CONVERTER}: pass the root folder of a llama.cpp checkout")
+        return d
+    d = converter_cache_dir()
+    if (d / CONVERTER).is_file():
+        return d
+    return fetch_converter(d)
+
+
+def _download(url: str, dest: Path) -> str:
+    """Stream ``url`` into ``dest``; return the sha256 of what was written."""
+    h = hashlib.sha256()
+    with urllib.request.urlopen(url, timeout=60) as r, open(dest, "wb") as f:  # noqa: S310 - a fixed https URL
+        while chunk := r.read(1 << 20):
+            h.update(chunk)
+            f.write(chunk)
+    return h.hexdigest()
+
+
+def _extract_converter(sdist: Path, dest: Path) -> None:
+    """Extract only :data:`CONVERTER_FILES` of the vendored llama.cpp from the sdist into ``dest``."""
+    n = 0
+    with tarfile.open(sdist, "r:gz") as tar:
+        for m in tar:
+            if not m.isfile() or not m.name.startswith(SDIST_VENDOR):
+                continue
+            rel = m.name[len(SDIST_VENDOR):]
+            if not any(rel == f or (f.endswith("/") and rel.startswith(f)) for f in CONVERTER_FILES):
+                continue
+            parts = Path(rel).parts
+            if ".." in parts or Path(rel).is_absolute():
+                continue
+            target = dest.joinpath(*parts)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with tar.extractfile(m) as src, open(target, "wb") as out:
+                shutil.copyfileobj(src, out)
+            n += 1
+    if not (dest / CONVERTER).is_file() or not (dest / "gguf-py" / "gguf").is_dir():
+        raise QloraGaError(f"the llama-cpp-python {LLAMA_CPP_PYTHON_VERSION} source has no vendor/llama.cpp/{CONVERTER}")
+    log.info("extracted %d converter files", n)
+
+
+def fetch_converter(dest: Path | None = None) -> Path:
+    """Download the pinned ``llama-cpp-python`` sdist, check its sha256 and extract the converter into ``dest`` atomically."""
+    dest = Path(dest) if dest is not None else converter_cache_dir()
+    what = f"llama.cpp's converter (llama-cpp-python {LLAMA_CPP_PYTHON_VERSION} source from PyPI)"
+    hint = "pass a llama.cpp checkout with --llama-cpp DIR"
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    except OSError as e:
+        raise QloraGaError(f"cannot fetch {what}: cannot write the cache folder {dest.parent} ({e.strerror or e}): {hint}") from None
+    try:
+        sdist = tmp / "sdist.tar.gz"
+        print(f"fetching {what} into {dest} (once)", flush=True)
+        try:
+            digest = _download(SDIST_URL, sdist)
+        except OSError as e:  # URLError, timeouts, disk errors
+            reason = getattr(e, "reason", None) or getattr(e, "strerror", None) or str(e) or type(e).__name__
+            raise QloraGaError(f"cannot fetch {what}: {reason}: {hint}") from None
+        if digest != SDIST_SHA256:
+            raise QloraGaError(f"cannot fetch {what}: sha256 {digest[:16]}... is not the pinned {SDIST_SHA256[:16]}...: {hint}")
+        conv = tmp / "llama.cpp"
+        conv.mkdir()
+        try:
+            _extract_converter(sdist, conv)
+        except (tarfile.TarError, EOFError) as e:
+            raise QloraGaError(f"cannot fetch {what}: the archive is damaged ({e}): {hint}") from None
+        (conv / SOURCE_FILE).write_text(json.dumps(
+            {"package": "llama-cpp-python", "version": LLAMA_CPP_PYTHON_VERSION, "url": SDIST_URL, "sha256": SDIST_SHA256},
+            indent=1))
+        try:
+            os.replace(conv, dest)
+        except OSError:
+            if not (dest / CONVERTER).is_file():  # another process finished first: use its copy
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def converter_source(conv: Path) -> dict:
+    """What the converter in ``conv`` is (recorded in the export's ``qlora_ga.json``)."""
+    src = conv / SOURCE_FILE
+    if src.is_file():
+        return json.loads(src.read_text())
+    return {"llama_cpp_dir": str(conv.absolute())}
+
+
+def _last_line(*texts: str) -> str:
+    for text in texts:
+        lines = [ln.strip() for ln in re.split(r"[\r\n]+", text or "") if ln.strip()]
+        if lines:
+            return lines[-1]
+    return "no output"
+
+
+PIP_NAMES = {"google": "protobuf", "mistral_common": "mistral-common"}  # module -> package, where they differ
+
+
+def _hint(line: str) -> str:
+    m = re.search(r"No module named '([\w.]+)'", line)
+    if not m:
+        return ""
+    module = m.group(1).split(".")[0]
+    return f": install it with 'pip install {PIP_NAMES.get(module, module)}'"
+
+
+def run_converter(conv: Path, model_dir: Path, outfile: Path, outtype: str) -> None:
+    """``python convert_hf_to_gguf.py MODEL_DIR --outfile OUTFILE --outtype OUTTYPE`` in ``conv``; its last line on failure."""
+    paths = [str(conv / "gguf-py"), str(conv)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(paths), TQDM_DISABLE="1")
+    cmd = [sys.executable, str(conv / CONVERTER), str(model_dir), "--outfile", str(outfile), "--outtype", outtype]
+    proc = subprocess.run(cmd, cwd=conv, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, errors="replace")
+    if proc.returncode != 0 or not outfile.is_file():
+        last = _last_line(proc.stderr, proc.stdout)
+        _raise_if_no_space(last)
+        raise QloraGaError(f"llama.cpp's converter failed (exit {proc.returncode}): {last}{_hint(last)}")
+
+
+_QUANTIZE = """\
+import ctypes, sys
+import llama_cpp as L
+p = L.llama_model_quantize_default_params()
+p.ftype = getattr(L, sys.argv[3])
+rc = L.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), ctypes.byref(p))
+sys.exit(1 if rc else 0)
+"""
+
+
+def run_quantizer(infile: Path, outfile: Path, gguf_type: str) -> None:
+    """llama.cpp's quantizer (``llama_model_quantize`` of llama-cpp-python) in a child process; its last line on failure."""
+    check_quantizer(gguf_type)
+    cmd = [sys.executable, "-c", _QUANTIZE, str(infile), str(outfile), QUANTIZED_BY_LLAMA_CPP[gguf_type]]
+    proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, errors="replace")
+    if proc.returncode != 0 or not outfile.is_file():
+        last = _last_line(proc.stderr, proc.stdout)
+        _raise_if_no_space(last)
+        raise QloraGaError(f"llama.cpp's quantizer (llama-cpp-python) failed for {gguf_type} (exit {proc.returncode}): {last}")
+
+
+def _raise_if_no_space(text: str) -> None:
+    """A child process that died of a full disk: raise it as ENOSPC (``gguf_export`` names the folder)."""
+    if "No space left on device" in text or "Errno 28" in text:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+# ----------------------------------------------------------------------------- Ollama Modelfile
+
+
+@dataclass(frozen=True)
+class ChatFormat:
+    """A chat layout: ``turn`` is one message with ``{role}``/``{content}``, ``generation`` opens the assistant's reply."""
+
+    name: str
+    turn: str
+    generation: str
+    stop: str
+    go_template: str  # the same layout in Ollama's Go template syntax
+
+    def render(self, messages: list[dict]) -> str:
+        return "".join(self.turn.format(role=m["role"], content=m["content"]) for m in messages) + self.generation
+
+
+CHAT_FORMATS = (
+    ChatFormat(
+        "chatml", "<|im_start|>{role}\n{content}<|im_end|>\n", "<|im_start|>assistant\n", "<|im_end|>",
+        "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n",
+    ),
+    ChatFormat(
+        "llama3", "<|start_header_id|>{role}<|end_header_id|>\n\n{content}<|eot_id|>",
+        "<|start_header_id|>assistant<|end_header_id|>\n\n", "<|eot_id|>",
+        "{{- range .Messages }}<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n{{ .Content }}<|eot_id|>{{ end }}"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n",
+    ),
+)
+
+_PROBE = [
+    {"role": "user", "content": "What is 12 + 30?"},
+    {"role": "assistant", "content": "12 + 30 = 42."},
+    {"role": "user", "content": "And 42 - 2?"},
+]
+_PROBE_SYSTEM = [{"role": "system", "content": "You answer in one line."}] + _PROBE
+
+
+@dataclass
+class OllamaChat:
+    """What the Modelfile says about chatting: a recognised layout (or None), a default system prompt, stop strings."""
+
+    format: str | None
+    template: str | None
+    system: str | None
+    stops: list[str]
+    note: str | None = None  # why no TEMPLATE was written
+
+
+def _render(tokenizer, messages) -> str | None:
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except Exception:  # noqa: BLE001 - a template may raise on any probe (e.g. 'system role not supported')
+        return None
+    return text if isinstance(text, str) else None
+
+
+def _variants(text: str | None, bos: str | None) -> list[str]:
+    """``text`` and, when it starts with the BOS token, ``text`` without it: llama.cpp adds BOS itself when the
+    GGUF says so, and Ollama templates leave it out."""
+    if text is None:
+        return []
+    return [text] + ([text[len(bos):]] if bos and text.startswith(bos) else [])
+
+
+def _default_system(fmt: ChatFormat, rendered: str) -> str | None:
+    """The system prompt a template inserts on its own when the conversation has none."""
+    pre, post = fmt.turn.split("{content}")
+    pre = pre.format(role="system")
+    if not rendered.startswith(pre) or post not in rendered[len(pre):]:
+        return None
+    return rendered[len(pre):].split(post, 1)[0]
+
+
+def ollama_chat(tokenizer, eos_token_ids=None) -> OllamaChat:
+    """Recognise the tokenizer's chat template as one of :data:`CHAT_FORMATS` by rendering probe conversations.
+
+    ``eos_token_ids``: the generation config's ``eos_token_id`` (an id or a list), stop tokens too.
+    """
+    stops = _eos_strings(tokenizer, eos_token_ids)
+    if not getattr(tokenizer, "chat_template", None):
+        return OllamaChat(None, None, None, stops, "the tokenizer has no chat template (a plain completion model)")
+    bos = tokenizer.bos_token
+    with_system = _variants(_render(tokenizer, _PROBE_SYSTEM), bos)
+    without = _variants(_render(tokenizer, _PROBE), bos)
+    for fmt in CHAT_FORMATS:
+        if fmt.render(_PROBE_SYSTEM) not in with_system:
+            continue
+        system = None
+        if fmt.render(_PROBE) not in without:
+            found = [d for d in (_default_system(fmt, w) for w in without) if d is not None
+                     and fmt.render([{"role": "system", "content": d}] + _PROBE) in without]
+            if not found:
+                continue
+            system = found[0]
+        if system and '"""' in system:
+            continue
+        return OllamaChat(fmt.name, fmt.go_template, system, _dedupe([fmt.stop] + stops))
+    return OllamaChat(
+        None, None, None, stops,
+        "the tokenizer's chat template is not one qlora-ga translates to Ollama's Go template syntax "
+        f"({', '.join(f.name for f in CHAT_FORMATS)})",
+    )
+
+
+def _dedupe(items):
+    return list(dict.fromkeys(i for i in items if i))
+
+
+def _eos_strings(tokenizer, eos_token_ids=None) -> list[str]:
+    ids = [] if eos_token_ids is None else [eos_token_ids] if isinstance(eos_token_ids, int) else list(eos_token_ids)
+    tokens = [tokenizer.eos_token] + [tokenizer.convert_ids_to_tokens(int(i)) for i in ids]
+    return _dedupe(tokens)
+
+
+def _quote(s: str) -> str:
+    return json.dumps(s, ensure_ascii=False)
+
+
+def modelfile_text(gguf_name: str, chat: OllamaChat) -> str:
+    """An Ollama Modelfile: FROM the GGUF beside it, TEMPLATE/SYSTEM when the chat layout is known, PARAMETER stop."""
+    lines = [
+        f"# Ollama Modelfile written by qlora-ga for {gguf_name}.",
+        "#   ollama create my-model -f Modelfile && ollama run my-model",
+        f"FROM ./{gguf_name}",
+    ]
+    if chat.template is not None:
+        lines.append(f"# chat template: {chat.format} layout, checked against the tokenizer's Jinja template")
+        lines.append(f'TEMPLATE """{chat.template}"""')
+        if chat.system:
+            lines.append(f'SYSTEM """{chat.system}"""')
+    else:
+        lines.append(f"# WARNING: no TEMPLATE: {chat.note}. Ollama then uses the chat template stored in the GGUF if it")
+        lines.append("# recognises it; otherwise add a TEMPLATE by hand (Ollama docs: docs/template.md).")
+    lines += [f"PARAMETER stop {_quote(s)}" for s in chat.stops]
+    return "\n".join(lines) + "\n"
+
+
+def model_chat(model_dir: Path) -> OllamaChat:
+    """:func:`ollama_chat` of a saved model folder (its tokenizer and generation config)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    gen = Path(model_dir) / "generation_config.json"
+    eos = json.loads(gen.read_text()).get("eos_token_id") if gen.is_file() else None
+    return ollama_chat(tok, eos)
+
+
+# ----------------------------------------------------------------------------- the export
+
+
+@dataclass
+class GgufStats:
+    out_dir: str
+    gguf_file: str
+    gguf_type: str
+    bytes: int
+    chat_format: str | None
+    converter: dict
+
+
+def _tree_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def check_disk_space(weights_folder: Path, out_dir: Path, gguf_type: str, merging: bool = True) -> None:
+    """Refuse early when the merged model (if ``merging``) + the GGUF (+ the f16 intermediate of q4_k_m) cannot fit
+    beside ``out_dir``; sizes estimated from the safetensors in ``weights_folder``."""
+    weights = sum(p.stat().st_size for p in weights_folder.glob("*.safetensors"))
+    need = weights * (1 + merging + (gguf_type in QUANTIZED_BY_LLAMA_CPP))
+    free = shutil.disk_usage(out_dir.parent).free
+    if free < need:
+        raise QloraGaError(
+            f"not enough disk space for the GGUF export in {out_dir.parent}: about {need / 1e9:.2f} GB needed "
+            f"({'merged model + ' if merging else ''}GGUF), {free / 1e9:.2f} GB free: free some space or choose another --out"
+        )
+
+
+def gguf_export(
+    adapter_dir,
+    out_dir,
+    gguf_type: str,
+    *,
+    llama_cpp=None,
+    base: str | None = None,
+    merge_base: str = "original",
+    dtype: str | None = None,
+    max_shard_size="2GB",
+    merged_dir=None,
+) -> GgufStats:
+    """Merge the adapter, convert with llama.cpp's converter (and quantizer), write the GGUF + Modelfile into ``out_dir``.
+
+    ``dtype``: dtype of the intermediate merged model (default fp16; bf16 for ``gguf_type='bf16'``).
+    ``merged_dir``: a merged model folder already written by :func:`~qlora_ga.export.merge_export` (e.g. by
+    ``finetune.py --export-merged``) to convert instead of merging again (``base``, ``merge_base``, ``dtype``
+    and ``max_shard_size`` then do not apply).
+    Everything happens in a temporary folder next to ``out_dir``, renamed into place at the end.
+    """
+    from .export import _AtomicDir, _load_adapter_dir, merge_export, resolve_base_folder
+
+    check_type(gguf_type)
+    check_quantizer(gguf_type)
+    conv = find_converter(llama_cpp)
+    out = Path(out_dir).expanduser().absolute()
+    outtype, merged_dtype = OUTTYPES[gguf_type]
+    keep = [Path(adapter_dir).expanduser().absolute()]
+    if merged_dir is None:
+        config, _, meta = _load_adapter_dir(adapter_dir)  # a bad adapter folder is reported before anything is written
+        base_name = base or (meta or {}).get("base_model") or config.base_model_name_or_path
+        if base_name:
+            keep.append(resolve_base_folder(str(base_name)).absolute())
+            check_disk_space(keep[-1], out, gguf_type)
+    else:
+        keep.append(Path(merged_dir).expanduser().absolute())
+        if not (keep[-1] / "config.json").is_file():
+            raise QloraGaError(f"'{keep[-1]}' has no config.json: pass a merged model folder")
+        check_disk_space(keep[-1], out, gguf_type, merging=False)
+    if any(k == out or out in k.parents for k in keep):
+        raise QloraGaError(f"--out '{out}' would replace the adapter or model folder: choose another --out")
+    name = f"model-{gguf_type}.gguf"
+    try:
+        with _AtomicDir(out) as tmp:
+            if merged_dir is None:
+                merged = tmp / "merged"
+                merge_export(adapter_dir, merged, base=base, dtype=dtype or merged_dtype, merge_base=merge_base,
+                             max_shard_size=max_shard_size)
+            else:
+                merged = keep[-1]
+            if gguf_type in QUANTIZED_BY_LLAMA_CPP:
+                f16 = tmp / f"model-{outtype}.gguf"
+                run_converter(conv, merged, f16, outtype)
+                run_quantizer(f16, tmp / name, gguf_type)
+                f16.unlink()
+            else:
+                run_converter(conv, merged, tmp / name, outtype)
+            chat = model_chat(merged)
+            (tmp / "Modelfile").write_text(modelfile_text(name, chat), encoding="utf-8")
+            merged_meta = json.loads((merged / "qlora_ga.json").read_text()) if (merged / "qlora_ga.json").is_file() else {}
+            (tmp / "qlora_ga.json").write_text(json.dumps({
+                "format": "qlora-ga-gguf", "gguf_type": gguf_type, "gguf_file": name,
+                "merged_dtype": merged_meta.get("dtype"), "merge_base": merged_meta.get("merge_base"),
+                "adapter": str(adapter_dir), "base_model": merged_meta.get("base_model"),
+                "converter": converter_source(conv), "chat_format": chat.format,
+            }, indent=1), encoding="utf-8")
+            if merged_dir is None:
+                shutil.rmtree(merged)
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise QloraGaError(f"no space left on the device of {out.parent}: free some space or choose another --out") from None
+        raise
+    return GgufStats(str(out), str(out / name), gguf_type, (out / name).stat().st_size, chat.format, converter_source(conv))
+
+
+__all__ = [
+    "GGUF_TYPES", "LLAMA_CPP_PYTHON_VERSION", "SDIST_URL", "SDIST_SHA256", "ChatFormat", "CHAT_FORMATS", "OllamaChat",
+    "check_type", "check_quantizer", "find_converter", "fetch_converter", "run_converter", "run_quantizer",
+    "ollama_chat", "model_chat", "modelfile_text", "gguf_export", "GgufStats",
+]
