@@ -69,7 +69,7 @@ def build(factory: ModelFactory, args, device):
 
     from qlora_ga.gradient import estimate_factors
     from qlora_ga.init import init_adapters, lora_layers, singular_vectors_needed
-    from qlora_ga.model import DEFAULT_TARGETS
+    from qlora_ga.model import resolve_targets
     from qlora_ga.residual import attach_residual, detach_residual, has_residual
     from qlora_ga.train import TrainSettings, _checkpointing, build_optimizer
 
@@ -102,7 +102,7 @@ def build(factory: ModelFactory, args, device):
             m = prepare_model_for_kbit_training(m, use_gradient_checkpointing=True,
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
         pm = get_peft_model(m, LoraConfig(r=args.rank, lora_alpha=args.alpha, lora_dropout=0.0,
-                                          target_modules=list(DEFAULT_TARGETS), bias="none", task_type="CAUSAL_LM"))
+                                          target_modules=list(resolve_targets(m)), bias="none", task_type="CAUSAL_LM"))
         out[impl] = (pm, optimizer(pm, 1e-4), lambda: None)
     for pm, _, _ in out.values():
         _checkpointing(pm, True)
