@@ -288,7 +288,7 @@ if sys.argv[1] == "cuda" and torch.cuda.is_available():
         out["bnb_cuda_nf4_roundtrip_rel_err"] = "ERROR " + type(e).__name__ + ": " + (str(e).splitlines() or [""])[0][:200]
 print("ENV " + json.dumps(out))
 """
-NEEDED = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "safetensors", "tokenizers")
+NEEDED = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "safetensors", "tokenizers", "datasets", "gguf")
 
 
 def stage_env(args, work: Path, timeout: float) -> dict:
@@ -300,7 +300,7 @@ def stage_env(args, work: Path, timeout: float) -> dict:
         if line.startswith("ENV "):
             env = json.loads(line[4:])
     checks = []
-    broken = [m for m in NEEDED + (("datasets",) if args.train_data else ()) if str(env.get(m, "ERROR")).startswith("ERROR")]
+    broken = [m for m in NEEDED if str(env.get(m, "ERROR")).startswith("ERROR")]
     checks.append(check_row("env", "the packages the stages need import", "FAIL" if broken or not env else "PASS",
                              detail=("; ".join(f"{m}: {env.get(m, 'not reported')}" for m in broken)
                                      if broken or not env else "")))

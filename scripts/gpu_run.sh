@@ -27,8 +27,9 @@ case "${1:-}" in
     G="/tmp/$(cat .gpu/b/gguf.name)"
     cat .gpu/a/gguf.part1 .gpu/b/gguf.part2 > "$G"
     echo "$(cat .gpu/b/gguf.sha256)  $G" | sha256sum -c - || { echo "error: the joined GGUF is damaged"; exit 3; }
-    "$PY" scripts/gpu_check.py --out "$OUT" --model "$G" \
-      --train-data "$(ls .gpu/b/gsm8k-train-*.jsonl)" --test-data "$(ls .gpu/b/gsm8k-test-*.jsonl)" "${@:2}"
+    TRAIN=(--train-data "$(ls .gpu/b/gsm8k-train-*.jsonl)")
+    [ -n "${NO_TRAIN_DATA:-}" ] && TRAIN=()  # the built-in arithmetic set (if datasets does not import there)
+    "$PY" scripts/gpu_check.py --out "$OUT" --model "$G" ${TRAIN[@]+"${TRAIN[@]}"} --test-data "$(ls .gpu/b/gsm8k-test-*.jsonl)" "${@:2}"
     ;;
   *)
     echo "usage: bash scripts/gpu_run.sh 1|2 [extra gpu_check.py options for 2]"; exit 2
