@@ -28,7 +28,9 @@ One process measures, side by side (each in its own phase; peaks are reset betwe
 
 Then it prints tables, the ratios and PASS/MISS for the targets of the issue, and appends one JSON row per
 measurement to ``--out`` (each with device name, torch/bitsandbytes/transformers/peft versions, date and
-command line).
+command line). A phase that raises (not out of memory, which is a measured result) is recorded as an
+``error`` row and the others still run; ``--summarize-only`` prints the summary of a run that was stopped
+before its own (from its rows in ``--out``).
 
 How the model is made (``--materialize``): ``direct`` (default) builds the Llama-2-7B architecture
 (hidden 4096, 32 layers, 32 heads, intermediate 11008, vocab 32000) on the ``meta`` device and then
@@ -114,6 +116,9 @@ def parse_args(argv=None):
     p.add_argument("--state-device", default=None, help="where the gradient pass stores block inputs (default: automatic)")
     p.add_argument("--skip", default="", help=f"comma-separated parts to skip: {', '.join(PARTS)}")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--summarize-only", action="store_true",
+                   help="measure nothing: print the tables and append the target rows of the newest run in --out "
+                        "(one stopped part-way, say); pass the shape options that run had")
     args = p.parse_args(argv)
     d = TINY_DEFAULTS if args.tiny else FULL_DEFAULTS
     for k, v in d.items():
@@ -126,6 +131,8 @@ def parse_args(argv=None):
     bad = args.skip - set(PARTS)
     if bad:
         p.error(f"--skip: unknown part(s) {sorted(bad)}; choose from {', '.join(PARTS)}")
+    if args.summarize_only:
+        return args
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -818,9 +825,37 @@ def summarize(rec: Recorder, args, device):
 # ----------------------------------------------------------------------------- main
 
 
+def summarize_file(args) -> int:
+    """``--summarize-only``: the summary and targets of the newest run in ``--out`` from its rows alone."""
+    path = Path(args.out)
+    rows = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:  # the last line of a killed run may be cut
+            pass
+    if not rows:
+        raise SystemExit(f"error: no rows in {path}: run the benchmark first")
+    rows = [r for r in rows if r.get("run_id") == rows[-1].get("run_id")]
+    if any(r.get("part") == "target" for r in rows):
+        say(f"run {rows[-1].get('run_id')} in {path} is already summarized: nothing appended")
+        return 0
+    first = rows[0]
+    meta = {k: v for k, v in first.items()
+            if k in ("device", "device_type", "date", "command", "run_id", "model", "rank") or k.endswith("_version")}
+    meta["summarized_from_rows"] = True  # the run itself stopped before its summary
+    rec = Recorder(args.out, meta)
+    rec.rows = rows
+    say(f"summary of run {meta.get('run_id')} ({len(rows)} rows in {path}; the run stopped before its own summary)")
+    summarize(rec, args, torch.device(first.get("device_type") or "cpu"))
+    return 0
+
+
 def main(argv=None) -> int:
     quiet()
     args = parse_args(argv)
+    if args.summarize_only:
+        return summarize_file(args)
     device = torch.device(args.device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
@@ -838,21 +873,40 @@ def main(argv=None) -> int:
     say(f"bench_memory: {factory.label} on {meta['device']}; torch {meta['torch_version']}, bitsandbytes "
         f"{meta['bitsandbytes_version']}, transformers {meta['transformers_version']}, peft {meta['peft_version']}")
     t0 = time.perf_counter()
+    failed = []
+
+    def phase(name: str, fn, *extra):
+        """Run one phase; an exception (not OOM, which the phases record themselves) is recorded as an ``error``
+        row and the run goes on, so one broken phase does not cost the others' rows and the summary."""
+        try:
+            fn(rec, factory, args, device, *extra)
+        except Exception as e:  # noqa: BLE001
+            import traceback
+
+            traceback.print_exc()
+            failed.append(name)
+            rec.add(part="error", phase=name, error=f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}")
+            say(f"  phase {name} FAILED: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}")
+            free_memory(device)
+
     if not ({"init", "train", "residual"} <= args.skip):
         say("-- qlora-ga: gradient init, training step, residual overhead")
-        phase_ours(rec, factory, args, device)
+        phase("ours", phase_ours)
     if "peft" not in args.skip:
         for prepare in ("kbit", "none") if args.peft_prepare == "both" else (args.peft_prepare,):
             say(f"-- PEFT QLoRA training step ({'prepare_model_for_kbit_training' if prepare == 'kbit' else 'no prepare'})")
-            phase_peft(rec, factory, args, device, prepare)
+            phase(PEFT_IMPLS[prepare], phase_peft, prepare)
     if "ref" not in args.skip:
         say("-- official-style LoRA-GA estimation (bf16 model, .grad on every target weight)")
-        phase_reference(rec, factory, args, device)
+        phase("ref", phase_reference)
     if args.liger == "on" and "liger" not in args.skip:
         say("-- qlora-ga training step with Liger Kernel")
-        phase_liger(rec, factory, args, device)
+        phase("liger", phase_liger)
     summarize(rec, args, device)
     say(f"\n{len(rec.rows)} rows appended to {args.out} ({time.perf_counter() - t0:.1f} s)")
+    if failed:
+        say(f"phases that failed (tracebacks above): {', '.join(failed)}")
+        return 1
     return 0
 
 

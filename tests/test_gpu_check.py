@@ -1,0 +1,106 @@
+"""scripts/gpu_check.py, the one-command GPU check, in its CPU smoke mode (--tiny): the benchmark and the CLI
+stages end to end, what lands in --out, and the verdicts it draws. The numbers are not judged (a CPU run is
+no evidence); the CLI's checks are (bf16 / fp16 runs, the stopped-and-resumed run equal to the uninterrupted
+one, the evaluations)."""
+
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "gpu_check.py"
+
+
+def _load():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_gpu_check_tiny_cpu_end_to_end(tmp_path):
+    out, work = tmp_path / "out", tmp_path / "work"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--device", "cpu", "--only", "bench,cli",
+                           "--out", str(out), "--workdir", str(work)], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-3000:]}"
+    # flat, few files: what the device tool brings back (at most 8 files, no deeper than 2 folders)
+    files = sorted(p.name for p in out.iterdir())
+    assert files == ["cli.jsonl", "logs.tar.gz", "memory.jsonl", "summary.json", "summary.md"]
+    assert all(p.is_file() for p in out.iterdir())
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["finished"] is True and summary["tiny"] is True
+    assert [s["stage"] for s in summary["stages"]] == ["bench", "cli"]
+    checks = summary["checks"]
+    # bench: bench_memory's own target rows, taken over one for one with its verdicts
+    mem = [json.loads(line) for line in (out / "memory.jsonl").read_text().splitlines()]
+    targets = [r for r in mem if r["part"] == "target"]
+    bench = [c for c in checks if c["stage"] == "bench"]
+    assert len(targets) == 5 and len(bench) == 5
+    for t, c in zip(targets, bench):
+        assert c["check"] == f"{t['target']} [{t['shape']}]"
+        assert c["verdict"] == ("PASS" if t["passed"] else "MISS") and c["value"] == t["value"]
+    assert {r["impl"] for r in mem if r["part"] == "train"} >= {"qlora_ga", "qlora_ga_no_residual", "peft_qlora",
+                                                                "peft_qlora_no_prepare"}
+    cmd = mem[0]["command"]
+    assert "--state-budget-gib 16" in cmd and "--optim paged_adamw_32bit" in cmd and "--peft-prepare both" in cmd
+
+    # cli: every check passes, among them the resume check (exact on the CPU)
+    cli = {c["check"]: c for c in checks if c["stage"] == "cli"}
+    assert len(cli) == 7 and all(c["verdict"] == "PASS" for c in cli.values()), cli
+    (resume,) = [c for name, c in cli.items() if name.startswith("resumed run's final loss")]
+    assert resume["value"] == 0.0
+    rows = [json.loads(line) for line in (out / "cli.jsonl").read_text().splitlines()]
+    runs = {r["run"]: r for r in rows if r["part"] == "run"}
+    assert set(runs) == {"bf16", "fp16", "bf16-stopped", "bf16-resumed"}
+    assert runs["bf16-stopped"]["exit"] == 130 and runs["bf16-stopped"]["final_step"] == 2
+    assert runs["bf16-resumed"]["steps_logged"] == [1, 2, 3, 4] == runs["bf16"]["steps_logged"]
+    assert runs["fp16"]["final_loss"] != runs["bf16"]["final_loss"]  # the two compute dtypes really differ
+    evals = {r["run"]: r for r in rows if r["part"] == "evaluate"}
+    assert evals["evaluate-adapter"]["n"] == 4 and evals["evaluate-adapter"]["exact_match"] is not None
+    assert evals["evaluate-merged"]["exact_match"] is None and evals["evaluate-merged"]["loss"] > 0
+    assert all({"device", "torch_version", "date", "command", "model"} <= set(r) for r in rows)
+
+    with tarfile.open(out / "logs.tar.gz") as tar:
+        names = set(tar.getnames())
+        assert {"logs/bench_memory.log", "logs/cli.log", "logs/cli-bf16.log", "logs/cli-bf16-resumed.log",
+                "runs/bf16/metrics.jsonl", "runs/fp16/run_config.yaml", "eval-adapter.json"} <= names
+        assert "compute_dtype: fp16" in tar.extractfile("runs/fp16/run_config.yaml").read().decode()
+        assert "QLORA_GA_STOP_AFTER" in tar.extractfile("logs/cli-bf16-stopped.log").read().decode()
+    md = (out / "summary.md").read_text()
+    assert "== training step" in md and "| bf16-resumed | 0 | 4 |" in md
+    assert f"{summary['tally']['PASS']} PASS" in proc.stdout and "0 FAIL" in proc.stdout
+
+
+@pytest.mark.parametrize("extra, pattern", [
+    (["--only", "bench,gpu"], "--only: unknown stage"),
+    (["--steps", "4", "--save-every", "4"], "--save-every must be below --steps"),
+    (["--test-data", "/nonexistent/test.jsonl"], "--test-data /nonexistent/test.jsonl: no such file"),
+])
+def test_bad_arguments_are_one_line_errors(tmp_path, capsys, extra, pattern):
+    mod = _load()
+    with pytest.raises(SystemExit) as e:
+        mod.parse_args(["--tiny", "--device", "cpu", "--out", str(tmp_path / "out"), *extra])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and pattern in err[0]
+
+
+def test_an_out_folder_holding_a_run_is_refused(tmp_path, capsys):
+    mod = _load()
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "summary.json").write_text("{}")
+    with pytest.raises(SystemExit) as e:
+        mod.parse_args(["--tiny", "--device", "cpu", "--out", str(tmp_path / "out")])
+    assert e.value.code == 2 and "already holds a gpu_check run" in capsys.readouterr().err
+    assert (tmp_path / "out" / "summary.json").read_text() == "{}"
