@@ -17,6 +17,7 @@ from pathlib import Path
 
 from . import distributed
 from .config import FinetuneConfig, parse_config, resolved, save_yaml, to_dict
+from .constants import IGNORE_INDEX
 from .errors import QloraGaError
 from .fileio import atomic_write
 from .log import quiet_libraries
@@ -88,7 +89,7 @@ def resolve_device(cfg: FinetuneConfig):
 def _sample_prompts(examples: list[dict], n: int) -> list[list[int]]:
     prompts = []
     for ex in examples[:n]:
-        k = next((i for i, lab in enumerate(ex["labels"]) if lab != -100), 0)
+        k = next((i for i, lab in enumerate(ex["labels"]) if lab != IGNORE_INDEX), 0)
         if k > 0:
             prompts.append(ex["input_ids"][:k])
     return prompts
@@ -115,7 +116,8 @@ def run(cfg: FinetuneConfig) -> dict:
 
     from .data import DataConfig, build_data, sample_batch
     from .gradient import PassReport, estimate_factors
-    from .init import GRADIENT_METHODS, factor_reducer, init_adapters, singular_vectors_needed
+    from .init import factor_reducer, init_adapters, singular_vectors_needed
+    from .methods import GRADIENT_METHODS
     from .metrics import make_reporter, plot_losses
     from .model import load_model, resolve_targets, target_linears, unadapted_experts
     from .train import TrainSettings, find_checkpoint, load_checkpoint_weights, train

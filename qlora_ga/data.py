@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from .constants import FORMATS, IGNORE_INDEX, OVERLONG
 from .errors import QloraGaError
 
 NAMES = ["Ava", "Ben", "Cleo", "Dan", "Eli", "Fay", "Gus", "Hana", "Ivan", "Jade", "Kai", "Lena", "Milo", "Nora"]
@@ -57,10 +58,7 @@ def make_arithmetic_examples(n: int = 400, seed: int = 0) -> list[dict]:
 # configuration and results
 # ---------------------------------------------------------------------------------------------
 
-FORMATS = ("auto", "alpaca", "prompt-response", "messages", "text")
-OVERLONG = ("truncate", "drop")
 FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
-IGNORE_INDEX = -100
 
 # (prompt column, response column) pairs tried in order by the auto-detection (case-insensitive)
 PROMPT_RESPONSE_PAIRS = (

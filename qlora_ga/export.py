@@ -67,6 +67,7 @@ from pathlib import Path
 
 import torch
 
+from .constants import PEFT_PREFIX
 from .errors import QloraGaError
 from .log import quiet_libraries
 
@@ -81,7 +82,6 @@ METADATA_FILE = "qlora_ga.json"
 #: ``residual.safetensors`` (the name train.py's checkpoints use) is accepted too.
 RESIDUAL_FILE = "qlora_ga_residual.safetensors"
 RESIDUAL_FILES = (RESIDUAL_FILE, "residual.safetensors")
-PEFT_PREFIX = "base_model.model."
 
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",

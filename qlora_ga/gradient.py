@@ -39,10 +39,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import distributed
-from .data import IGNORE_INDEX, count_label_tokens
+from .constants import DEFAULT_TARGETS
+from .data import count_label_tokens
 from .errors import QloraGaError
 from .head import ModelHead
-from .model import DEFAULT_TARGETS, find_decoder_layers, keep_4bit_trainable, resolve_targets, target_linears
+from .model import find_decoder_layers, keep_4bit_trainable, resolve_targets, target_linears
 
 
 @dataclass

@@ -18,12 +18,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .constants import ALL_LINEAR, DEFAULT_TARGETS
 from .errors import QloraGaError
 
-# Every linear inside the decoder blocks (PEFT's "all-linear" meaning, LM head excluded; MoE routers
-# excluded too): resolved per model by resolve_targets().
-ALL_LINEAR = "all-linear"
-DEFAULT_TARGETS = ALL_LINEAR
 ROUTER_NAMES = ("gate", "router", "shared_expert_gate")  # MoE routing linears: never adapted
 DEFAULT_MODEL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 

@@ -8,8 +8,8 @@ import yaml
 
 from qlora_ga.config import (
     FORMATS,
-    INITS,
     METHOD_DEFAULTS,
+    METHODS,
     OPTIMS,
     FinetuneConfig,
     make_parser,
@@ -301,7 +301,7 @@ def test_valid_edge_cases():
 
 
 def test_method_defaults_table():
-    assert set(INITS) == set(METHOD_DEFAULTS) == {"lora-ga", "lora-one", "gaussian", "kaiming", "lora-ga-sign", "lora-ga-adam",
+    assert set(METHODS) == set(METHOD_DEFAULTS) == {"lora-ga", "lora-one", "gaussian", "kaiming", "lora-ga-sign", "lora-ga-adam",
                                                   "lora-ga-peft"}
     assert method_defaults("lora-ga") == dict(lr=5e-5, alpha=16.0, gamma=16.0, use_rslora=True)
     one = method_defaults("lora-one")
@@ -317,7 +317,7 @@ def test_method_defaults_table():
         method_defaults("nope")
 
 
-@pytest.mark.parametrize("init", INITS)
+@pytest.mark.parametrize("init", METHODS)
 def test_resolved_fills_method_defaults(init):
     d = method_defaults(init)
     cfg = resolved(parse_config(["--init", init]))
@@ -333,7 +333,7 @@ def test_resolved_fills_method_defaults(init):
 def test_shipped_configs_parse(path):
     cfg = resolved(parse_config(["--config", str(path)]))
     cfg.validate()
-    assert cfg.lr > 0 and cfg.init in INITS and cfg.optim in OPTIMS and cfg.format in FORMATS
+    assert cfg.lr > 0 and cfg.init in METHODS and cfg.optim in OPTIMS and cfg.format in FORMATS
 
 
 def test_shipped_configs_content():
