@@ -302,7 +302,7 @@ def evaluate_loss(model, examples: list[dict], batch_size: int, pad_token_id: in
     total, n = torch.zeros((), dtype=torch.float64, device=device), 0
     for i in range(distributed.rank() * batch_size, len(examples), batch_size * distributed.world()):
         b = collate(examples[i : i + batch_size], pad_token_id)
-        k = int((b["labels"][:, 1:] != -100).sum())  # on the host: no device sync per batch
+        k = count_label_tokens(b["labels"])  # on the host: no device sync per batch
         if k == 0:
             continue
         with _autocast(device, dtype):
