@@ -60,7 +60,6 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -69,6 +68,7 @@ import torch
 
 from .constants import PEFT_PREFIX
 from .errors import QloraGaError
+from .fileio import atomic_dir
 from .log import quiet_libraries
 
 log = logging.getLogger(__name__)
@@ -165,49 +165,6 @@ def config_scaling(config, module: str) -> tuple[int, float]:
     r = rank_pattern.get(_get_pattern_key(rank_pattern.keys(), module), config.r)
     alpha = alpha_pattern.get(_get_pattern_key(alpha_pattern.keys(), module), config.lora_alpha)
     return r, (alpha / math.sqrt(r) if config.use_rslora else alpha / r)
-
-
-class _AtomicDir:
-    """Write into ``<parent>/.<name>.tmp-XXXX``; on success swap it into ``out_dir``; on error remove it."""
-
-    def __init__(self, out_dir):
-        self.out = Path(out_dir).expanduser().absolute()
-        if self.out.exists() and not self.out.is_dir():
-            raise QloraGaError(f"output path '{self.out}' exists and is not a folder: choose another --out")
-        try:
-            self.out.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise QloraGaError(f"cannot create the parent folder of '{self.out}': {e.strerror or e}") from None
-        self.tmp: Path | None = None
-
-    def __enter__(self) -> Path:
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(self.tmp, 0o777 & ~umask)  # like a folder made by mkdir (mkdtemp makes it private, 0700)
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return False
-        old = None
-        try:
-            if self.out.exists():
-                old = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.old-", dir=self.out.parent))
-                os.rmdir(old)
-                os.replace(self.out, old)
-            os.replace(self.tmp, self.out)
-        except BaseException:
-            if old is not None and not self.out.exists():
-                os.replace(old, self.out)
-                old = None
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            raise
-        finally:
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-        return False
 
 
 def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None):
@@ -383,7 +340,7 @@ def save_adapter(peft_model, out_dir, *, adapter_name: str = "default", metadata
 
 
 def _write_adapter(out_dir, sd, cfg, meta, copy_from: Path | None = None) -> Path:
-    with _AtomicDir(out_dir) as tmp:
+    with atomic_dir(out_dir) as tmp:
         inference_mode = cfg.inference_mode
         cfg.inference_mode = True  # as peft's save_pretrained writes it
         try:
@@ -676,7 +633,7 @@ def merge_export(
     shard_files: list[tuple[str, list[str]]] = []
     n_merged = n_deq = 0
 
-    with _AtomicDir(out) as tmp:
+    with atomic_dir(out) as tmp:
 
         def flush():
             nonlocal buffer, buffer_bytes

@@ -51,6 +51,7 @@ from pathlib import Path
 
 from .config import GGUF_TYPES
 from .errors import QloraGaError
+from .fileio import atomic_dir
 
 log = logging.getLogger(__name__)
 
@@ -152,11 +153,12 @@ def fetch_converter(dest: Path | None = None) -> Path:
     hint = "pass a llama.cpp checkout with --llama-cpp DIR"
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+        download = tempfile.TemporaryDirectory(prefix=f".{dest.name}.download-", dir=dest.parent)
     except OSError as e:
         raise QloraGaError(f"cannot fetch {what}: cannot write the cache folder {dest.parent} ({e.strerror or e}): {hint}") from None
-    try:
-        sdist = tmp / "sdist.tar.gz"
+    # keep_existing: another process may have fetched it meanwhile
+    with download as scratch, atomic_dir(dest, keep_existing=True) as conv:
+        sdist = Path(scratch) / "sdist.tar.gz"
         print(f"fetching {what} into {dest} (once)", flush=True)
         try:
             digest = _download(SDIST_URL, sdist)
@@ -165,8 +167,6 @@ def fetch_converter(dest: Path | None = None) -> Path:
             raise QloraGaError(f"cannot fetch {what}: {reason}: {hint}") from None
         if digest != SDIST_SHA256:
             raise QloraGaError(f"cannot fetch {what}: sha256 {digest[:16]}... is not the pinned {SDIST_SHA256[:16]}...: {hint}")
-        conv = tmp / "llama.cpp"
-        conv.mkdir()
         try:
             _extract_converter(sdist, conv)
         except (tarfile.TarError, EOFError) as e:
@@ -174,13 +174,6 @@ def fetch_converter(dest: Path | None = None) -> Path:
         (conv / SOURCE_FILE).write_text(json.dumps(
             {"package": "llama-cpp-python", "version": LLAMA_CPP_PYTHON_VERSION, "url": SDIST_URL, "sha256": SDIST_SHA256},
             indent=1))
-        try:
-            os.replace(conv, dest)
-        except OSError:
-            if not (dest / CONVERTER).is_file():  # another process finished first: use its copy
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return dest
 
 
@@ -448,7 +441,7 @@ def gguf_export(
     and ``max_shard_size`` then do not apply).
     Everything happens in a temporary folder next to ``out_dir``, renamed into place at the end.
     """
-    from .export import _AtomicDir, _load_adapter_dir, merge_export, resolve_base_folder
+    from .export import _load_adapter_dir, merge_export, resolve_base_folder
 
     check_type(gguf_type)
     check_quantizer(gguf_type)
@@ -471,7 +464,7 @@ def gguf_export(
         raise QloraGaError(f"--out '{out}' would replace the adapter or model folder: choose another --out")
     name = f"model-{gguf_type}.gguf"
     try:
-        with _AtomicDir(out) as tmp:
+        with atomic_dir(out) as tmp:
             if merged_dir is None:
                 merged = tmp / "merged"
                 merge_export(adapter_dir, merged, base=base, dtype=dtype or merged_dtype, merge_base=merge_base,

@@ -13,7 +13,6 @@ import json
 import math
 import os
 import random
-import shutil
 import time
 import warnings
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from tqdm.auto import tqdm
 from . import distributed
 from .data import collate, count_label_tokens
 from .errors import QloraGaError
+from .fileio import atomic_dir
 from .metrics import MetricsLogger
 from .residual import load_residual_state_dict, residual_state_dict
 
@@ -213,24 +213,27 @@ def _set_rng_state(st):
 
 def save_checkpoint(model, optimizer, scheduler, step: int, out_dir: Path, extra: dict | None = None,
                     scaler=None) -> Path:
-    """Write ``checkpoints/step-N`` atomically (temp dir + rename): trainable weights, residual, optimizer,
+    """Write ``checkpoints/step-N`` atomically (:func:`~qlora_ga.fileio.atomic_dir`, fsynced): trainable weights, residual, optimizer,
     scheduler, RNG, and the fp16 loss scaler's state (scale and growth tracker) when it is in use.
 
     With several processes every one calls this: their RNG states are gathered (one list, by rank)
     and the main process writes; all return once the checkpoint is complete.
     """
-    from peft import get_peft_model_state_dict
-
     rngs = distributed.gather_objects(_rng_state())
     root = Path(out_dir) / CHECKPOINTS
     final = root / f"step-{step}"
     if not distributed.is_main():
         distributed.barrier()
         return final
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".tmp-step-{step}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    with atomic_dir(final) as tmp:
+        _write_checkpoint(tmp, model, optimizer, scheduler, step, rngs, extra, scaler)
+    distributed.barrier()
+    return final
+
+
+def _write_checkpoint(tmp: Path, model, optimizer, scheduler, step: int, rngs: list, extra: dict | None, scaler) -> None:
+    from peft import get_peft_model_state_dict
+
     save_file({k: v.detach().contiguous() for k, v in get_peft_model_state_dict(model).items()}, tmp / "adapter_model.safetensors")
     res = residual_state_dict(model)
     if res:
@@ -241,15 +244,6 @@ def save_checkpoint(model, optimizer, scheduler, step: int, out_dir: Path, extra
         state["scaler"] = scaler.state_dict()
     torch.save(state, tmp / "state.pt")
     (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "world_size": len(rngs), **(extra or {})}, indent=1))
-    if final.exists():  # same step saved again (e.g. a resumed run): replace it only now that the new one is complete
-        old = root / f".old-step-{step}-{os.getpid()}"
-        final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(final)
-    distributed.barrier()
-    return final
 
 
 def find_checkpoint(out_dir: Path, resume: str) -> Path:
