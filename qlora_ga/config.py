@@ -17,7 +17,6 @@ anything heavy.
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -171,12 +170,6 @@ class FinetuneConfig:
     def eval_split_name(self) -> str | None:
         """The eval split name if ``eval_split`` is a name ('test'), else None."""
         return self.eval_split if self.eval_split is not None and _as_float(self.eval_split) is None else None
-
-    def warmup_steps(self, total_steps: int) -> int:
-        """Warmup length in optimizer steps: ``warmup`` is a fraction of ``total_steps`` if < 1, else steps."""
-        if self.warmup < 1:
-            return int(math.ceil(self.warmup * total_steps))
-        return int(self.warmup)
 
     # ---- checks ----
     def validate(self) -> "FinetuneConfig":

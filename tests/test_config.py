@@ -294,8 +294,6 @@ def test_valid_edge_cases():
     FinetuneConfig(eval_split="validation", device="cpu").validate()
     cfg = FinetuneConfig(eval_split="test")
     assert cfg.eval_split_name == "test" and cfg.eval_fraction is None
-    assert FinetuneConfig(warmup=0.1).warmup_steps(100) == 10
-    assert FinetuneConfig(warmup=5.0).warmup_steps(100) == 5
     assert FinetuneConfig(batch_size=2, grad_accum=8).effective_batch == 16
     assert FinetuneConfig(target_modules=" q_proj, v_proj ,").target_modules_list == ["q_proj", "v_proj"]
 
