@@ -114,13 +114,13 @@ def run(cfg: FinetuneConfig) -> dict:
     """The whole job for a parsed config; returns a summary (also written to ``summary.json``)."""
     import torch
 
-    from .data import DataConfig, build_data, sample_batch
+    from .data import build_data, sample_batch
     from .gradient import PassReport, estimate_factors
     from .init import factor_reducer, init_adapters, singular_vectors_needed
     from .methods import GRADIENT_METHODS
     from .metrics import make_reporter, plot_losses
     from .model import load_model, resolve_targets, target_linears, unadapted_experts
-    from .train import TrainSettings, find_checkpoint, load_checkpoint_weights, train
+    from .train import find_checkpoint, load_checkpoint_weights, train
 
     cfg = resolved(cfg)
     device = resolve_device(cfg)
@@ -146,14 +146,8 @@ def run(cfg: FinetuneConfig) -> dict:
 
         _say(f"Liger Kernel: fused kernels for {apply_liger(model, device)}")
     compute_dtype = model.config.dtype if isinstance(model.config.dtype, torch.dtype) else getattr(torch, str(model.config.dtype))
-    data_cfg = DataConfig(
-        dataset=cfg.dataset, format=cfg.format, prompt_column=cfg.prompt_column, response_column=cfg.response_column,
-        messages_column=cfg.messages_column, text_column=cfg.text_column, max_length=cfg.max_length,
-        overlong=cfg.overlong, eval_split=cfg.eval_fraction if cfg.eval_fraction is not None else cfg.eval_split_name,
-        n_builtin=cfg.n_builtin, seed=cfg.seed,
-    )
     with distributed.main_first():
-        data = build_data(tok, data_cfg)
+        data = build_data(tok, cfg.data_config())
     st = data.stats
     _say(f"data: {st.n_train} train / {st.n_eval} eval examples, {st.n_label_tokens} label tokens "
          f"(dropped {st.n_empty_dropped} empty, {st.n_overlong_dropped} over-long; truncated {st.n_truncated})")
@@ -230,12 +224,7 @@ def run(cfg: FinetuneConfig) -> dict:
             _write_json(out / "init_report.json", init_report)
     distributed.barrier()
 
-    settings = TrainSettings(
-        batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, lr=cfg.lr, epochs=cfg.epochs, max_steps=cfg.max_steps,
-        warmup=cfg.warmup, weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm, optim=cfg.optim,
-        seed=cfg.seed, eval_every=cfg.eval_every, save_every=cfg.save_every, log_every=cfg.log_every,
-        gradient_checkpointing=not cfg.no_gradient_checkpointing, group_by_length=cfg.group_by_length,
-    )
+    settings = cfg.train_settings()
     summary = {"output_dir": str(out), "init": cfg.init}
     if cfg.max_steps != 0:
         stop_after = int(os.environ["QLORA_GA_STOP_AFTER"]) if os.environ.get("QLORA_GA_STOP_AFTER") else None

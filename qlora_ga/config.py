@@ -171,6 +171,21 @@ class FinetuneConfig:
         """The eval split name if ``eval_split`` is a name ('test'), else None."""
         return self.eval_split if self.eval_split is not None and _as_float(self.eval_split) is None else None
 
+    # ---- the steps' own settings ----
+    def data_config(self):
+        """The :class:`~qlora_ga.data.DataConfig` of this run (see :func:`settings_for`)."""
+        from .data import DataConfig
+
+        eval_split = self.eval_fraction if self.eval_fraction is not None else self.eval_split_name
+        return settings_for(self, DataConfig, eval_split=eval_split)
+
+    def train_settings(self):
+        """The :class:`~qlora_ga.train.TrainSettings` of this run (see :func:`settings_for`); ``lr`` as given, so
+        call it on :func:`resolved` settings."""
+        from .train import TrainSettings
+
+        return settings_for(self, TrainSettings, gradient_checkpointing=not self.no_gradient_checkpointing)
+
     # ---- checks ----
     def validate(self) -> "FinetuneConfig":
         """Raise :class:`QloraGaError` (one line: what is wrong, what to do) for an invalid setting; return self."""
@@ -250,6 +265,17 @@ def _as_float(s: str | None) -> float | None:
 
 
 FIELD_NAMES = tuple(f.name for f in dataclasses.fields(FinetuneConfig))
+
+
+def settings_for(cfg: FinetuneConfig, cls, **derived):
+    """An instance of the dataclass ``cls`` (a step's own settings, e.g. ``DataConfig``, ``TrainSettings``) with every
+    field that ``FinetuneConfig`` has under the same name taken from ``cfg``, and ``derived`` for the others.
+
+    The one mapping from the run's settings to the steps': an option is added to ``FinetuneConfig`` and to the
+    step that uses it, under the same name, and nothing copies it by hand.
+    """
+    shared = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls) if f.name in FIELD_NAMES and f.name not in derived}
+    return cls(**shared, **derived)
 
 
 def resolved(cfg: FinetuneConfig) -> FinetuneConfig:

@@ -298,6 +298,27 @@ def test_valid_edge_cases():
     assert FinetuneConfig(target_modules=" q_proj, v_proj ,").target_modules_list == ["q_proj", "v_proj"]
 
 
+def test_the_steps_settings_come_from_the_run_settings_by_name():
+    from qlora_ga.data import DataConfig
+    from qlora_ga.train import TrainSettings
+
+    cfg = resolved(FinetuneConfig(**NON_DEFAULT))
+    # every step setting that FinetuneConfig has under the same name is taken from it; the rest are the known derived
+    # ones or left at the step's own default (not options of finetune.py)
+    for settings, derived, own in ((cfg.train_settings(), {"gradient_checkpointing": False}, {"precond_lambda", "num_workers"}),
+                                   (cfg.data_config(), {"eval_split": "test"}, {"split", "max_examples", "use_chat_template"})):
+        names = {f.name for f in dataclasses.fields(settings)}
+        shared = names & {f.name for f in FIELDS}
+        assert names == shared | set(derived) | own
+        assert {n: getattr(settings, n) for n in shared - set(derived)} == {n: getattr(cfg, n) for n in shared - set(derived)}
+        assert {n: getattr(settings, n) for n in derived} == derived
+        default = type(settings)()
+        assert all(getattr(settings, n) == getattr(default, n) for n in own)
+    assert isinstance(cfg.train_settings(), TrainSettings) and isinstance(cfg.data_config(), DataConfig)
+    assert FinetuneConfig(eval_split="0.05").data_config().eval_split == 0.05
+    assert FinetuneConfig().train_settings().gradient_checkpointing is True
+
+
 def test_method_defaults_table():
     assert set(METHODS) == set(METHOD_DEFAULTS) == {"lora-ga", "lora-one", "gaussian", "kaiming", "lora-ga-sign", "lora-ga-adam",
                                                   "lora-ga-peft"}
