@@ -29,7 +29,7 @@ from transformers import HfArgumentParser
 from .constants import DEFAULT_TARGETS, FORMATS, OVERLONG
 from .errors import QloraGaError, did_you_mean
 from .fileio import atomic_write
-from .methods import GRADIENT_METHODS, METHOD_DEFAULTS, METHODS, method_defaults
+from .methods import GRADIENT_METHODS, METHOD_DEFAULTS, METHODS, default_lrs_text, method_defaults
 
 OPTIMS = ("paged_adamw_32bit", "paged_adamw_8bit", "adamw", "lora-one-precond", "prodigy")
 RANK_ALLOCATIONS = ("uniform", "gradient")
@@ -92,7 +92,8 @@ class FinetuneConfig:
     # --- training ---
     batch_size: int = _f(4, "sequences per micro-batch during training")
     grad_accum: int = _f(4, "gradient accumulation steps (effective batch = batch_size * grad_accum)")
-    lr: float | None = _f(None, "peak learning rate; default: method default (lora-ga 5e-5, lora-ga-sign/-adam 1e-4, lora-ga-peft 1e-3, lora-one 5e-4, gaussian/kaiming 1e-3); with --optim prodigy 1.0 (a multiplier of its own step size)")
+    lr: float | None = _f(None, f"peak learning rate; default: method default ({default_lrs_text()}); with --optim prodigy "
+                              f"{PRODIGY_LR:g} (a multiplier of its own step size)")
     epochs: float = _f(1.0, "training epochs (used when --max_steps is -1)")
     max_steps: int = _f(-1, "optimizer steps; -1: use --epochs; 0: initialise the adapters and save, no training")
     warmup: float = _f(0.03, "linear warmup: a fraction of the steps if < 1, else a number of steps")

@@ -50,6 +50,20 @@ METHODS = tuple(METHOD_DEFAULTS)
 GRADIENT_METHODS = tuple(m for m, d in METHOD_DEFAULTS.items() if d["gamma"] is not None)
 
 
+def default_lrs_text() -> str:
+    """The default lr of every method, as ``--help`` and the README state it: ``lora-ga 5e-5, lora-one 5e-4, ...``."""
+    by_lr: dict[float, list[str]] = {}
+    for m, d in METHOD_DEFAULTS.items():
+        by_lr.setdefault(d["lr"], []).append(m)
+    return ", ".join(f"{'/'.join(ms)} {_short(lr)}" for lr, ms in by_lr.items())
+
+
+def _short(x: float) -> str:
+    """``5e-05`` -> ``5e-5``, ``0.00025`` -> ``2.5e-4``."""
+    mantissa, exponent = f"{x:e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+
+
 def method_defaults(init: str) -> dict[str, Any]:
     """``dict(lr=..., alpha=..., gamma=..., use_rslora=...)`` for the init method ``init`` (a copy)."""
     if init not in METHOD_DEFAULTS:
