@@ -160,6 +160,9 @@ def run(cfg: FinetuneConfig) -> dict:
     for experts in unadapted_experts(model):
         _say(f"note: {experts} keeps its expert weights fused in 3-D tensors, which get no adapters; "
              "attention and dense linears do, with an exact gradient init")
+    if getattr(model.config, "output_router_logits", False) and cfg.is_gradient_init:
+        _say("note: training adds the MoE router's auxiliary loss (output_router_logits); the gradient init is "
+             "exact for the language-model loss alone")
     lora_kw = dict(rank=cfg.rank, alpha=cfg.alpha, target_modules=targets, lora_dropout=cfg.lora_dropout,
                    use_rslora=cfg.use_rslora)
     prompts = _sample_prompts(data.eval or data.train, cfg.sample_prompts)
