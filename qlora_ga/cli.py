@@ -75,14 +75,11 @@ def resolve_device(cfg: FinetuneConfig):
 
     if distributed.launched():  # one process per GPU (LOCAL_RANK), or gloo on the CPU
         return distributed.init(cpu=cfg.device == "cpu")
-    if cfg.device:
-        dev = torch.device(cfg.device)
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise QloraGaError(f"--device {cfg.device} asks for CUDA but no CUDA GPU is available: use --device cpu or run on a GPU machine")
-        return dev
-    from .model import default_device
+    from .model import as_device
 
-    return default_device()
+    if cfg.device and torch.device(cfg.device).type == "cuda" and not torch.cuda.is_available():
+        raise QloraGaError(f"--device {cfg.device} asks for CUDA but no CUDA GPU is available: use --device cpu or run on a GPU machine")
+    return as_device(cfg.device or None)
 
 
 def _sample_prompts(examples: list[dict], n: int) -> list[list[int]]:
