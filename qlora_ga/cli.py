@@ -76,14 +76,11 @@ def resolve_device(cfg: FinetuneConfig):
 
     if distributed.launched():  # one process per GPU (LOCAL_RANK), or gloo on the CPU
         return distributed.init(cpu=cfg.device == "cpu")
-    if cfg.device:
-        dev = torch.device(cfg.device)
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise QloraGaError(f"--device {cfg.device} asks for CUDA but no CUDA GPU is available: use --device cpu or run on a GPU machine")
-        return dev
-    from .model import default_device
+    from .model import as_device
 
-    return default_device()
+    if cfg.device and torch.device(cfg.device).type == "cuda" and not torch.cuda.is_available():
+        raise QloraGaError(f"--device {cfg.device} asks for CUDA but no CUDA GPU is available: use --device cpu or run on a GPU machine")
+    return as_device(cfg.device or None)
 
 
 def _sample_prompts(examples: list[dict], n: int) -> list[list[int]]:
@@ -156,6 +153,9 @@ def run(cfg: FinetuneConfig) -> dict:
     for experts in unadapted_experts(model):
         _say(f"note: {experts} keeps its expert weights fused in 3-D tensors, which get no adapters; "
              "attention and dense linears do, with an exact gradient init")
+    if getattr(model.config, "output_router_logits", False) and cfg.is_gradient_init:
+        _say("note: training adds the MoE router's auxiliary loss (output_router_logits); the gradient init is "
+             "exact for the language-model loss alone")
     lora_kw = dict(rank=cfg.rank, alpha=cfg.alpha, target_modules=targets, lora_dropout=cfg.lora_dropout,
                    use_rslora=cfg.use_rslora)
     prompts = _sample_prompts(data.eval or data.train, cfg.sample_prompts)

@@ -45,6 +45,17 @@ def default_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
+def as_device(device: str | torch.device | None = None) -> torch.device:
+    """``device`` as a torch device with its index: ``cuda`` means the current GPU (``cuda:0`` unless set),
+    since device maps and DDP's ``device_ids`` need the index; ``None`` is :func:`default_device`."""
+    if device is None:
+        return default_device()
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 COMPUTE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -168,7 +179,7 @@ def load_model(
     from transformers import AutoModelForCausalLM
 
     source = resolve_model_source(name_or_path)
-    device = torch.device(device) if device is not None else default_device()
+    device = as_device(device)
     compute_dtype = compute_dtype_for(compute_dtype, device)
     device_map = {"": device.index if device.type == "cuda" else "cpu"}
     kwargs = dict(dtype=compute_dtype, device_map=device_map)

@@ -858,9 +858,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.summarize_only:
         return summarize_file(args)
-    device = torch.device(args.device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
+    from qlora_ga.model import as_device
+
+    device = as_device(args.device)
     torch.manual_seed(args.seed)
     meta = {
         "device": device_name(device), "device_type": device.type, **{f"{k}_version": v for k, v in _versions().items()},

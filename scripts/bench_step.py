@@ -113,9 +113,9 @@ def build(factory: ModelFactory, args, device):
 def main(argv=None) -> int:
     quiet()
     args = parse_args(argv)
-    device = torch.device(args.device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
+    from qlora_ga.model import as_device
+
+    device = as_device(args.device)
     torch.manual_seed(args.seed)
     factory = ModelFactory(args, device)
     dtype = factory.compute_dtype

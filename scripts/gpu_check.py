@@ -204,13 +204,15 @@ def machine() -> dict:
             info["gpus"] = [line.strip() for line in q.stdout.splitlines() if line.strip()]
         except (OSError, subprocess.SubprocessError):
             pass
-    try:
-        info["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                                        timeout=10).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        info["commit"] = None
-    # the device tool copies the tree without .git: scripts/gpu_run.sh passes what gpu_prepare.py recorded
-    info["commit"] = info["commit"] or os.environ.get("QLORA_GA_GIT_COMMIT") or None
+    # what gpu_prepare.py recorded for the tree it sent (scripts/gpu_run.sh passes it) comes first: the
+    # device machine's copy can carry a stale .git whose HEAD is not the tree that runs
+    info["commit"] = os.environ.get("QLORA_GA_GIT_COMMIT") or None
+    if info["commit"] is None:
+        try:
+            info["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                                            timeout=10).stdout.strip() or None
+        except (OSError, subprocess.SubprocessError):
+            pass
     return info
 
 

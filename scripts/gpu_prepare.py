@@ -35,7 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 MIB = 2**20
 CALL_LIMIT_MIB = 64.0
-MARGIN_MIB = 3.0  # left free in each call (the tree can grow a little between preparing and calling)
+MARGIN_MIB = 0.75  # left free in each call (the tree can grow a little between preparing and calling)
 # package -> version when it is not installed here
 WHEELS = {"bitsandbytes": None, "peft": None, "transformers": None, "gguf": None, "datasets": None, "dill": None,
           "multiprocess": None, "liger-kernel": "0.8.5"}
@@ -172,7 +172,7 @@ def main(argv=None) -> int:
 
     tree, wheels, total, small = tree_bytes(), size_of(whl), gguf.stat().st_size, size_of(b)
     room1 = int((CALL_LIMIT_MIB - MARGIN_MIB) * MIB) - tree - wheels
-    first = min(room1, total)
+    first = min(room1, total, max(0, (small + total - wheels) // 2))  # both calls about the same size
     if first <= 0 or tree + (total - first) + small > (CALL_LIMIT_MIB - MARGIN_MIB) * MIB:
         fail(f"the GGUF ({total / MIB:.1f} MiB) does not fit two calls next to the tree ({tree / MIB:.1f} MiB) and the "
              f"wheels ({wheels / MIB:.1f} MiB)")

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The two device-tool calls of the GPU check (docs/GPU.md), run on the GPU machine from the repository root
 # after `python scripts/gpu_prepare.py` here:
-#   1: install the carried wheels into .pydeps, join nothing yet, smoke-run gpu_check --tiny on the GPU
+#   1: install the carried wheels into .pydeps, join nothing yet, smoke-run gpu_check --tiny on the GPU (extra options passed on)
 #      (carry .whl and .gpu/a)
 #   2: join the GGUF, check its SHA-256, run the full gpu_check (carry .gpu/b; .pydeps and .gpu/a are
 #      still there if the machine stayed warm since call 1)
@@ -17,7 +17,7 @@ case "${1:-}" in
     ls .whl/*.whl >/dev/null 2>&1 || { echo "error: no wheels in .whl/: carry .whl (run scripts/gpu_prepare.py first)"; exit 3; }
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target .pydeps .whl/*.whl || exit 3
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-    "$PY" scripts/gpu_check.py --tiny --only env,bench,cli --budget-s 200 --out "$OUT"
+    "$PY" scripts/gpu_check.py --tiny --only env,bench,cli --budget-s 200 --out "$OUT" "${@:2}"
     ;;
   2)
     if [ ! -d .pydeps ] || [ ! -f .gpu/a/gguf.part1 ]; then

@@ -225,3 +225,17 @@ def test_phi3_trains_with_its_fused_projections_through_the_cli(tmp_path, capsys
     assert "adapters on 8 linears (o_proj, qkv_proj, gate_up_proj, down_proj)" in out
     cfg = json.loads((tmp_path / "o" / "adapter" / "adapter_config.json").read_text())
     assert set(cfg["target_modules"]) == {"o_proj", "qkv_proj", "gate_up_proj", "down_proj"}
+
+
+def test_moe_run_says_what_gets_no_adapters(tmp_path, capsys):
+    from qlora_ga.testing import make_tiny_model
+
+    model_dir = make_tiny_model(tmp_path / "olmoe", family="olmoe", layers=2)
+    cfg_path = model_dir / "config.json"
+    cfg_path.write_text(cfg_path.read_text().replace('"output_router_logits": false', '"output_router_logits": true'))
+    assert '"output_router_logits": true' in cfg_path.read_text()
+    assert main(base_args(model_dir, tmp_path / "o", "--max-steps", "0", "--rank", "4")) == 0
+    out = capsys.readouterr().out
+    assert "adapters on 8 linears (q_proj, k_proj, v_proj, o_proj)" in out
+    assert "note: OlmoeExperts keeps its expert weights fused in 3-D tensors" in out
+    assert "router's auxiliary loss" in out

@@ -28,6 +28,29 @@ def test_compute_dtype_on_cpu_and_bad_names():
         compute_dtype_for("fp8", "cpu")
 
 
+def test_plain_cuda_means_the_current_gpu_in_the_device_map(monkeypatch):
+    """`--device cuda` has no index; transformers' device map and DDP's device_ids need one (found on the H100:
+    `from_pretrained` failed with `torch.device(None)`)."""
+    import transformers
+
+    from qlora_ga.model import as_device, load_model
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: (9, 0))
+    assert as_device("cuda") == torch.device("cuda", 3) and as_device("cuda:1") == torch.device("cuda", 1)
+    assert as_device("cpu") == torch.device("cpu")
+    seen = {}
+
+    def from_pretrained(source, **kwargs):
+        seen.update(kwargs)
+        raise OSError("stop here")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", from_pretrained)
+    with pytest.raises(QloraGaError, match="stop here"):
+        load_model("some/model", device="cuda")
+    assert seen["device_map"] == {"": 3} and seen["dtype"] == torch.bfloat16
+
+
 # ------------------------------------------------------------------ the gradient pass in fp16
 
 
