@@ -111,7 +111,8 @@ def run(cfg: FinetuneConfig) -> dict:
     """The whole job for a parsed config; returns a summary (also written to ``summary.json``)."""
     import torch
 
-    from .data import build_data, sample_batch
+    from .data.batch import sample_batch
+    from .data.build import build_data
     from .gradient import PassReport, estimate_factors
     from .init import factor_reducer, init_adapters, singular_vectors_needed
     from .methods import GRADIENT_METHODS

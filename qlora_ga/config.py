@@ -175,7 +175,7 @@ class FinetuneConfig:
     # ---- the steps' own settings ----
     def data_config(self):
         """The :class:`~qlora_ga.data.DataConfig` of this run (see :func:`settings_for`)."""
-        from .data import DataConfig
+        from .data.config import DataConfig
 
         eval_split = self.eval_fraction if self.eval_fraction is not None else self.eval_split_name
         return settings_for(self, DataConfig, eval_split=eval_split)

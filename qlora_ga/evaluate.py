@@ -28,8 +28,10 @@ from pathlib import Path
 
 import torch
 
-from .data import DataConfig, collate, count_label_tokens, tokenize_example
-from .data import prompt_ids as data_prompt_ids
+from .data.batch import collate, count_label_tokens
+from .data.config import DataConfig
+from .data.tokenize import prompt_ids as data_prompt_ids
+from .data.tokenize import tokenize_example
 from .errors import QloraGaError
 from .train import evaluate_loss
 from .fileio import atomic_write

@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from . import distributed
-from .data import collate, count_label_tokens
+from .data.batch import collate, count_label_tokens
 from .errors import QloraGaError
 from .fileio import atomic_dir
 from .metrics import MetricsLogger
