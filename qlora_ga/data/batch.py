@@ -29,7 +29,9 @@ def collate(examples: list[dict], pad_token_id: int, pad_to_multiple_of: int | N
     id), ``attention_mask`` (0 on pad), ``labels`` (-100 on pad); all int64 ``[batch, length]``.
 
     An example may carry its own ``attention_mask`` (0 = padding already inside it): it is kept,
-    and those positions get no loss either."""
+    and those positions get no loss either.
+
+    Not DataCollatorForSeq2Seq: it needs a tokenizer with a pad token (callers hold a pad id) and keeps labels under own mask 0s."""
     if not examples:
         raise ValueError("collate() needs at least one example")
     if pad_token_id is None:
