@@ -114,34 +114,40 @@ def _append_eos(ids: list[int], labels: list[int], tokenizer) -> None:
         labels.append(eos)
 
 
+def _plain_messages(msgs: list[dict], tokenizer, eos: int | None) -> dict:
+    """Without a chat template: ``role: content`` lines after any BOS; each assistant turn's content
+    and EOS are labelled, its ``assistant: `` head and every other turn are not."""
+    ids = _bos_prefix(tokenizer)
+    labels = [IGNORE_INDEX] * len(ids)
+    for i, m in enumerate(msgs):
+        if m["role"] == "assistant":
+            head = _ids(tokenizer, "assistant: ")
+            body = _ids(tokenizer, m["content"])
+            if eos is not None:
+                body.append(eos)
+            ids += head + body
+            labels += [IGNORE_INDEX] * len(head) + body
+            if i < len(msgs) - 1:
+                nl = _ids(tokenizer, "\n")
+                ids += nl
+                labels += [IGNORE_INDEX] * len(nl)
+        else:
+            seg = _ids(tokenizer, _plain_turn(m))
+            ids += seg
+            labels += [IGNORE_INDEX] * len(seg)
+    return {"input_ids": ids, "labels": labels}
+
+
 def _tokenize_messages(msgs: list[dict], tokenizer, cfg: DataConfig) -> dict | None:
     last = _last_assistant(msgs)
     if last is None:
         return None
     msgs = msgs[: last + 1]  # turns after the last assistant answer carry no loss
     eos = getattr(tokenizer, "eos_token_id", None)
+    if not _use_template(tokenizer, cfg):
+        return _plain_messages(msgs, tokenizer, eos)
     ids: list[int] = []
     labels: list[int] = []
-    if not _use_template(tokenizer, cfg):
-        ids += _bos_prefix(tokenizer)
-        labels += [IGNORE_INDEX] * len(ids)
-        for i, m in enumerate(msgs):
-            if m["role"] == "assistant":
-                head = _ids(tokenizer, "assistant: ")
-                body = _ids(tokenizer, m["content"])
-                if eos is not None:
-                    body.append(eos)
-                ids += head + body
-                labels += [IGNORE_INDEX] * len(head) + body
-                if i < len(msgs) - 1:
-                    nl = _ids(tokenizer, "\n")
-                    ids += nl
-                    labels += [IGNORE_INDEX] * len(nl)
-            else:
-                seg = _ids(tokenizer, _plain_turn(m))
-                ids += seg
-                labels += [IGNORE_INDEX] * len(seg)
-        return {"input_ids": ids, "labels": labels}
 
     # Chat template: render growing prefixes; the text each assistant turn adds is labelled
     # (content + end-of-turn), the rest (system/user turns, assistant headers) is not.
