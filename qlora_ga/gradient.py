@@ -1,4 +1,4 @@
-"""Step 2 of the pipeline: the serial, block-by-block gradient pass (DESIGN section 2).
+"""Step 2 of the pipeline: the serial, block-by-block gradient pass (docs/DESIGN.md section 2).
 
 For every target linear W (m x n) of the 4-bit model, compute the exact mean gradient
 
