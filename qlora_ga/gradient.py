@@ -20,6 +20,10 @@ How (memory bounded by one decoder block, never by the model):
    its fp32 G (no dequantized weight copy, no .grad on a 4-bit parameter); pass dL/dh_l down. When
    the block is done, each G is handed to ``reduce_fn`` (a truncated SVD for the inits) and freed.
 
+:func:`gradient_pass` is these steps in order: :func:`_plan_pass` (micro-batches, the state store's
+place and stride), :func:`_forward_storing_states` (1-2), then per block :func:`_recompute_segment`,
+:func:`_block_backward` and :func:`_reduce_block` (3).
+
 The model is left exactly as it was (hooks removed, requires_grad / training flags restored), also
 when the pass fails.
 """
