@@ -1,4 +1,4 @@
-"""Step 3 of the pipeline: LoRA adapters started from the gradient's SVD (DESIGN section 3).
+"""Step 3 of the pipeline: LoRA adapters started from the gradient's SVD (docs/DESIGN.md section 3).
 
 Methods (G is a module's m x n mean gradient, ``G ~= U diag(S) V^T``):
 

@@ -1,4 +1,4 @@
-"""Step 4 of the pipeline: adapter training (DESIGN section 5), in one readable loop.
+"""Step 4 of the pipeline: adapter training (docs/DESIGN.md section 5), in one readable loop.
 
 bitsandbytes paged AdamW (32-bit default, 8-bit option; torch AdamW on CPU), LoRA-One's
 preconditioned AdamW as an option, gradient checkpointing, bf16/fp16 autocast on GPU, gradient
@@ -104,7 +104,7 @@ def build_prodigy(params, s: TrainSettings):
 
 
 def precondition_lora_grads(model, lam: float = 1e-6):
-    """LoRA-One's preconditioner (DESIGN §3): g_A <- (B^T B + lam I)^-1 g_A, g_B <- g_B (A A^T + lam I)^-1."""
+    """LoRA-One's preconditioner (docs/DESIGN.md section 5): g_A <- (B^T B + lam I)^-1 g_A, g_B <- g_B (A A^T + lam I)^-1."""
     from .init import lora_layers
 
     for layer in lora_layers(model).values():
