@@ -17,8 +17,8 @@ import torch
 
 from qlora_ga.cli import main as finetune_main
 from qlora_ga.errors import QloraGaError
-from qlora_ga.export import main as export_main
 from qlora_ga.export import gguf, modelfile, save_adapter
+from qlora_ga.export import main as export_main
 from qlora_ga.model import default_model_path, load_model, resolve_model_source, resolve_targets
 from qlora_ga.testing import CHAT_TEMPLATE, make_tiny_tokenizer
 

@@ -46,6 +46,7 @@ from ..config import GGUF_TYPES
 from ..errors import QloraGaError
 from ..fileio import atomic_dir
 from .adapter import load_adapter_dir
+from .files import METADATA_FILE, read_metadata
 from .merge import merge_export, resolve_base_folder
 from .modelfile import model_chat, modelfile_text
 
@@ -289,10 +290,34 @@ def gguf_export(
     check_quantizer(gguf_type)
     conv = find_converter(llama_cpp)
     out = Path(out_dir).expanduser().absolute()
-    outtype, merged_dtype = OUTTYPES[gguf_type]
+    _check_folders(adapter_dir, out, gguf_type, base, merged_dir)
+    name = f"model-{gguf_type}.gguf"
+    try:
+        with atomic_dir(out) as tmp:
+            if merged_dir is None:
+                merged = tmp / "merged"
+                merge_export(adapter_dir, merged, base=base, dtype=dtype or OUTTYPES[gguf_type][1], merge_base=merge_base,
+                             max_shard_size=max_shard_size)
+            else:
+                merged = Path(merged_dir).expanduser().absolute()
+            _convert(conv, merged, tmp / name, gguf_type)
+            chat = model_chat(merged)
+            (tmp / "Modelfile").write_text(modelfile_text(name, chat), encoding="utf-8")
+            _write_record(tmp, merged, adapter_dir, gguf_type, name, converter_source(conv), chat.format)
+            if merged_dir is None:
+                shutil.rmtree(merged)
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise QloraGaError(f"no space left on the device of {out.parent}: free some space or choose another --out") from None
+        raise
+    return GgufStats(str(out), str(out / name), gguf_type, (out / name).stat().st_size, chat.format, converter_source(conv))
+
+
+def _check_folders(adapter_dir, out: Path, gguf_type: str, base, merged_dir) -> None:
+    """Refuse before anything is written: a bad adapter or merged folder, too little disk, an ``out`` over an input."""
     keep = [Path(adapter_dir).expanduser().absolute()]
     if merged_dir is None:
-        config, _, meta = load_adapter_dir(adapter_dir)  # a bad adapter folder is reported before anything is written
+        config, _, meta = load_adapter_dir(adapter_dir)
         base_name = base or (meta or {}).get("base_model") or config.base_model_name_or_path
         if base_name:
             keep.append(resolve_base_folder(str(base_name)).absolute())
@@ -304,39 +329,29 @@ def gguf_export(
         check_disk_space(keep[-1], out, gguf_type, merging=False)
     if any(k == out or out in k.parents for k in keep):
         raise QloraGaError(f"--out '{out}' would replace the adapter or model folder: choose another --out")
-    name = f"model-{gguf_type}.gguf"
-    try:
-        with atomic_dir(out) as tmp:
-            if merged_dir is None:
-                merged = tmp / "merged"
-                merge_export(adapter_dir, merged, base=base, dtype=dtype or merged_dtype, merge_base=merge_base,
-                             max_shard_size=max_shard_size)
-            else:
-                merged = keep[-1]
-            if gguf_type in QUANTIZED_BY_LLAMA_CPP:
-                f16 = tmp / f"model-{outtype}.gguf"
-                run_converter(conv, merged, f16, outtype)
-                run_quantizer(f16, tmp / name, gguf_type)
-                f16.unlink()
-            else:
-                run_converter(conv, merged, tmp / name, outtype)
-            chat = model_chat(merged)
-            (tmp / "Modelfile").write_text(modelfile_text(name, chat), encoding="utf-8")
-            merged_meta = json.loads((merged / "qlora_ga.json").read_text()) if (merged / "qlora_ga.json").is_file() else {}
-            (tmp / "qlora_ga.json").write_text(json.dumps({
-                "format": "qlora-ga-gguf", "gguf_type": gguf_type, "gguf_file": name,
-                "merged_dtype": merged_meta.get("dtype"), "merge_base": merged_meta.get("merge_base"),
-                "adapter": str(adapter_dir), "base_model": merged_meta.get("base_model"),
-                "converter": converter_source(conv), "chat_format": chat.format,
-            }, indent=1), encoding="utf-8")
-            if merged_dir is None:
-                shutil.rmtree(merged)
-    except OSError as e:
-        if e.errno == errno.ENOSPC:
-            raise QloraGaError(f"no space left on the device of {out.parent}: free some space or choose another --out") from None
-        raise
-    return GgufStats(str(out), str(out / name), gguf_type, (out / name).stat().st_size, chat.format, converter_source(conv))
 
+
+def _convert(conv: Path, merged: Path, gguf_file: Path, gguf_type: str) -> None:
+    """The converter straight to ``gguf_type``, or to f16 and then llama.cpp's quantizer (q4_k_m)."""
+    outtype = OUTTYPES[gguf_type][0]
+    if gguf_type not in QUANTIZED_BY_LLAMA_CPP:
+        run_converter(conv, merged, gguf_file, outtype)
+        return
+    f16 = gguf_file.with_name(f"model-{outtype}.gguf")
+    run_converter(conv, merged, f16, outtype)
+    run_quantizer(f16, gguf_file, gguf_type)
+    f16.unlink()
+
+
+def _write_record(tmp: Path, merged: Path, adapter_dir, gguf_type: str, name: str, converter: dict, chat_format) -> None:
+    """The export's ``qlora_ga.json``: what was exported from what, with which converter."""
+    merged_meta = read_metadata(merged) or {}
+    (tmp / METADATA_FILE).write_text(json.dumps({
+        "format": "qlora-ga-gguf", "gguf_type": gguf_type, "gguf_file": name,
+        "merged_dtype": merged_meta.get("dtype"), "merge_base": merged_meta.get("merge_base"),
+        "adapter": str(adapter_dir), "base_model": merged_meta.get("base_model"),
+        "converter": converter, "chat_format": chat_format,
+    }, indent=1), encoding="utf-8")
 
 
 __all__ = [

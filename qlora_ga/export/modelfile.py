@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
-
 @dataclass(frozen=True)
 class ChatFormat:
     """A chat layout: ``turn`` is one message with ``{role}``/``{content}``, ``generation`` opens the assistant's reply."""
