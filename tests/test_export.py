@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -244,6 +245,14 @@ def test_merge_streams_one_shard_at_a_time(trained, tiny_sharded_model_dir, tmp_
     assert live["peak"] <= largest_shard + stats.largest_tensor_bytes
     assert live["peak"] < stats.total_bytes / 2
     assert stats.peak_bytes <= export.parse_size("60KB") + 3 * stats.largest_tensor_bytes
+    # the shard layout is huggingface_hub's (save_pretrained's) for the merged tensors in reading order,
+    # though the merge planned it from the header sizes before reading any tensor
+    merged = {}
+    for p in out_shards:
+        merged.update(load_file(str(p)))
+    order = [k for p in sorted(in_shards) for k in sorted(safe_open(str(p), "pt").keys())]
+    want = split_torch_state_dict_into_shards({k: merged[k] for k in order}, max_shard_size=export.parse_size("60KB"))
+    assert index["weight_map"] == want.tensor_to_filename and index["metadata"] == want.metadata
     model = AutoModelForCausalLM.from_pretrained(str(out))
     assert model.config.num_hidden_layers == 3
 
