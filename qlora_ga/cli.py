@@ -62,7 +62,7 @@ def check_exports(cfg: FinetuneConfig) -> None:
 
     check_report_to(cfg.report_to)
     if cfg.export_gguf:
-        from .gguf import check_quantizer, check_type, find_converter
+        from .export.gguf import check_quantizer, check_type, find_converter
 
         check_type(cfg.export_gguf)
         check_quantizer(cfg.export_gguf)
@@ -252,7 +252,7 @@ def run(cfg: FinetuneConfig) -> dict:
         merge_export(out / "adapter", out / "merged", dtype=cfg.merged_dtype)
         _say(f"merged {cfg.merged_dtype} model written to {out / 'merged'}")
     if cfg.export_gguf:
-        from .gguf import gguf_export
+        from .export.gguf import gguf_export
 
         g = gguf_export(out / "adapter", out / "gguf", cfg.export_gguf, llama_cpp=cfg.llama_cpp,
                         merged_dir=out / "merged" if cfg.export_merged else None)  # merged once, not twice
