@@ -17,7 +17,7 @@ from pathlib import Path
 
 from . import distributed
 from .config import FinetuneConfig, parse_config, resolved, save_yaml, to_dict
-from .constants import IGNORE_INDEX
+from .constants import ADAPTER_WEIGHTS, IGNORE_INDEX
 from .errors import QloraGaError
 from .fileio import atomic_write
 from .log import quiet_libraries
@@ -170,7 +170,7 @@ def run(cfg: FinetuneConfig) -> dict:
         from .ranks import checkpoint_rank_pattern
 
         # per-module ranks (--rank-allocation gradient) are read back from the checkpoint's own shapes
-        pattern = checkpoint_rank_pattern(load_file(ckpt / "adapter_model.safetensors"), cfg.rank, cfg.rank_allocation)
+        pattern = checkpoint_rank_pattern(load_file(ckpt / ADAPTER_WEIGHTS), cfg.rank, cfg.rank_allocation)
         pm = init_adapters(model, None, method="kaiming", rank_pattern=pattern, **lora_kw)
         try:
             load_checkpoint_weights(pm, ckpt)

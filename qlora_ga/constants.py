@@ -16,3 +16,8 @@ DEFAULT_TARGETS = ALL_LINEAR
 #: how examples become prompt/response text (``data``), and what happens to over-long ones
 FORMATS = ("auto", "alpaca", "prompt-response", "messages", "text")
 OVERLONG = ("truncate", "drop")
+
+#: the adapter's weight file (PEFT's name), in exports and in training checkpoints
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+#: the frozen residual's file in a training checkpoint (``residual.residual_state_dict``)
+CHECKPOINT_RESIDUAL = "residual.safetensors"

@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from . import distributed
+from .constants import ADAPTER_WEIGHTS, CHECKPOINT_RESIDUAL
 from .data.batch import collate, count_label_tokens
 from .errors import QloraGaError
 from .fileio import atomic_dir
@@ -234,10 +235,10 @@ def save_checkpoint(model, optimizer, scheduler, step: int, out_dir: Path, extra
 def _write_checkpoint(tmp: Path, model, optimizer, scheduler, step: int, rngs: list, extra: dict | None, scaler) -> None:
     from peft import get_peft_model_state_dict
 
-    save_file({k: v.detach().contiguous() for k, v in get_peft_model_state_dict(model).items()}, tmp / "adapter_model.safetensors")
+    save_file({k: v.detach().contiguous() for k, v in get_peft_model_state_dict(model).items()}, tmp / ADAPTER_WEIGHTS)
     res = residual_state_dict(model)
     if res:
-        save_file(res, tmp / "residual.safetensors")
+        save_file(res, tmp / CHECKPOINT_RESIDUAL)
     state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
              "rng": rngs[0] if len(rngs) == 1 else rngs}
     if scaler is not None and scaler.is_enabled():
@@ -263,9 +264,9 @@ def load_checkpoint_weights(model, ckpt: Path):
     """Trainable LoRA weights and residual of a checkpoint into a freshly wrapped PEFT model."""
     from peft import set_peft_model_state_dict
 
-    set_peft_model_state_dict(model, load_file(ckpt / "adapter_model.safetensors"))
-    if (ckpt / "residual.safetensors").is_file():
-        load_residual_state_dict(model, load_file(ckpt / "residual.safetensors"))
+    set_peft_model_state_dict(model, load_file(ckpt / ADAPTER_WEIGHTS))
+    if (ckpt / CHECKPOINT_RESIDUAL).is_file():
+        load_residual_state_dict(model, load_file(ckpt / CHECKPOINT_RESIDUAL))
 
 
 # ------------------------------------------------------------------ loop

@@ -304,3 +304,15 @@ def test_export_script_bad_adapter_exits_2_with_one_line(tmp_path):
     lines = [line for line in proc.stderr.splitlines() if line.strip() and "kernels" not in line]
     assert len(lines) == 1 and "does not exist" in lines[0] and "Traceback" not in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_base_tensor_dtypes_come_from_the_shard_headers(tmp_path):
+    """Every dtype a checkpoint can hold is read from the header as the tensor's own torch dtype (no data read)."""
+    from safetensors.torch import save_file
+
+    from qlora_ga.export.base import HEADER_DTYPES, base_tensors
+
+    tensors = {f"t{i}": torch.zeros(2, 3, dtype=dt) for i, dt in enumerate(HEADER_DTYPES.values())}
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    found = base_tensors(tmp_path)
+    assert {k: (v.dtype, list(v.shape)) for k, v in found.items()} == {k: (t.dtype, [2, 3]) for k, t in tensors.items()}

@@ -1,4 +1,4 @@
-"""Step 5 of the pipeline: export a trained adapter (DESIGN section 6).
+"""Step 5 of the pipeline: export a trained adapter (docs/DESIGN.md section 6).
 
 Three forms, one module each:
 

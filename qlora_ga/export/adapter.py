@@ -1,4 +1,4 @@
-"""The adapter export (DESIGN section 6): vanilla PEFT files, the frozen residual folded in, and loading one back.
+"""The adapter export (docs/DESIGN.md section 6): vanilla PEFT files, the frozen residual folded in, and loading one back.
 
 :func:`save_adapter` / :func:`export_adapter` write ``adapter_config.json`` +
 ``adapter_model.safetensors`` that plain ``peft.PeftModel.from_pretrained(base_4bit, out_dir)``
@@ -32,12 +32,11 @@ from pathlib import Path
 
 import torch
 
-from ..constants import PEFT_PREFIX
+from ..constants import ADAPTER_WEIGHTS, PEFT_PREFIX
 from ..errors import QloraGaError
 from ..fileio import atomic_dir
 from .files import (
     ADAPTER_CONFIG,
-    ADAPTER_WEIGHTS,
     ADAPTER_WEIGHTS_BIN,
     METADATA_FILE,
     RESIDUAL_FILE,

@@ -126,14 +126,25 @@ class BaseTensor:
     dtype: torch.dtype
 
 
+# safetensors' header dtype codes (its format spec) -> torch dtypes; safetensors has no public accessor for this
+HEADER_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                 "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                 "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+
+
+def _header_dtype(code: str, shard: Path, name: str) -> torch.dtype:
+    if code not in HEADER_DTYPES:
+        raise QloraGaError(f"{shard}: tensor '{name}' has dtype {code}, which the merge does not handle: "
+                           "convert the base checkpoint to fp32/fp16/bf16 first")
+    return HEADER_DTYPES[code]
+
+
 def base_tensors(folder: Path) -> dict[str, BaseTensor]:
     """Every base tensor (shard, shape, dtype; from the shard headers, no data read), in reading order."""
-    from safetensors.torch import _getdtype  # safetensors' dtype code -> torch dtype (no public accessor)
-
     tensors = {}
     for shard in base_shards(folder):
         with _open_shard(shard) as f:
             for k in sorted(f.keys()):
                 sl = f.get_slice(k)
-                tensors[k] = BaseTensor(shard, sl.get_shape(), _getdtype(sl.get_dtype()))
+                tensors[k] = BaseTensor(shard, sl.get_shape(), _header_dtype(sl.get_dtype(), shard, k))
     return tensors

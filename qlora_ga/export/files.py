@@ -12,17 +12,17 @@ from pathlib import Path
 
 import torch
 
+from ..constants import CHECKPOINT_RESIDUAL
 from ..errors import QloraGaError
 
 ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_WEIGHTS_BIN = "adapter_model.bin"
 METADATA_FILE = "qlora_ga.json"
 #: Optional file next to a rank-r PEFT adapter (e.g. a training checkpoint) holding
 #: ``residual.residual_state_dict(peft_model)``; :func:`~qlora_ga.export.export_adapter` folds it into rank 2r.
 #: ``residual.safetensors`` (the name train.py's checkpoints use) is accepted too.
 RESIDUAL_FILE = "qlora_ga_residual.safetensors"
-RESIDUAL_FILES = (RESIDUAL_FILE, "residual.safetensors")
+RESIDUAL_FILES = (RESIDUAL_FILE, CHECKPOINT_RESIDUAL)
 
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",

@@ -1,4 +1,4 @@
-"""GGUF export for llama.cpp, Ollama and LM Studio (DESIGN section 6), through llama.cpp's own converter.
+"""GGUF export for llama.cpp, Ollama and LM Studio (docs/DESIGN.md section 6), through llama.cpp's own converter.
 
 ``gguf_export(adapter_dir, out_dir, "q8_0")``:
 

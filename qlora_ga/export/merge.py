@@ -1,4 +1,4 @@
-"""The merged export (DESIGN section 6): the adapter added into its base, written as a plain 16/32-bit checkpoint.
+"""The merged export (docs/DESIGN.md section 6): the adapter added into its base, written as a plain 16/32-bit checkpoint.
 
 For every LoRA target weight ``W`` the output holds ``W_base + s * (B' @ A')`` (merge math in fp32,
 then a cast to fp16/bf16/fp32), written as sharded safetensors with ``model.safetensors.index.json``

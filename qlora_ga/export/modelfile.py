@@ -1,4 +1,4 @@
-"""The Ollama ``Modelfile`` written beside a GGUF export (DESIGN section 6).
+"""The Ollama ``Modelfile`` written beside a GGUF export (docs/DESIGN.md section 6).
 
 The Modelfile's ``TEMPLATE`` is Ollama's Go-template form of the tokenizer's Jinja chat template,
 written only when the Jinja template is recognised as one of the layouts in :data:`CHAT_FORMATS`
