@@ -17,6 +17,7 @@ from pathlib import Path
 
 from . import distributed
 from .config import FinetuneConfig, parse_config, resolved, save_yaml, to_dict
+from .constants import ADAPTER_WEIGHTS, IGNORE_INDEX
 from .errors import QloraGaError
 from .fileio import atomic_write
 from .log import quiet_libraries
@@ -61,7 +62,7 @@ def check_exports(cfg: FinetuneConfig) -> None:
 
     check_report_to(cfg.report_to)
     if cfg.export_gguf:
-        from .gguf import check_quantizer, check_type, find_converter
+        from .export.gguf import check_quantizer, check_type, find_converter
 
         check_type(cfg.export_gguf)
         check_quantizer(cfg.export_gguf)
@@ -85,7 +86,7 @@ def resolve_device(cfg: FinetuneConfig):
 def _sample_prompts(examples: list[dict], n: int) -> list[list[int]]:
     prompts = []
     for ex in examples[:n]:
-        k = next((i for i, lab in enumerate(ex["labels"]) if lab != -100), 0)
+        k = next((i for i, lab in enumerate(ex["labels"]) if lab != IGNORE_INDEX), 0)
         if k > 0:
             prompts.append(ex["input_ids"][:k])
     return prompts
@@ -107,17 +108,41 @@ def show_samples(model, tokenizer, prompts: list[list[int]], title: str, max_new
 
 
 def run(cfg: FinetuneConfig) -> dict:
-    """The whole job for a parsed config; returns a summary (also written to ``summary.json``)."""
-    import torch
-
-    from .data import DataConfig, build_data, sample_batch
-    from .gradient import PassReport, estimate_factors
-    from .init import GRADIENT_METHODS, factor_reducer, init_adapters, singular_vectors_needed
-    from .metrics import make_reporter, plot_losses
-    from .model import load_model, resolve_targets, target_linears, unadapted_experts
-    from .train import TrainSettings, find_checkpoint, load_checkpoint_weights, train
-
+    """The whole job for a parsed config: load -> estimate -> init -> train -> export. Returns a summary
+    (also written to ``summary.json``)."""
     cfg = resolved(cfg)
+    device, out, ckpt = _check_run(cfg)
+    t_start = time.perf_counter()
+    model, tok, data, targets = _load(cfg, device)
+    lora_kw = dict(rank=cfg.rank, alpha=cfg.alpha, target_modules=targets, lora_dropout=cfg.lora_dropout,
+                   use_rslora=cfg.use_rslora)
+    prompts = _sample_prompts(data.eval or data.train, cfg.sample_prompts)
+    before = show_samples(model, tok, prompts, "before training") if prompts and not ckpt and distributed.is_main() else []
+    if ckpt is not None:
+        pm, start_step, init_report = _resume_adapters(model, cfg, ckpt, out, lora_kw), _checkpoint_step(ckpt), None
+    else:
+        pm, init_report = _estimate_and_init(model, tok, data, cfg, targets, lora_kw)
+        start_step = 0
+    _write_run_files(cfg, out, ckpt, init_report)  # everything is in hand: only now is an old run replaced
+    summary = {"output_dir": str(out), "init": cfg.init}
+    if cfg.max_steps != 0:
+        summary.update(_train(cfg, pm, tok, data, out, start_step, ckpt))
+    if not distributed.is_main():  # the processes' adapters are the same: the main one writes it
+        return summary
+    _export(cfg, pm, out)
+    after = show_samples(pm, tok, prompts, "after training") if prompts and cfg.max_steps != 0 else []
+    if "eval_loss_start" in summary and "eval_loss" in summary:
+        _say(f"held-out loss: {summary['eval_loss_start']:.4f} at the start -> {summary['eval_loss']:.4f} after {summary['steps']} steps")
+    summary.update(seconds=round(time.perf_counter() - t_start, 1), samples_before=before, samples_after=after)
+    _write_json(out / "summary.json", summary)
+    _say(f"done in {summary['seconds']} s: {out}")
+    return summary
+
+
+def _check_run(cfg: FinetuneConfig):
+    """Everything that can be checked before loading: device, output folder, exports, the checkpoint to resume."""
+    from .train import find_checkpoint
+
     device = resolve_device(cfg)
     out = check_output_dir(cfg)
     distributed.barrier()  # every process has looked at --output-dir before the main one writes into it
@@ -127,10 +152,15 @@ def run(cfg: FinetuneConfig) -> dict:
         check_liger(device)  # before anything is loaded or written
     with distributed.main_first():  # the main process fetches the GGUF converter into the cache, if asked for
         check_exports(cfg)
-    t_start = time.perf_counter()
-    ckpt = None
-    if cfg.resume:
-        ckpt = find_checkpoint(out, cfg.resume)
+    return device, out, find_checkpoint(out, cfg.resume) if cfg.resume else None
+
+
+def _load(cfg: FinetuneConfig, device):
+    """Step 1: the 4-bit model, its tokenizer, the tokenized data and the target linears."""
+    import torch
+
+    from .data.build import build_data
+    from .model import load_model, resolve_targets, target_linears, unadapted_experts
 
     torch.manual_seed(cfg.seed)
     _say(f"loading {cfg.model or 'the built-in SmolLM2-135M-Instruct'} in 4-bit on {device} ...")
@@ -140,15 +170,8 @@ def run(cfg: FinetuneConfig) -> dict:
         from .kernels import apply_liger
 
         _say(f"Liger Kernel: fused kernels for {apply_liger(model, device)}")
-    compute_dtype = model.config.dtype if isinstance(model.config.dtype, torch.dtype) else getattr(torch, str(model.config.dtype))
-    data_cfg = DataConfig(
-        dataset=cfg.dataset, format=cfg.format, prompt_column=cfg.prompt_column, response_column=cfg.response_column,
-        messages_column=cfg.messages_column, text_column=cfg.text_column, max_length=cfg.max_length,
-        overlong=cfg.overlong, eval_split=cfg.eval_fraction if cfg.eval_fraction is not None else cfg.eval_split_name,
-        n_builtin=cfg.n_builtin, seed=cfg.seed,
-    )
     with distributed.main_first():
-        data = build_data(tok, data_cfg)
+        data = build_data(tok, cfg.data_config())
     st = data.stats
     _say(f"data: {st.n_train} train / {st.n_eval} eval examples, {st.n_label_tokens} label tokens "
          f"(dropped {st.n_empty_dropped} empty, {st.n_overlong_dropped} over-long; truncated {st.n_truncated})")
@@ -160,63 +183,84 @@ def run(cfg: FinetuneConfig) -> dict:
     if getattr(model.config, "output_router_logits", False) and cfg.is_gradient_init:
         _say("note: training adds the MoE router's auxiliary loss (output_router_logits); the gradient init is "
              "exact for the language-model loss alone")
-    lora_kw = dict(rank=cfg.rank, alpha=cfg.alpha, target_modules=targets, lora_dropout=cfg.lora_dropout,
-                   use_rslora=cfg.use_rslora)
-    prompts = _sample_prompts(data.eval or data.train, cfg.sample_prompts)
-    before = show_samples(model, tok, prompts, "before training") if prompts and not ckpt and distributed.is_main() else []
+    return model, tok, data, targets
 
-    if ckpt is not None:
-        _say(f"resuming from {ckpt}")
-        # the adapters' starting values are in the checkpoint: no gradient pass needed
-        from safetensors.torch import load_file
 
-        from .ranks import checkpoint_rank_pattern
+def _resume_adapters(model, cfg: FinetuneConfig, ckpt: Path, out: Path, lora_kw: dict):
+    """The adapters of a checkpoint (their starting values are in it: no gradient pass needed)."""
+    from safetensors.torch import load_file
 
-        # per-module ranks (--rank-allocation gradient) are read back from the checkpoint's own shapes
-        pattern = checkpoint_rank_pattern(load_file(ckpt / "adapter_model.safetensors"), cfg.rank, cfg.rank_allocation)
-        pm = init_adapters(model, None, method="kaiming", rank_pattern=pattern, **lora_kw)
-        try:
-            load_checkpoint_weights(pm, ckpt)
-        except (RuntimeError, KeyError) as e:
-            raise QloraGaError(
-                f"checkpoint {ckpt} does not fit the current settings ({str(e).strip().splitlines()[0][:120]}): "
-                f"resume with the run's own settings, --config {out / 'run_config.yaml'} --resume"
-            ) from None
-        start_step = json.loads((ckpt / "trainer_state.json").read_text())["step"]
-    else:
-        factors, init_report, pattern = None, None, {}
-        by_gradient = cfg.rank_allocation == "gradient"
-        if cfg.init in GRADIENT_METHODS or by_gradient:
-            from .ranks import allocate_ranks, rank_bounds, rank_pattern, trainable_count
+    from .init import init_adapters
+    from .ranks import checkpoint_rank_pattern
+    from .train import load_checkpoint_weights
 
-            sample = sample_batch(data.train, cfg.init_samples, cfg.seed)
-            report = PassReport()
-            # gradient allocation: keep the singular triplets of the largest rank a module may get
-            keep = rank_bounds(cfg.rank)[1] if by_gradient else cfg.rank
-            factors = estimate_factors(
-                model, sample, rank=cfg.rank, target_modules=targets, n_vectors=singular_vectors_needed(cfg.init, cfg.rank),
-                reducer=factor_reducer(cfg.init, keep, cfg.gamma), micro_batch_size=cfg.init_micro_batch,
-                pad_token_id=tok.pad_token_id, report=report, progress=distributed.is_main(),
-            )
-            init_report = asdict(report)
-            _say(f"gradient pass: {report.n_sequences} sequences, {report.n_label_tokens} label tokens, "
-                 f"{report.seconds:.1f} s, sample loss {report.loss:.4f}")
-            if by_gradient:
-                ranks = allocate_ranks(factors, cfg.rank, cfg.init)
-                pattern = rank_pattern(ranks, cfg.rank)
-                shapes = {n: f.shape for n, f in factors.items()}
-                init_report["ranks"] = ranks
-                init_report["trainable_parameters"] = {"gradient": trainable_count(ranks, shapes),
-                                                       "uniform": trainable_count(dict.fromkeys(ranks, cfg.rank), shapes)}
-                _say(f"ranks from the gradient: {min(ranks.values())}..{max(ranks.values())} "
-                     f"({init_report['trainable_parameters']['gradient']} trainable parameters, uniform rank "
-                     f"{cfg.rank}: {init_report['trainable_parameters']['uniform']})")
-            if cfg.init not in GRADIENT_METHODS:
-                factors = None
-        pm = init_adapters(model, factors, method=cfg.init, gamma=cfg.gamma, rank_pattern=pattern, **lora_kw)
-        start_step = 0
+    _say(f"resuming from {ckpt}")
+    # per-module ranks (--rank-allocation gradient) are read back from the checkpoint's own shapes
+    pattern = checkpoint_rank_pattern(load_file(ckpt / ADAPTER_WEIGHTS), cfg.rank, cfg.rank_allocation)
+    pm = init_adapters(model, None, method="kaiming", rank_pattern=pattern, **lora_kw)
+    try:
+        load_checkpoint_weights(pm, ckpt)
+    except (RuntimeError, KeyError) as e:
+        raise QloraGaError(
+            f"checkpoint {ckpt} does not fit the current settings ({str(e).strip().splitlines()[0][:120]}): "
+            f"resume with the run's own settings, --config {out / 'run_config.yaml'} --resume"
+        ) from None
+    return pm
 
-    # Everything the run needs is in hand: only now is an old run (with --overwrite) replaced.
+
+def _checkpoint_step(ckpt: Path) -> int:
+    return json.loads((ckpt / "trainer_state.json").read_text())["step"]
+
+
+def _estimate_and_init(model, tok, data, cfg: FinetuneConfig, targets: list[str], lora_kw: dict):
+    """Steps 2 and 3: the gradient pass (for gradient inits or gradient rank allocation), then the adapters.
+    Returns the PEFT model and the pass's report (None without a pass)."""
+    from .data.batch import sample_batch
+    from .gradient import PassReport, estimate_factors
+    from .init import factor_reducer, init_adapters, singular_vectors_needed
+    from .methods import GRADIENT_METHODS
+
+    factors, init_report, pattern = None, None, {}
+    by_gradient = cfg.rank_allocation == "gradient"
+    if cfg.init in GRADIENT_METHODS or by_gradient:
+        from .ranks import rank_bounds
+
+        sample = sample_batch(data.train, cfg.init_samples, cfg.seed)
+        report = PassReport()
+        # gradient allocation: keep the singular triplets of the largest rank a module may get
+        keep = rank_bounds(cfg.rank)[1] if by_gradient else cfg.rank
+        factors = estimate_factors(
+            model, sample, rank=cfg.rank, target_modules=targets, n_vectors=singular_vectors_needed(cfg.init, cfg.rank),
+            reducer=factor_reducer(cfg.init, keep, cfg.gamma), micro_batch_size=cfg.init_micro_batch,
+            pad_token_id=tok.pad_token_id, report=report, progress=distributed.is_main(),
+        )
+        init_report = asdict(report)
+        _say(f"gradient pass: {report.n_sequences} sequences, {report.n_label_tokens} label tokens, "
+             f"{report.seconds:.1f} s, sample loss {report.loss:.4f}")
+        if by_gradient:
+            pattern = _allocate_ranks(factors, cfg, init_report)
+        if cfg.init not in GRADIENT_METHODS:
+            factors = None
+    return init_adapters(model, factors, method=cfg.init, gamma=cfg.gamma, rank_pattern=pattern, **lora_kw), init_report
+
+
+def _allocate_ranks(factors: dict, cfg: FinetuneConfig, init_report: dict) -> dict:
+    """``--rank-allocation gradient``: per-module ranks under uniform rank r's budget (recorded in the report)."""
+    from .ranks import allocate_ranks, rank_pattern, trainable_count
+
+    ranks = allocate_ranks(factors, cfg.rank, cfg.init)
+    shapes = {n: f.shape for n, f in factors.items()}
+    init_report["ranks"] = ranks
+    init_report["trainable_parameters"] = {"gradient": trainable_count(ranks, shapes),
+                                           "uniform": trainable_count(dict.fromkeys(ranks, cfg.rank), shapes)}
+    _say(f"ranks from the gradient: {min(ranks.values())}..{max(ranks.values())} "
+         f"({init_report['trainable_parameters']['gradient']} trainable parameters, uniform rank "
+         f"{cfg.rank}: {init_report['trainable_parameters']['uniform']})")
+    return rank_pattern(ranks, cfg.rank)
+
+
+def _write_run_files(cfg: FinetuneConfig, out: Path, ckpt, init_report):
+    """Replace an old run (``--overwrite``), then write the run's config and the pass's report (main process)."""
     if distributed.is_main():
         if cfg.overwrite and not ckpt and out.is_dir():
             for m in RUN_MARKERS + ("loss.png", "summary.json", "merged", "gguf", "tensorboard", "wandb"):
@@ -228,49 +272,46 @@ def run(cfg: FinetuneConfig) -> dict:
             _write_json(out / "init_report.json", init_report)
     distributed.barrier()
 
-    settings = TrainSettings(
-        batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, lr=cfg.lr, epochs=cfg.epochs, max_steps=cfg.max_steps,
-        warmup=cfg.warmup, weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm, optim=cfg.optim,
-        seed=cfg.seed, eval_every=cfg.eval_every, save_every=cfg.save_every, log_every=cfg.log_every,
-        gradient_checkpointing=not cfg.no_gradient_checkpointing, group_by_length=cfg.group_by_length,
-    )
-    summary = {"output_dir": str(out), "init": cfg.init}
-    if cfg.max_steps != 0:
-        stop_after = int(os.environ["QLORA_GA_STOP_AFTER"]) if os.environ.get("QLORA_GA_STOP_AFTER") else None
-        reporter = (make_reporter(cfg.report_to, out, to_dict(cfg), resume_step=start_step if ckpt else None)
-                    if distributed.is_main() else None)
-        try:
-            summary.update(train(pm, tok, data.train, data.eval, settings, out, start_step=start_step, checkpoint=ckpt,
-                                 compute_dtype=compute_dtype, stop_after=stop_after, progress=distributed.is_main(),
-                                 reporter=reporter))
-        finally:
-            if reporter is not None:
-                reporter.close()
-        if distributed.is_main() and (out / "metrics.jsonl").is_file():
-            plot_losses(out / "metrics.jsonl", out / "loss.png", title=f"{cfg.init}, r={cfg.rank}, lr={cfg.lr:g}")
 
+def _train(cfg: FinetuneConfig, pm, tok, data, out: Path, start_step: int, ckpt) -> dict:
+    """Step 4: training, with the reporter (main process) and the loss plot."""
+    import torch
+
+    from .metrics import make_reporter, plot_losses
+    from .train import train
+
+    dtype = pm.get_base_model().config.dtype  # the compute dtype the model was loaded in
+    compute_dtype = dtype if isinstance(dtype, torch.dtype) else getattr(torch, str(dtype))
+    stop_after = int(os.environ["QLORA_GA_STOP_AFTER"]) if os.environ.get("QLORA_GA_STOP_AFTER") else None
+    reporter = (make_reporter(cfg.report_to, out, to_dict(cfg), resume_step=start_step if ckpt else None)
+                if distributed.is_main() else None)
+    try:
+        result = train(pm, tok, data.train, data.eval, cfg.train_settings(), out, start_step=start_step, checkpoint=ckpt,
+                       compute_dtype=compute_dtype, stop_after=stop_after, progress=distributed.is_main(),
+                       reporter=reporter)
+    finally:
+        if reporter is not None:
+            reporter.close()
+    if distributed.is_main() and (out / "metrics.jsonl").is_file():
+        plot_losses(out / "metrics.jsonl", out / "loss.png", title=f"{cfg.init}, r={cfg.rank}, lr={cfg.lr:g}")
+    return result
+
+
+def _export(cfg: FinetuneConfig, pm, out: Path):
+    """Step 5: the PEFT adapter, and the merged / GGUF exports when asked for."""
     from .export import merge_export, save_adapter
 
-    if not distributed.is_main():  # the processes' adapters are the same: the main one writes it
-        return summary
     save_adapter(pm, out / "adapter")
     _say(f"adapter written to {out / 'adapter'} (PEFT format)")
-    after = show_samples(pm, tok, prompts, "after training") if prompts and cfg.max_steps != 0 else []
     if cfg.export_merged:
         merge_export(out / "adapter", out / "merged", dtype=cfg.merged_dtype)
         _say(f"merged {cfg.merged_dtype} model written to {out / 'merged'}")
     if cfg.export_gguf:
-        from .gguf import gguf_export
+        from .export.gguf import gguf_export
 
         g = gguf_export(out / "adapter", out / "gguf", cfg.export_gguf, llama_cpp=cfg.llama_cpp,
                         merged_dir=out / "merged" if cfg.export_merged else None)  # merged once, not twice
         _say(f"GGUF {cfg.export_gguf} written to {g.gguf_file} ({g.bytes / 1e6:.1f} MB) with an Ollama Modelfile")
-    if "eval_loss_start" in summary and "eval_loss" in summary:
-        _say(f"held-out loss: {summary['eval_loss_start']:.4f} at the start -> {summary['eval_loss']:.4f} after {summary['steps']} steps")
-    summary.update(seconds=round(time.perf_counter() - t_start, 1), samples_before=before, samples_after=after)
-    _write_json(out / "summary.json", summary)
-    _say(f"done in {summary['seconds']} s: {out}")
-    return summary
 
 
 def _write_json(path: Path, obj):

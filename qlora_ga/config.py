@@ -17,8 +17,6 @@ anything heavy.
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -28,60 +26,22 @@ from typing import Any
 import yaml
 from transformers import HfArgumentParser
 
-from .errors import QloraGaError
+from .constants import DEFAULT_TARGETS, FORMATS, OVERLONG
+from .errors import QloraGaError, did_you_mean
 from .fileio import atomic_write
+from .methods import GRADIENT_METHODS, METHOD_DEFAULTS, METHODS, default_lrs_text, method_defaults
 
-# ---------------------------------------------------------------------------------------------
-# Per-method defaults. They come from the evidence in DESIGN section 7 (SmolLM2-135M on GSM8K,
-# r=8, 300 steps) and docs/RESULTS.md (same model, 4-bit, 50 steps, lr grids bracketed, 2 seeds),
-# and from the methods' papers / reference code. Rule: the best lr of the longest measured run
-# (300 steps); the 50-step runs put every method's optimum about 2x higher (short runs favour
-# larger lrs) and larger models usually want smaller ones, so the defaults stay on the low side.
-# Every convergence claim must be made against vanilla LoRA with a tuned lr.
-#   lora-ga : LoRA-GA paper setting (gamma 16, rsLoRA scaling alpha/sqrt(r), alpha 16); in DESIGN
-#             section 7 lr 5e-5 was best of 2e-5 / 5e-5 / 2e-4 (LoRA-GA wants a much smaller lr
-#             than vanilla LoRA).
-#   lora-one: gamma 128 as in DESIGN section 7 (the LoRA-One README example uses 64), rsLoRA
-#             scaling with alpha 16 as in the LoRA-One reference code; lr 5e-4 was best of
-#             2e-4 / 5e-4 at 300 steps (at 50 steps: 2e-4 / 5e-4 / 1e-3 / 2e-3, see RESULTS.md).
-#   gaussian / kaiming (vanilla LoRA, B = 0): lr 1e-3 was best of 2e-4 / 5e-4 / 1e-3; classic
-#             alpha/r scaling; no gamma (no gradient pass).
-#   lora-ga-sign / lora-ga-adam: LoRA-GA's Adam variants (blog: 'speculative' / 'hard-core'), gamma and
-#             alpha as lora-ga; no 300-step run, so lr = half their 50-step optimum (RESULTS.md section 5:
-#             seed 0, sign 1e-4 / 2e-4 / 4e-4 -> 0.923 / 0.909 / 0.915, adam 1e-4 / 2e-4 / 4e-4 -> 0.920 / 0.915 /
-#             0.942; over 2 seeds adam's 1e-4 and 2e-4 tie, 0.917 / 0.919):
-#             1e-4, twice lora-ga's (sign(G) and the Adam objective give factors that want a larger step).
-#   lora-ga-peft: PEFT 0.21's LoRA-GA formula (B0 carries S[r:2r], A0 unscaled), gamma / alpha as lora-ga.
-#             Its B0 is ~S times smaller than lora-ga's, so the start is close to vanilla LoRA's (B ~ 0) with
-#             A along the gradient's top right singular vectors: lr as vanilla LoRA's default, 1e-3 (see
-#             RESULTS.md section 8 for what was measured).
-# ---------------------------------------------------------------------------------------------
-METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
-    "lora-ga": dict(lr=5e-5, alpha=16.0, gamma=16.0, use_rslora=True),
-    "lora-one": dict(lr=5e-4, alpha=16.0, gamma=128.0, use_rslora=True),
-    "gaussian": dict(lr=1e-3, alpha=16.0, gamma=None, use_rslora=False),
-    "kaiming": dict(lr=1e-3, alpha=16.0, gamma=None, use_rslora=False),
-    "lora-ga-sign": dict(lr=1e-4, alpha=16.0, gamma=16.0, use_rslora=True),
-    "lora-ga-adam": dict(lr=1e-4, alpha=16.0, gamma=16.0, use_rslora=True),
-    "lora-ga-peft": dict(lr=1e-3, alpha=16.0, gamma=16.0, use_rslora=True),
-}
-
-INITS = tuple(METHOD_DEFAULTS)
-GRADIENT_INITS = tuple(k for k, v in METHOD_DEFAULTS.items() if v["gamma"] is not None)
 OPTIMS = ("paged_adamw_32bit", "paged_adamw_8bit", "adamw", "lora-one-precond", "prodigy")
 RANK_ALLOCATIONS = ("uniform", "gradient")
 PRODIGY_LR = 1.0  # prodigy estimates its step size itself; --lr multiplies it
-FORMATS = ("auto", "alpaca", "prompt-response", "messages", "text")
-OVERLONG = ("truncate", "drop")
 MERGED_DTYPES = ("fp16", "bf16")
 COMPUTE_DTYPES = ("auto", "bf16", "fp16", "fp32")
 GGUF_TYPES = ("f16", "bf16", "q8_0", "q4_k_m")
 REPORT_TO = ("none", "tensorboard", "wandb")
-DEFAULT_TARGET_MODULES = "all-linear"
 
 # fields whose value must be one of a fixed set (checked for CLI flags by argparse and for YAML
 # values by FinetuneConfig.validate)
-CHOICE_FIELDS = {"init": INITS, "optim": OPTIMS, "rank_allocation": RANK_ALLOCATIONS, "format": FORMATS, "overlong": OVERLONG,
+CHOICE_FIELDS = {"init": METHODS, "optim": OPTIMS, "rank_allocation": RANK_ALLOCATIONS, "format": FORMATS, "overlong": OVERLONG,
                  "merged_dtype": MERGED_DTYPES, "compute_dtype": COMPUTE_DTYPES, "report_to": REPORT_TO}
 
 
@@ -118,12 +78,12 @@ class FinetuneConfig:
         "uniform", "per-module ranks: 'uniform' (every module rank r) or 'gradient' (ranks from the gradient pass's "
         "spectra, same total trainable parameters as uniform r; see qlora_ga/ranks.py)", choices=RANK_ALLOCATIONS)
     alpha: float | None = _f(None, "LoRA alpha (scaling alpha/sqrt(r) with rsLoRA, else alpha/r); default: method default (16)")
-    init: str = _f("lora-ga", "adapter initialisation method", choices=INITS)
+    init: str = _f("lora-ga", "adapter initialisation method", choices=METHODS)
     gamma: float | None = _f(None, "scale parameter of the gradient inits (lora-ga: 16, lora-one: 128); default: method default")
     init_samples: int = _f(64, "number of sequences in the gradient sample batch of the gradient inits")
     init_micro_batch: int = _f(8, "sequences per micro-batch in the gradient pass")
     target_modules: str = _f(
-        DEFAULT_TARGET_MODULES,
+        DEFAULT_TARGETS,
         "comma-separated names of the linear layers that get adapters; 'all-linear': every linear inside the decoder "
         "blocks (fused projections included; LM head and MoE routers excluded)",
     )
@@ -132,7 +92,8 @@ class FinetuneConfig:
     # --- training ---
     batch_size: int = _f(4, "sequences per micro-batch during training")
     grad_accum: int = _f(4, "gradient accumulation steps (effective batch = batch_size * grad_accum)")
-    lr: float | None = _f(None, "peak learning rate; default: method default (lora-ga 5e-5, lora-ga-sign/-adam 1e-4, lora-ga-peft 1e-3, lora-one 5e-4, gaussian/kaiming 1e-3); with --optim prodigy 1.0 (a multiplier of its own step size)")
+    lr: float | None = _f(None, f"peak learning rate; default: method default ({default_lrs_text()}); with --optim prodigy "
+                              f"{PRODIGY_LR:g} (a multiplier of its own step size)")
     epochs: float = _f(1.0, "training epochs (used when --max_steps is -1)")
     max_steps: int = _f(-1, "optimizer steps; -1: use --epochs; 0: initialise the adapters and save, no training")
     warmup: float = _f(0.03, "linear warmup: a fraction of the steps if < 1, else a number of steps")
@@ -195,7 +156,7 @@ class FinetuneConfig:
     @property
     def is_gradient_init(self) -> bool:
         """Whether ``init`` needs the gradient pass."""
-        return self.init in GRADIENT_INITS
+        return self.init in GRADIENT_METHODS
 
     @property
     def effective_batch(self) -> int:
@@ -211,11 +172,20 @@ class FinetuneConfig:
         """The eval split name if ``eval_split`` is a name ('test'), else None."""
         return self.eval_split if self.eval_split is not None and _as_float(self.eval_split) is None else None
 
-    def warmup_steps(self, total_steps: int) -> int:
-        """Warmup length in optimizer steps: ``warmup`` is a fraction of ``total_steps`` if < 1, else steps."""
-        if self.warmup < 1:
-            return int(math.ceil(self.warmup * total_steps))
-        return int(self.warmup)
+    # ---- the steps' own settings ----
+    def data_config(self):
+        """The :class:`~qlora_ga.data.DataConfig` of this run (see :func:`settings_for`)."""
+        from .data.config import DataConfig
+
+        eval_split = self.eval_fraction if self.eval_fraction is not None else self.eval_split_name
+        return settings_for(self, DataConfig, eval_split=eval_split)
+
+    def train_settings(self):
+        """The :class:`~qlora_ga.train.TrainSettings` of this run (see :func:`settings_for`); ``lr`` as given, so
+        call it on :func:`resolved` settings."""
+        from .train import TrainSettings
+
+        return settings_for(self, TrainSettings, gradient_checkpointing=not self.no_gradient_checkpointing)
 
     # ---- checks ----
     def validate(self) -> "FinetuneConfig":
@@ -223,10 +193,10 @@ class FinetuneConfig:
         for name, choices in CHOICE_FIELDS.items():
             value = getattr(self, name)
             if value not in choices:
-                raise QloraGaError(f"{name} '{value}' is not known{_suggest(str(value), choices)}: use one of {', '.join(choices)}")
+                raise QloraGaError(f"{name} '{value}' is not known{did_you_mean(str(value), choices)}: use one of {', '.join(choices)}")
         if self.export_gguf is not None and self.export_gguf not in GGUF_TYPES:
             raise QloraGaError(
-                f"export_gguf '{self.export_gguf}' is not a GGUF type{_suggest(self.export_gguf, GGUF_TYPES)}: use one of {', '.join(GGUF_TYPES)}"
+                f"export_gguf '{self.export_gguf}' is not a GGUF type{did_you_mean(self.export_gguf, GGUF_TYPES)}: use one of {', '.join(GGUF_TYPES)}"
             )
         _check(self.rank >= 1, f"rank must be >= 1, got {self.rank}: pass e.g. --rank 8")
         _check(
@@ -295,19 +265,18 @@ def _as_float(s: str | None) -> float | None:
         return None
 
 
-def _suggest(word: str, options) -> str:
-    close = difflib.get_close_matches(word, list(options), n=1)
-    return f" (did you mean '{close[0]}'?)" if close else ""
-
-
 FIELD_NAMES = tuple(f.name for f in dataclasses.fields(FinetuneConfig))
 
 
-def method_defaults(init: str) -> dict[str, Any]:
-    """``dict(lr=..., alpha=..., gamma=..., use_rslora=...)`` for the init method ``init``."""
-    if init not in METHOD_DEFAULTS:
-        raise QloraGaError(f"init '{init}' is not known{_suggest(init, INITS)}: use one of {', '.join(INITS)}")
-    return dict(METHOD_DEFAULTS[init])
+def settings_for(cfg: FinetuneConfig, cls, **derived):
+    """An instance of the dataclass ``cls`` (a step's own settings, e.g. ``DataConfig``, ``TrainSettings``) with every
+    field that ``FinetuneConfig`` has under the same name taken from ``cfg``, and ``derived`` for the others.
+
+    The one mapping from the run's settings to the steps': an option is added to ``FinetuneConfig`` and to the
+    step that uses it, under the same name, and nothing copies it by hand.
+    """
+    shared = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls) if f.name in FIELD_NAMES and f.name not in derived}
+    return cls(**shared, **derived)
 
 
 def resolved(cfg: FinetuneConfig) -> FinetuneConfig:
@@ -354,7 +323,7 @@ def _parse(parser: _Parser, args: list[str], source: str) -> FinetuneConfig:
         parser.source = "command line"
     if remaining:
         flags = [a for a in remaining if a.startswith("-")]
-        hint = _suggest(flags[0].lstrip("-").replace("-", "_"), FIELD_NAMES) if flags else ""
+        hint = did_you_mean(flags[0].lstrip("-").replace("-", "_"), FIELD_NAMES) if flags else ""
         raise QloraGaError(
             f"{source}: unknown option(s) {' '.join(remaining)}{hint}: run with --help to list the options"
         )
@@ -399,7 +368,7 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
             raise QloraGaError(f"config {path}: key 'config' cannot be used inside a config file: remove it")
         if name not in FIELD_NAMES:
             raise QloraGaError(
-                f"config {path}: unknown key '{key}'{_suggest(name, FIELD_NAMES)}: run with --help to list the options"
+                f"config {path}: unknown key '{key}'{did_you_mean(name, FIELD_NAMES)}: run with --help to list the options"
             )
         if name in out:
             raise QloraGaError(f"config {path}: key '{key}' is given twice: keep one")
@@ -459,7 +428,7 @@ def save_yaml(cfg: FinetuneConfig, path: str | os.PathLike) -> Path:
 __all__ = [
     "FinetuneConfig",
     "METHOD_DEFAULTS",
-    "INITS",
+    "METHODS",
     "OPTIMS",
     "FORMATS",
     "OVERLONG",

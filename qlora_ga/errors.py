@@ -8,3 +8,11 @@ says what is wrong and what to do. The command-line scripts print that line and 
 
 class QloraGaError(ValueError):
     """A problem the user can fix; ``str(err)`` is a one-line explanation with the fix."""
+
+
+def did_you_mean(word: str, options) -> str:
+    """`` (did you mean 'x'?)`` for the option closest to ``word``, or ``""`` when none is close."""
+    import difflib
+
+    close = difflib.get_close_matches(word, list(options), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""

@@ -28,8 +28,10 @@ from pathlib import Path
 
 import torch
 
-from .data import DataConfig, tokenize_example
-from .data import prompt_ids as data_prompt_ids
+from .data.batch import collate, count_label_tokens
+from .data.config import DataConfig
+from .data.tokenize import prompt_ids as data_prompt_ids
+from .data.tokenize import tokenize_example
 from .errors import QloraGaError
 from .train import evaluate_loss
 from .fileio import atomic_write
@@ -146,7 +148,7 @@ def held_out_loss(model, tokenizer, examples, *, batch_size: int = 8, max_length
         t = tokenize_example(ex, tokenizer, GSM8K_FORMAT, "prompt-response")
         if t is not None:
             seqs.append({k: v[:max_length] for k, v in t.items()})
-    count = sum(sum(1 for lab in s["labels"][1:] if lab != -100) for s in seqs)
+    count = count_label_tokens(collate(seqs, _pad_id(tokenizer))["labels"]) if seqs else 0
     if count == 0:
         return float("nan"), 0
     return evaluate_loss(model, seqs, batch_size, _pad_id(tokenizer), _device(model), torch.float32), count

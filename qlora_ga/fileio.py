@@ -1,15 +1,21 @@
-"""Atomic file writes: write a temp file beside the target, fsync, then ``os.replace``.
+"""Atomic writes: a file or a whole folder is written beside its target, fsynced, then renamed into place.
 
-A reader (or a crash) sees the old file or the new one, never a half-written one.
+A reader (or a crash) sees the old file or folder or the new one, never a half-written one. Every
+writer of the project goes through these two: :func:`atomic_write` for one file, :func:`atomic_dir`
+for a folder (adapters, merged models, GGUF exports, training checkpoints, caches).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
+
+from .errors import QloraGaError
 
 
 def atomic_write(path: str | os.PathLike, data: str | bytes | Callable[[IO], None]) -> Path:
@@ -31,3 +37,75 @@ def atomic_write(path: str | os.PathLike, data: str | bytes | Callable[[IO], Non
             os.unlink(tmp)
         raise
     return path
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike, *, keep_existing: bool = False) -> Iterator[Path]:
+    """Write a folder atomically: ``with atomic_dir(out) as tmp:`` fill ``tmp`` (an empty folder ``.<name>.tmp-XXXX``
+    beside ``out``).
+
+    When the block completes, everything in ``tmp`` is fsynced and ``tmp`` is renamed to ``out``; an
+    existing ``out`` is replaced only then (or, with ``keep_existing``, kept and ``tmp`` dropped: a
+    cache that another process filled first). When the block raises, ``tmp`` is removed and ``out``
+    is left as it was. The folder gets the usual permissions (``mkdtemp`` makes it private, 0700).
+    """
+    out = Path(path).expanduser().absolute()
+    if out.exists() and not out.is_dir():
+        raise QloraGaError(f"output path '{out}' exists and is not a folder: choose another --out")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise QloraGaError(f"cannot create the parent folder of '{out}': {e.strerror or e}") from None
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # like a folder made by mkdir
+    try:
+        yield tmp
+        _fsync_tree(tmp)
+        if keep_existing and out.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
+        _swap_in(tmp, out)
+        _fsync_path(out.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _swap_in(tmp: Path, out: Path) -> None:
+    """Rename ``tmp`` to ``out``; an existing ``out`` is moved aside first and deleted once ``tmp`` is in place."""
+    old = None
+    try:
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.rmdir(old)
+            os.replace(out, old)
+        os.replace(tmp, out)
+    except BaseException:
+        if old is not None and not out.exists():
+            os.replace(old, out)
+            old = None
+        raise
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _fsync_tree(folder: Path) -> None:
+    """fsync every file below ``folder``, then the folders themselves (their entries)."""
+    for root, dirs, files in os.walk(folder):
+        for name in files:
+            _fsync_path(Path(root) / name)
+    for root, dirs, _ in os.walk(folder, topdown=False):
+        for name in dirs:
+            _fsync_path(Path(root) / name)
+    _fsync_path(folder)
+
+
+def _fsync_path(p: Path) -> None:
+    fd = os.open(p, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,4 +1,4 @@
-"""Step 2 of the pipeline: the serial, block-by-block gradient pass (DESIGN section 2).
+"""Step 2 of the pipeline: the serial, block-by-block gradient pass (docs/DESIGN.md section 2).
 
 For every target linear W (m x n) of the 4-bit model, compute the exact mean gradient
 
@@ -20,12 +20,17 @@ How (memory bounded by one decoder block, never by the model):
    its fp32 G (no dequantized weight copy, no .grad on a 4-bit parameter); pass dL/dh_l down. When
    the block is done, each G is handed to ``reduce_fn`` (a truncated SVD for the inits) and freed.
 
+:func:`gradient_pass` is these steps in order: :func:`_plan_pass` (micro-batches, the state store's
+place and stride), :func:`_forward_storing_states` (1-2), then per block :func:`_recompute_segment`,
+:func:`_block_backward` and :func:`_reduce_block` (3).
+
 The model is left exactly as it was (hooks removed, requires_grad / training flags restored), also
 when the pass fails.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 import weakref
@@ -34,15 +39,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
 from . import distributed
-from .data import IGNORE_INDEX, count_label_tokens
+from .constants import DEFAULT_TARGETS
+from .data import count_label_tokens
 from .errors import QloraGaError
 from .head import ModelHead
-from .model import DEFAULT_TARGETS, find_decoder_layers, keep_4bit_trainable, resolve_targets, target_linears
+from .model import find_decoder_layers, keep_4bit_trainable, resolve_targets, target_linears
 
 
 @dataclass
@@ -371,6 +376,47 @@ def gradient_pass(
     """
     report = report if report is not None else PassReport()
     t0 = time.perf_counter()
+    setup = _plan_pass(model, examples, target_modules, micro_batch_size, pad_token_id, state_device,
+                       state_budget_bytes, loss_chunk_bytes, report)
+    ledger, results = _GradLedger(), {}
+    n_layers = len(setup.layers)
+    with _frozen(model):
+        capture = _Capture(setup.layers, set(range(0, n_layers, setup.stride)), setup.pool)
+        try:
+            grad_out = _forward_storing_states(model, setup, capture, progress, report)
+            with tqdm(total=n_layers, desc="gradient pass: blocks", disable=not progress) as bar:
+                for li in reversed(range(n_layers)):
+                    _recompute_segment(setup, capture, li)
+                    G, grad_out = _block_backward(setup, capture, li, grad_out, ledger)
+                    block = _reduce_block(G, setup.n_total, reduce_fn, first=sum(len(b) for b in setup.blocks[li + 1 :]))
+                    del G
+                    results.update(block)
+                    _report_modules(report, block)
+                    bar.update(1)
+        finally:
+            capture.remove()
+    _finish_report(report, ledger, setup, t0)
+    return results
+
+
+@dataclass
+class _PassSetup:
+    """What the pass works on, fixed before it starts (:func:`_plan_pass`)."""
+
+    layers_name: str  # their qualified name (e.g. ``model.layers``)
+    layers: nn.ModuleList  # the decoder blocks
+    blocks: list[dict[str, nn.Module]]  # per block: {qualified name: target linear}
+    device: torch.device  # the compute device
+    batches: list[dict]  # this process's micro-batches
+    n_total: int  # label tokens of the whole sample (all processes): the mean loss's N
+    chunk_tokens: int  # label tokens per chunk of the loss head
+    stride: int  # the store keeps every stride-th block's inputs
+    pool: _BufferPool  # the state store (its device; pinned host memory when the model is on CUDA)
+
+
+def _plan_pass(model, examples, target_modules, micro_batch_size, pad_token_id, state_device, state_budget_bytes,
+               loss_chunk_bytes, report: PassReport) -> _PassSetup:
+    """Step 1, plan: the blocks' target linears, this process's micro-batches, the state store's place and stride."""
     if len(examples) == 0:
         raise QloraGaError("the gradient sample batch is empty: give --init-samples >= 1 and a non-empty dataset")
     layers_name, layers = find_decoder_layers(model)
@@ -381,130 +427,152 @@ def gradient_pass(
     keep_4bit_trainable(model)
     device = next(p for p in layers.parameters()).device
     dtype = model.get_input_embeddings().weight.dtype
+    batches, (n_total, n_seq, padded_tokens) = _share_of_sample(examples, micro_batch_size, pad_token_id)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    chunk_tokens = max(1, loss_chunk_bytes // (vocab * (8 + torch.finfo(dtype).bits // 8)))
+    plan = plan_pass_memory(model, batches, blocks, dtype, chunk_tokens)
+    store_dev, stride = plan_state_store(len(layers), plan, device, state_device, state_budget_bytes)
+    pool = _BufferPool(store_dev, pin=store_dev.type == "cpu" and device.type == "cuda")
+    report.n_sequences, report.n_label_tokens, report.n_padded_tokens = n_seq, n_total, padded_tokens
+    report.n_blocks, report.state_device, report.state_stride = len(layers), str(store_dev), stride
+    report.state_bytes_per_layer, report.state_fixed_bytes, report.reserve_bytes = plan.per_layer, plan.fixed, plan.reserve
+    report.max_block_grad_bytes = max(sum(m.out_features * m.in_features * 4 for m in b.values()) for b in blocks)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    return _PassSetup(layers_name, layers, blocks, device, batches, n_total, chunk_tokens, stride, pool)
 
+
+def _share_of_sample(examples, micro_batch_size: int, pad_token_id: int) -> tuple[list[dict], tuple[int, int, int]]:
+    """This process's micro-batches (every world-th), and (label tokens, sequences, padded tokens) over all processes."""
     batches = make_micro_batches(examples, micro_batch_size, pad_token_id)
     if len(batches) < distributed.world():
         raise QloraGaError(
             f"the gradient sample has {len(batches)} micro-batches for {distributed.world()} processes: "
             "raise --init-samples or lower --init-micro-batch"
         )
-    batches = batches[distributed.rank() :: distributed.world()]  # this process's share of the sample
-    n_total, n_seq, padded_tokens = (int(v) for v in distributed.sum_values(
+    batches = batches[distributed.rank() :: distributed.world()]
+    counts = tuple(int(v) for v in distributed.sum_values(
         sum(count_label_tokens(b["labels"]) for b in batches), sum(len(b["input_ids"]) for b in batches),
         sum(b["input_ids"].numel() for b in batches)))
-    if n_total == 0:
+    if counts[0] == 0:
         raise QloraGaError("the gradient sample batch has no label tokens (every token is masked): check the data format and prompt masking")
-    n_layers = len(layers)
-    vocab = model.get_output_embeddings().weight.shape[0]
-    chunk_tokens = max(1, loss_chunk_bytes // (vocab * (8 + torch.finfo(dtype).bits // 8)))
-    plan = plan_pass_memory(model, batches, blocks, dtype, chunk_tokens)
-    store_dev, stride = plan_state_store(n_layers, plan, device, state_device, state_budget_bytes)
-    pin = store_dev.type == "cpu" and device.type == "cuda"
-    pool = _BufferPool(store_dev, pin)
-    report.n_sequences, report.n_label_tokens, report.n_padded_tokens = n_seq, n_total, padded_tokens
-    report.n_blocks, report.state_device, report.state_stride = n_layers, str(store_dev), stride
-    report.state_bytes_per_layer, report.state_fixed_bytes, report.reserve_bytes = plan.per_layer, plan.fixed, plan.reserve
-    report.max_block_grad_bytes = max(sum(m.out_features * m.in_features * 4 for m in b.values()) for b in blocks)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    return batches, counts
 
+
+@contextlib.contextmanager
+def _frozen(model: nn.Module):
+    """Inside: no parameter requires grad, eval mode. Both are restored on leaving, also on failure."""
     saved_flags = [(p, p.requires_grad) for p in model.parameters()]
     was_training = model.training
-    capture = None
-    ledger = _GradLedger()
-    results: dict[str, object] = {}
-    bar = None
     try:
         for p, _ in saved_flags:
             p.requires_grad_(False)
         model.eval()
-        keep = set(range(0, n_layers, stride))
-        capture = _Capture(layers, keep, pool)
-        top_grads = []
-        loss_total = 0.0
-        try:
-            with torch.no_grad(), ModelHead(model, layers_name, layers) as head:
-                for i, b in enumerate(tqdm(batches, desc="gradient pass: forward", disable=not progress, leave=False)):
-                    capture.new_micro_batch()
-                    h_last = head.run(b, device, check=i == 0)  # the first micro-batch checks the head against the model
-                    g, loss = head.loss_grad(h_last, b["labels"], chunk_tokens)  # of the summed loss
-                    loss_total += loss
-                    top_grads.append(pool.store(g))
-                    del g, h_last
-        finally:
-            capture.enabled = False
-        report.loss = distributed.sum_values(loss_total)[0] / n_total
-        if not math.isfinite(report.loss):
-            raise QloraGaError(f"the sample loss is not finite ({report.loss}): check the data and the model weights")
-
-        grad_out = top_grads
-        bar = tqdm(total=n_layers, desc="gradient pass: blocks", disable=not progress)
-        for li in reversed(range(n_layers)):
-            layer = layers[li]
-            # Inputs of this block: stored, or recomputed for the whole segment on entering it.
-            if not capture.inputs[li]:
-                start = (li // stride) * stride
-                with torch.no_grad():
-                    for mb in range(len(batches)):
-                        h = capture.inputs[start][mb].to(device, non_blocking=pin)
-                        for j in range(start, li):
-                            h = _run_block(layers[j], h, capture.kwargs[j][mb])
-                            capture.inputs[j + 1].append(pool.store(h))
-            G = {name: new_grad_buffer(ledger, (m.out_features, m.in_features), device) for name, m in blocks[li].items()}
-            handles = [m.register_forward_hook(_accumulate_hook(G[name])) for name, m in blocks[li].items()]
-            new_grad = []
-            try:
-                for mb in range(len(batches)):
-                    # x needs grad even for block 0: the 4-bit weights have none, so without it no graph is built
-                    x = capture.inputs[li][mb].to(device, non_blocking=pin).requires_grad_(True)
-                    with torch.enable_grad():
-                        out = _run_block(layer, x, capture.kwargs[li][mb])
-                        go = grad_out[mb].to(device, non_blocking=pin)
-                        (gx,) = torch.autograd.grad(out, x, go)
-                    pool.release([grad_out[mb]])  # used: its buffer takes the next store
-                    grad_out[mb] = None
-                    if li > 0:
-                        new_grad.append(pool.store(gx))
-                    del out, x, gx, go
-            finally:
-                for h in handles:
-                    h.remove()
-            grad_out = new_grad
-            pool.release(capture.inputs[li])  # this block is done; a segment's stored start is its last block
-            capture.inputs[li] = []
-            block = _reduce_block(G, n_total, reduce_fn, first=sum(len(b) for b in blocks[li + 1 :]))
-            del G
-            results.update(block)
-            for name, f in block.items():
-                if hasattr(f, "grad_norm") and hasattr(f, "S"):
-                    report.modules[name] = {
-                        "shape": list(f.shape), "grad_norm": f.grad_norm,
-                        "top_singular_values": [round(float(s), 8) for s in f.S[:8]],
-                        "svd_seconds": round(f.svd_seconds, 4),
-                    }
-                    if hasattr(f, "objective_end"):
-                        report.modules[name]["adam_objective"] = [f.objective_start, f.objective_end]
-            bar.update(1)
+        yield
     finally:
-        if bar is not None:
-            bar.close()
-        if capture is not None:
-            capture.remove()
         for p, flag in saved_flags:
             p.requires_grad_(flag)
         model.train(was_training)
+
+
+def _forward_storing_states(model, setup: _PassSetup, capture: _Capture, progress: bool, report: PassReport) -> list:
+    """Step 2: forward every micro-batch without grad (``capture`` stores the block inputs), then the loss head.
+
+    Returns dL/dh (of the summed loss) at the last block's output, one stored tensor per micro-batch;
+    sets ``report.loss`` (the mean over all label tokens) and checks it is finite.
+    """
+    top_grads, loss_total = [], 0.0
+    try:
+        with torch.no_grad(), ModelHead(model, setup.layers_name, setup.layers) as head:
+            for i, b in enumerate(tqdm(setup.batches, desc="gradient pass: forward", disable=not progress, leave=False)):
+                capture.new_micro_batch()
+                h_last = head.run(b, setup.device, check=i == 0)  # the first micro-batch checks the head against the model
+                g, loss = head.loss_grad(h_last, b["labels"], setup.chunk_tokens)  # of the summed loss
+                loss_total += loss
+                top_grads.append(setup.pool.store(g))
+                del g, h_last
+    finally:
+        capture.enabled = False
+    report.loss = distributed.sum_values(loss_total)[0] / setup.n_total
+    if not math.isfinite(report.loss):
+        raise QloraGaError(f"the sample loss is not finite ({report.loss}): check the data and the model weights")
+    return top_grads
+
+
+def _recompute_segment(setup: _PassSetup, capture: _Capture, li: int):
+    """Step 3a: block ``li``'s inputs. Stored, or (on entering a segment of the strided store) recomputed without
+    grad for the whole segment from its stored start, micro-batch by micro-batch."""
+    if capture.inputs[li]:
+        return
+    start = (li // setup.stride) * setup.stride
+    with torch.no_grad():
+        for mb in range(len(setup.batches)):
+            h = capture.inputs[start][mb].to(setup.device, non_blocking=setup.pool.pin)
+            for j in range(start, li):
+                h = _run_block(setup.layers[j], h, capture.kwargs[j][mb])
+                capture.inputs[j + 1].append(setup.pool.store(h))
+
+
+def _block_backward(setup: _PassSetup, capture: _Capture, li: int, grad_out: list,
+                    ledger: _GradLedger) -> tuple[dict[str, torch.Tensor], list]:
+    """Step 3b: block ``li`` recomputed with grad and backpropagated micro-batch by micro-batch.
+
+    Returns its target linears' G (of the summed loss; hooks add delta^T x) and dL/dh at its input (the
+    next block's ``grad_out``; none below block 0). The incoming dL/dh and the block's inputs go back
+    to the store as they are used.
+    """
+    device, pin, pool = setup.device, setup.pool.pin, setup.pool
+    targets = setup.blocks[li]
+    G = {name: new_grad_buffer(ledger, (m.out_features, m.in_features), device) for name, m in targets.items()}
+    handles = [m.register_forward_hook(_accumulate_hook(G[name])) for name, m in targets.items()]
+    new_grad = []
+    try:
+        for mb in range(len(setup.batches)):
+            # x needs grad even for block 0: the 4-bit weights have none, so without it no graph is built
+            x = capture.inputs[li][mb].to(device, non_blocking=pin).requires_grad_(True)
+            with torch.enable_grad():
+                out = _run_block(setup.layers[li], x, capture.kwargs[li][mb])
+                go = grad_out[mb].to(device, non_blocking=pin)
+                (gx,) = torch.autograd.grad(out, x, go)
+            pool.release([grad_out[mb]])  # used: its buffer takes the next store
+            grad_out[mb] = None
+            if li > 0:
+                new_grad.append(pool.store(gx))
+            del out, x, gx, go
+    finally:
+        for h in handles:
+            h.remove()
+    pool.release(capture.inputs[li])  # this block is done; a segment's stored start is its last block
+    capture.inputs[li] = []
+    return G, new_grad
+
+
+def _report_modules(report: PassReport, block: dict[str, object]):
+    """Step 4's record: shape, gradient norm, top singular values and SVD time of each reduced module."""
+    for name, f in block.items():
+        if hasattr(f, "grad_norm") and hasattr(f, "S"):
+            report.modules[name] = {
+                "shape": list(f.shape), "grad_norm": f.grad_norm,
+                "top_singular_values": [round(float(s), 8) for s in f.S[:8]],
+                "svd_seconds": round(f.svd_seconds, 4),
+            }
+            if hasattr(f, "objective_end"):
+                report.modules[name]["adam_objective"] = [f.objective_start, f.objective_end]
+
+
+def _finish_report(report: PassReport, ledger: _GradLedger, setup: _PassSetup, t0: float):
+    """Step 5, after the pass: peak live gradient bytes, store buffers, time, peak GPU memory and host RSS."""
     report.peak_live_grad_bytes = ledger.peak
-    report.state_buffers = pool.allocated
+    report.state_buffers = setup.pool.allocated
     report.seconds = time.perf_counter() - t0
-    if device.type == "cuda":
-        report.peak_gpu_bytes = int(torch.cuda.max_memory_allocated(device))
+    if setup.device.type == "cuda":
+        report.peak_gpu_bytes = int(torch.cuda.max_memory_allocated(setup.device))
     try:
         import resource
 
         report.peak_host_rss_bytes = int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # KiB on Linux
     except ImportError:  # pragma: no cover - not POSIX
         pass
-    return results
 
 
 def _reduce_block(G: dict[str, torch.Tensor], n_total: int, reduce_fn: Callable, first: int) -> dict[str, object]:

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import IGNORE_INDEX
+from .constants import IGNORE_INDEX
 from .errors import QloraGaError
 
 CHECK_POSITIONS = 4  # sequence positions the self-check compares (all rows of the first micro-batch)

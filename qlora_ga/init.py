@@ -1,4 +1,4 @@
-"""Step 3 of the pipeline: LoRA adapters started from the gradient's SVD (DESIGN section 3).
+"""Step 3 of the pipeline: LoRA adapters started from the gradient's SVD (docs/DESIGN.md section 3).
 
 Methods (G is a module's m x n mean gradient, ``G ~= U diag(S) V^T``):
 
@@ -34,15 +34,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .constants import DEFAULT_TARGETS, PEFT_PREFIX
 from .errors import QloraGaError
 from .gradient import Factors, svd_reducer
-from .model import DEFAULT_TARGETS, resolve_targets
+from .methods import GRADIENT_METHODS, METHOD_DEFAULTS, METHODS
+from .model import resolve_targets
 from .residual import attach_residual
-
-METHODS = ("lora-ga", "lora-ga-sign", "lora-ga-adam", "lora-ga-peft", "lora-one", "gaussian", "kaiming")
-GRADIENT_METHODS = ("lora-ga", "lora-ga-sign", "lora-ga-adam", "lora-ga-peft", "lora-one")
-DEFAULT_GAMMA = {"lora-ga": 16.0, "lora-ga-sign": 16.0, "lora-ga-adam": 16.0, "lora-ga-peft": 16.0, "lora-one": 128.0}
-PEFT_PREFIX = "base_model.model."
 
 
 def check_method(method: str):
@@ -138,7 +135,7 @@ def factor_reducer(method: str, rank: int, gamma: float | None = None, svd: str 
     base = svd_reducer(singular_vectors_needed(method, rank), svd, niter, svd_transform(method))
     if method != "lora-ga-adam":
         return base
-    gamma = DEFAULT_GAMMA[method] if gamma is None else gamma
+    gamma = METHOD_DEFAULTS[method]["gamma"] if gamma is None else gamma
 
     def reduce(name: str, G: torch.Tensor) -> StartFactors:
         t = time.perf_counter()
@@ -191,7 +188,7 @@ def init_adapters(
         raise QloraGaError(f"init '{method}' needs the gradient factors: run estimate_factors first")
     use_rslora = gradient_method if use_rslora is None else use_rslora
     residual = method.startswith("lora-ga") if residual is None else residual
-    gamma = DEFAULT_GAMMA.get(method) if gamma is None else gamma
+    gamma = METHOD_DEFAULTS[method]["gamma"] if gamma is None else gamma
     config = LoraConfig(
         r=rank, lora_alpha=alpha, lora_dropout=lora_dropout, target_modules=list(resolve_targets(model, target_modules)),
         use_rslora=use_rslora, bias="none", task_type="CAUSAL_LM", rank_pattern=dict(rank_pattern or {}),

@@ -69,10 +69,6 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
     return _parse_lines(p.read_text(encoding="utf-8"))
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    atomic_write(path, text)
-
-
 class MetricsLogger:
     """Append-only JSONL metrics file.
 
@@ -96,7 +92,7 @@ class MetricsLogger:
                 kept = [r for r in kept if not isinstance(r.get("step"), (int, float)) or r["step"] <= resume_step]
         if overwrite or resume_step is not None or self._has_torn_tail():
             # rewrite atomically (drops rows after the resume step and any torn line), then append
-            _atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+            atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         self.rows_kept = len(kept)
         self._f = open(self.path, "a", encoding="utf-8")
 

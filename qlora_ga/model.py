@@ -12,18 +12,15 @@ import hashlib
 import importlib.util
 import logging
 import os
-import shutil
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from .constants import ALL_LINEAR, DEFAULT_TARGETS
 from .errors import QloraGaError
+from .fileio import atomic_dir
 
-# Every linear inside the decoder blocks (PEFT's "all-linear" meaning, LM head excluded; MoE routers
-# excluded too): resolved per model by resolve_targets().
-ALL_LINEAR = "all-linear"
-DEFAULT_TARGETS = ALL_LINEAR
 ROUTER_NAMES = ("gate", "router", "shared_expert_gate")  # MoE routing linears: never adapted
 DEFAULT_MODEL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -135,11 +132,9 @@ def gguf_to_safetensors(gguf_path: str | os.PathLike) -> Path:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    os.replace(tmp, out) if not out.exists() else shutil.rmtree(tmp)
+    with atomic_dir(out, keep_existing=True) as tmp:  # another process may have converted it meanwhile
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
     return out
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import re
 
+from .constants import PEFT_PREFIX
 from .errors import QloraGaError
 
 # inits whose per-module step is not a plain SVD (sign(G)'s spectrum, or an optimised start at one rank)
@@ -80,7 +81,7 @@ def rank_pattern(ranks: dict[str, int], rank: int) -> dict[str, int]:
     return {n: r for n, r in sorted(ranks.items()) if r != rank}
 
 
-_LORA_A = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_A(?:\.[^.]+)?\.weight$")
+_LORA_A = re.compile(rf"^(?:{re.escape(PEFT_PREFIX)})?(?P<module>.+)\.lora_A(?:\.[^.]+)?\.weight$")
 
 
 def ranks_from_state_dict(sd: dict) -> dict[str, tuple[int, int, int]]:

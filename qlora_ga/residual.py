@@ -1,4 +1,4 @@
-"""The frozen low-rank residual that keeps the 4-bit base untouched (DESIGN section 4).
+"""The frozen low-rank residual that keeps the 4-bit base untouched (docs/DESIGN.md section 4).
 
 A LoRA-GA init starts the adapter at (B0, A0) != 0. Instead of re-quantizing W - s*B0*A0 into the
 4-bit weights (a second rounding error), every LoRA layer carries the frozen offset as two buffers,

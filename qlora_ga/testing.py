@@ -24,7 +24,7 @@ def make_tiny_tokenizer(corpus: list[str] | None = None, vocab_size: int = 384):
     from transformers import PreTrainedTokenizerFast
 
     if corpus is None:
-        from .data import make_arithmetic_examples
+        from .data.builtin import make_arithmetic_examples
 
         corpus = [e["question"] + " " + e["answer"] for e in make_arithmetic_examples(200, seed=0)]
     tok = Tokenizer(models.BPE())

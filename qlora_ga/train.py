@@ -1,4 +1,4 @@
-"""Step 4 of the pipeline: adapter training (DESIGN section 5), in one readable loop.
+"""Step 4 of the pipeline: adapter training (docs/DESIGN.md section 5), in one readable loop.
 
 bitsandbytes paged AdamW (32-bit default, 8-bit option; torch AdamW on CPU), LoRA-One's
 preconditioned AdamW as an option, gradient checkpointing, bf16/fp16 autocast on GPU, gradient
@@ -13,7 +13,6 @@ import json
 import math
 import os
 import random
-import shutil
 import time
 import warnings
 from dataclasses import dataclass
@@ -24,8 +23,10 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from . import distributed
-from .data import collate, count_label_tokens
+from .constants import ADAPTER_WEIGHTS, CHECKPOINT_RESIDUAL
+from .data.batch import collate, count_label_tokens
 from .errors import QloraGaError
+from .fileio import atomic_dir
 from .metrics import MetricsLogger
 from .residual import load_residual_state_dict, residual_state_dict
 
@@ -104,7 +105,7 @@ def build_prodigy(params, s: TrainSettings):
 
 
 def precondition_lora_grads(model, lam: float = 1e-6):
-    """LoRA-One's preconditioner (DESIGN §3): g_A <- (B^T B + lam I)^-1 g_A, g_B <- g_B (A A^T + lam I)^-1."""
+    """LoRA-One's preconditioner (docs/DESIGN.md section 5): g_A <- (B^T B + lam I)^-1 g_A, g_B <- g_B (A A^T + lam I)^-1."""
     from .init import lora_layers
 
     for layer in lora_layers(model).values():
@@ -213,43 +214,37 @@ def _set_rng_state(st):
 
 def save_checkpoint(model, optimizer, scheduler, step: int, out_dir: Path, extra: dict | None = None,
                     scaler=None) -> Path:
-    """Write ``checkpoints/step-N`` atomically (temp dir + rename): trainable weights, residual, optimizer,
+    """Write ``checkpoints/step-N`` atomically (:func:`~qlora_ga.fileio.atomic_dir`, fsynced): trainable weights, residual, optimizer,
     scheduler, RNG, and the fp16 loss scaler's state (scale and growth tracker) when it is in use.
 
     With several processes every one calls this: their RNG states are gathered (one list, by rank)
     and the main process writes; all return once the checkpoint is complete.
     """
-    from peft import get_peft_model_state_dict
-
     rngs = distributed.gather_objects(_rng_state())
     root = Path(out_dir) / CHECKPOINTS
     final = root / f"step-{step}"
     if not distributed.is_main():
         distributed.barrier()
         return final
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".tmp-step-{step}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file({k: v.detach().contiguous() for k, v in get_peft_model_state_dict(model).items()}, tmp / "adapter_model.safetensors")
+    with atomic_dir(final) as tmp:
+        _write_checkpoint(tmp, model, optimizer, scheduler, step, rngs, extra, scaler)
+    distributed.barrier()
+    return final
+
+
+def _write_checkpoint(tmp: Path, model, optimizer, scheduler, step: int, rngs: list, extra: dict | None, scaler) -> None:
+    from peft import get_peft_model_state_dict
+
+    save_file({k: v.detach().contiguous() for k, v in get_peft_model_state_dict(model).items()}, tmp / ADAPTER_WEIGHTS)
     res = residual_state_dict(model)
     if res:
-        save_file(res, tmp / "residual.safetensors")
+        save_file(res, tmp / CHECKPOINT_RESIDUAL)
     state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
              "rng": rngs[0] if len(rngs) == 1 else rngs}
     if scaler is not None and scaler.is_enabled():
         state["scaler"] = scaler.state_dict()
     torch.save(state, tmp / "state.pt")
     (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "world_size": len(rngs), **(extra or {})}, indent=1))
-    if final.exists():  # same step saved again (e.g. a resumed run): replace it only now that the new one is complete
-        old = root / f".old-step-{step}-{os.getpid()}"
-        final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(final)
-    distributed.barrier()
-    return final
 
 
 def find_checkpoint(out_dir: Path, resume: str) -> Path:
@@ -269,9 +264,9 @@ def load_checkpoint_weights(model, ckpt: Path):
     """Trainable LoRA weights and residual of a checkpoint into a freshly wrapped PEFT model."""
     from peft import set_peft_model_state_dict
 
-    set_peft_model_state_dict(model, load_file(ckpt / "adapter_model.safetensors"))
-    if (ckpt / "residual.safetensors").is_file():
-        load_residual_state_dict(model, load_file(ckpt / "residual.safetensors"))
+    set_peft_model_state_dict(model, load_file(ckpt / ADAPTER_WEIGHTS))
+    if (ckpt / CHECKPOINT_RESIDUAL).is_file():
+        load_residual_state_dict(model, load_file(ckpt / CHECKPOINT_RESIDUAL))
 
 
 # ------------------------------------------------------------------ loop
@@ -302,7 +297,7 @@ def evaluate_loss(model, examples: list[dict], batch_size: int, pad_token_id: in
     total, n = torch.zeros((), dtype=torch.float64, device=device), 0
     for i in range(distributed.rank() * batch_size, len(examples), batch_size * distributed.world()):
         b = collate(examples[i : i + batch_size], pad_token_id)
-        k = int((b["labels"][:, 1:] != -100).sum())  # on the host: no device sync per batch
+        k = count_label_tokens(b["labels"])  # on the host: no device sync per batch
         if k == 0:
             continue
         with _autocast(device, dtype):

@@ -62,8 +62,7 @@ DEFAULT_LRS = {
 
 def known_methods() -> dict[str, list[float]]:
     """DEFAULT_LRS plus any other init of the package, with a grid around its default lr (x0.4, x1, x2)."""
-    from qlora_ga.config import method_defaults
-    from qlora_ga.init import METHODS
+    from qlora_ga.methods import METHODS, method_defaults
 
     out = dict(DEFAULT_LRS)
     for m in METHODS:
@@ -115,7 +114,7 @@ def parse_args(argv=None):
     p.add_argument("--data-dir", default="../shared/data/gsm8k", help="folder with train.jsonl and test.jsonl (question/answer)")
     p.add_argument("--methods", default="gaussian,lora-ga,lora-one,lora-ga-bf16",
                    help="comma-separated: gaussian, kaiming, lora-ga, lora-ga-sign, lora-one, lora-ga-bf16 "
-                   "(LoRA-GA on the 16-bit base), or any other init of qlora_ga.init.METHODS")
+                   "(LoRA-GA on the 16-bit base), or any other init of qlora_ga.methods.METHODS")
     p.add_argument("--lrs", default=None, help='per-method grids, e.g. "gaussian=5e-4,1e-3;lora-ga=5e-5" (others: defaults '
                    + "; ".join(f"{k} {','.join(f'{v:g}' for v in vs)}" for k, vs in DEFAULT_LRS.items()) + ")")
     p.add_argument("--seeds", default="0", help="comma-separated training seeds")
@@ -207,12 +206,12 @@ class Recorder:
 
 def run_one(method: str, lr: float, seed: int, args, data, device, factor_cache: dict, rec: Recorder) -> None:
     """Train one (method, lr, seed); its step rows and its ``kind: "run"`` row go to ``rec``."""
-    from qlora_ga.config import method_defaults
+    from qlora_ga.methods import GRADIENT_METHODS, method_defaults
     from qlora_ga.data import sample_batch
     from qlora_ga.errors import QloraGaError
     from qlora_ga.gradient import PassReport, estimate_factors
     from qlora_ga import init as init_mod
-    from qlora_ga.init import GRADIENT_METHODS, init_adapters, singular_vectors_needed
+    from qlora_ga.init import init_adapters, singular_vectors_needed
     from qlora_ga.metrics import read_metrics
     from qlora_ga.model import load_model
     from qlora_ga.train import TrainSettings, evaluate_loss, train

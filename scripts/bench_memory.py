@@ -464,13 +464,14 @@ def random_batch(b: int, t: int, vocab: int, seed: int, device) -> dict:
 
 def fwd_bwd(model, batches: list[dict], device, dtype):
     """One gradient-checkpointed forward+backward over ``batches`` (token-weighted loss), no optimizer step."""
+    from qlora_ga.data import count_label_tokens
     from qlora_ga.train import _autocast
 
-    n_total = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+    n_total = sum(count_label_tokens(b["labels"]) for b in batches)
     model.train()
     for b in batches:
         b = {k: v.to(device) for k, v in b.items()}
-        k = int((b["labels"][:, 1:] != -100).sum())
+        k = count_label_tokens(b["labels"])
         with _autocast(device, dtype):
             loss = model(**b).loss * (k / n_total)
         loss.backward()
@@ -689,6 +690,7 @@ def phase_liger(rec: Recorder, factory: ModelFactory, args, device):
 
 def phase_reference(rec: Recorder, factory: ModelFactory, args, device):
     """Official-style LoRA-GA estimation: full-precision .grad on every target weight of a bf16 model."""
+    from qlora_ga.data import count_label_tokens
     from qlora_ga.gradient import make_micro_batches, truncated_svd
     from qlora_ga.model import target_linears
     from qlora_ga.train import _checkpointing
@@ -709,12 +711,12 @@ def phase_reference(rec: Recorder, factory: ModelFactory, args, device):
                 _checkpointing(model, True)
                 model.train()
             batches = make_micro_batches(random_examples(n, t, factory.vocab_size, args.seed), args.init_micro_batch, 0)
-            n_total = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+            n_total = sum(count_label_tokens(b["labels"]) for b in batches)
             k = 2 * args.rank
             with Meter(device) as m:
                 for b in batches:
                     b = {key: v.to(device) for key, v in b.items()}
-                    w = int((b["labels"][:, 1:] != -100).sum()) / n_total
+                    w = count_label_tokens(b["labels"]) / n_total
                     loss = model(**b).loss * w
                     loss.backward()  # .grad accumulates on every target weight
                     del loss

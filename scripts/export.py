@@ -6,7 +6,7 @@
         [--merge-base original|dequantized] [--base MODEL] [--max-shard-size 2GB]
     python scripts/export.py --adapter runs/x/adapter --out exported/gguf --gguf q8_0 [--llama-cpp DIR]
 
-See ``qlora_ga/export.py`` and ``qlora_ga/gguf.py`` for what each mode writes.
+See the ``qlora_ga/export/`` package (``adapter.py``, ``merge.py``, ``gguf.py``) for what each mode writes.
 """
 
 import sys
@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from qlora_ga.export import main  # noqa: E402
+from qlora_ga.export.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main(prog="export.py"))

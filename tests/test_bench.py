@@ -106,7 +106,8 @@ def test_bench_convergence_quick(tmp_path, tiny_model_dir):
     runs = [r for r in rows if r["kind"] == "run"]
     assert len(runs) == 2 and all(r["error"] is None and r["final_eval_loss"] > 0 for r in runs)
     assert png.is_file() and png.stat().st_size > 1000
-    assert not any((tmp_path / "work").iterdir()) if (tmp_path / "work").exists() else True
+    # each run trained in its own folder under --workdir, removed once its rows were read (no --keep-runs)
+    assert (tmp_path / "work").is_dir() and not any((tmp_path / "work").iterdir())
     # the pooled report reads the same file: one row per (method, lr), the run's own final held-out loss
     pooled_png = tmp_path / "pooled.png"
     rep = _run([str(ROOT / "scripts" / "bench_report.py"), str(out), "--plot", str(pooled_png), "--plot-best-only"], tmp_path)

@@ -1,6 +1,7 @@
 """Run settings: CLI and YAML parsing (HfArgumentParser), validation, method defaults, YAML round trip."""
 
 import dataclasses
+import re
 from pathlib import Path
 
 import pytest
@@ -8,8 +9,8 @@ import yaml
 
 from qlora_ga.config import (
     FORMATS,
-    INITS,
     METHOD_DEFAULTS,
+    METHODS,
     OPTIMS,
     FinetuneConfig,
     make_parser,
@@ -294,30 +295,49 @@ def test_valid_edge_cases():
     FinetuneConfig(eval_split="validation", device="cpu").validate()
     cfg = FinetuneConfig(eval_split="test")
     assert cfg.eval_split_name == "test" and cfg.eval_fraction is None
-    assert FinetuneConfig(warmup=0.1).warmup_steps(100) == 10
-    assert FinetuneConfig(warmup=5.0).warmup_steps(100) == 5
     assert FinetuneConfig(batch_size=2, grad_accum=8).effective_batch == 16
     assert FinetuneConfig(target_modules=" q_proj, v_proj ,").target_modules_list == ["q_proj", "v_proj"]
 
 
-def test_method_defaults_table():
-    assert set(INITS) == set(METHOD_DEFAULTS) == {"lora-ga", "lora-one", "gaussian", "kaiming", "lora-ga-sign", "lora-ga-adam",
-                                                  "lora-ga-peft"}
-    assert method_defaults("lora-ga") == dict(lr=5e-5, alpha=16.0, gamma=16.0, use_rslora=True)
-    one = method_defaults("lora-one")
-    assert one["lr"] == 5e-4 and one["alpha"] == 16 and one["gamma"] == 128
-    # the Adam-aware variants: lora-ga's scale, twice its lr (RESULTS.md section 5)
-    for variant in ("lora-ga-sign", "lora-ga-adam"):
-        assert method_defaults(variant) == dict(lr=1e-4, alpha=16.0, gamma=16.0, use_rslora=True)
-    for vanilla in ("gaussian", "kaiming"):
-        assert method_defaults(vanilla) == dict(lr=1e-3, alpha=16.0, gamma=None, use_rslora=False)
+def test_the_steps_settings_come_from_the_run_settings_by_name():
+    from qlora_ga.data import DataConfig
+    from qlora_ga.train import TrainSettings
+
+    cfg = resolved(FinetuneConfig(**NON_DEFAULT))
+    # every step setting that FinetuneConfig has under the same name is taken from it; the rest are the known derived
+    # ones or left at the step's own default (not options of finetune.py)
+    for settings, derived, own in ((cfg.train_settings(), {"gradient_checkpointing": False}, {"precond_lambda", "num_workers"}),
+                                   (cfg.data_config(), {"eval_split": "test"}, {"split", "max_examples", "use_chat_template"})):
+        names = {f.name for f in dataclasses.fields(settings)}
+        shared = names & {f.name for f in FIELDS}
+        assert names == shared | set(derived) | own
+        assert {n: getattr(settings, n) for n in shared - set(derived)} == {n: getattr(cfg, n) for n in shared - set(derived)}
+        assert {n: getattr(settings, n) for n in derived} == derived
+        default = type(settings)()
+        assert all(getattr(settings, n) == getattr(default, n) for n in own)
+    assert isinstance(cfg.train_settings(), TrainSettings) and isinstance(cfg.data_config(), DataConfig)
+    assert FinetuneConfig(eval_split="0.05").data_config().eval_split == 0.05
+    assert FinetuneConfig().train_settings().gradient_checkpointing is True
+
+
+def test_method_defaults_are_the_documented_ones():
+    # the README and --help state every method's default lr: they must say what the table holds
+    readme = " ".join((REPO / "README.md").read_text().split())
+    stated = re.search(r"Per-method learning-rate defaults \(.*?\): (.*?) \(`--lr` overrides\)", readme).group(1)
+    lrs = {m: float(lr) for part in stated.split(", ") for names, lr in [part.rsplit(" ", 1)] for m in names.split("/")}
+    assert lrs == {m: d["lr"] for m, d in METHOD_DEFAULTS.items()}
+    assert stated in next(f.metadata["help"] for f in FIELDS if f.name == "lr")  # what --help prints for --lr
+    # the gradient inits (and only they) run the gradient pass and use rsLoRA scaling; vanilla LoRA has no gamma
+    for m in METHODS:
+        d, cfg = method_defaults(m), FinetuneConfig(init=m)
+        assert cfg.is_gradient_init == (d["gamma"] is not None) == cfg.use_rslora == (m not in ("gaussian", "kaiming"))
     method_defaults("lora-ga")["lr"] = 1.0  # a copy: the table is not changed
-    assert METHOD_DEFAULTS["lora-ga"]["lr"] == 5e-5
-    with pytest.raises(QloraGaError):
-        method_defaults("nope")
+    assert METHOD_DEFAULTS["lora-ga"]["lr"] == lrs["lora-ga"]
+    with pytest.raises(QloraGaError, match=r"did you mean 'lora-one'"):
+        method_defaults("lora-onw")
 
 
-@pytest.mark.parametrize("init", INITS)
+@pytest.mark.parametrize("init", METHODS)
 def test_resolved_fills_method_defaults(init):
     d = method_defaults(init)
     cfg = resolved(parse_config(["--init", init]))
@@ -333,7 +353,7 @@ def test_resolved_fills_method_defaults(init):
 def test_shipped_configs_parse(path):
     cfg = resolved(parse_config(["--config", str(path)]))
     cfg.validate()
-    assert cfg.lr > 0 and cfg.init in INITS and cfg.optim in OPTIMS and cfg.format in FORMATS
+    assert cfg.lr > 0 and cfg.init in METHODS and cfg.optim in OPTIMS and cfg.format in FORMATS
 
 
 def test_shipped_configs_content():

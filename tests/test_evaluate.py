@@ -125,10 +125,14 @@ def test_real_run_on_tiny_model(tiny_model_dir, data_file, tmp_path):
     assert rc == 0
     report = json.loads(out.read_text())
     assert report["n"] == 3 and len(report["predictions"]) == 3 and report["quantized"] is True
-    assert 0 <= report["exact_match"] <= 3 and math.isfinite(report["loss"])
-    for p in report["predictions"]:
+    assert math.isfinite(report["loss"])
+    for i, p in enumerate(report["predictions"]):
         assert set(p) == {"index", "question", "gold", "prediction", "correct", "output"}
-        assert isinstance(p["output"], str)
+        # each prediction is the answer read from its own output, judged against the example's gold answer
+        assert (p["index"], p["question"], p["gold"]) == (i, EXAMPLES[i]["question"], ev.extract_answer(EXAMPLES[i]["answer"]))
+        assert p["prediction"] == ev.extract_answer(p["output"]) and p["correct"] == ev.answers_match(p["prediction"], p["gold"])
+    assert report["exact_match"] == sum(p["correct"] for p in report["predictions"])
+    assert report["exact_match_rate"] == pytest.approx(report["exact_match"] / 3)
 
 
 def test_left_padded_generation_matches_unbatched(tiny_model_dir):

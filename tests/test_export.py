@@ -9,11 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from qlora_ga import export
 from qlora_ga.errors import QloraGaError
+from qlora_ga.export import adapter as export_adapter
+from qlora_ga.export import base as export_base
 from qlora_ga.model import load_model, resolve_targets
 from qlora_ga.residual import attach_residual, iter_residuals, residual_state_dict
 
@@ -75,9 +78,9 @@ def trained(tiny_model_dir, tmp_path_factory):
     assert (res_logits - plain_logits).abs().max() > 1e-2  # the residual really changes the function
     export.save_adapter(pm, root / "res")
     ref = {}  # module -> (A, B, A0 or None, B0 or None, s), for the tensor-by-tensor merge check
-    res = {export._module_key(n): (a0, b0) for n, _, a0, b0 in iter_residuals(pm)}
+    res = {export_adapter.module_key(n): (a0, b0) for n, _, a0, b0 in iter_residuals(pm)}
     for name, layer in _lora_layers(pm).items():
-        key = export._module_key(name)
+        key = export_adapter.module_key(name)
         a0, b0 = res.get(key, (None, None))
         ref[key] = (layer.lora_A["default"].weight.detach().clone(), layer.lora_B["default"].weight.detach().clone(),
                     a0, b0, layer.scaling["default"])
@@ -150,7 +153,7 @@ def test_save_adapter_is_atomic(trained, tmp_path, monkeypatch):
     def boom(*a, **k):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(export, "_save_safetensors", boom)
+    monkeypatch.setattr(export_adapter, "save_safetensors", boom)
     with pytest.raises(RuntimeError):
         export.save_adapter(trained["pm"], out)
     assert (out / "keep.txt").read_text() == "old"
@@ -212,7 +215,7 @@ def test_merge_streams_one_shard_at_a_time(trained, tiny_sharded_model_dir, tmp_
     from transformers import AutoModelForCausalLM
 
     live = {"bytes": 0, "peak": 0, "reads": 0}
-    real = export._read_tensor
+    real = export_base._read_tensor
 
     def _release(n):
         live["bytes"] -= n
@@ -226,7 +229,7 @@ def test_merge_streams_one_shard_at_a_time(trained, tiny_sharded_model_dir, tmp_
         weakref.finalize(t, _release, n)
         return t
 
-    monkeypatch.setattr(export, "_read_tensor", tracked)
+    monkeypatch.setattr(export_base, "_read_tensor", tracked)
     in_shards = list(tiny_sharded_model_dir.glob("model-*.safetensors"))
     assert len(in_shards) > 2
     out = tmp_path / "merged"
@@ -242,6 +245,14 @@ def test_merge_streams_one_shard_at_a_time(trained, tiny_sharded_model_dir, tmp_
     assert live["peak"] <= largest_shard + stats.largest_tensor_bytes
     assert live["peak"] < stats.total_bytes / 2
     assert stats.peak_bytes <= export.parse_size("60KB") + 3 * stats.largest_tensor_bytes
+    # the shard layout is huggingface_hub's (save_pretrained's) for the merged tensors in reading order,
+    # though the merge planned it from the header sizes before reading any tensor
+    merged = {}
+    for p in out_shards:
+        merged.update(load_file(str(p)))
+    order = [k for p in sorted(in_shards) for k in sorted(safe_open(str(p), "pt").keys())]
+    want = split_torch_state_dict_into_shards({k: merged[k] for k in order}, max_shard_size=export.parse_size("60KB"))
+    assert index["weight_map"] == want.tensor_to_filename and index["metadata"] == want.metadata
     model = AutoModelForCausalLM.from_pretrained(str(out))
     assert model.config.num_hidden_layers == 3
 
@@ -293,3 +304,15 @@ def test_export_script_bad_adapter_exits_2_with_one_line(tmp_path):
     lines = [line for line in proc.stderr.splitlines() if line.strip() and "kernels" not in line]
     assert len(lines) == 1 and "does not exist" in lines[0] and "Traceback" not in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_base_tensor_dtypes_come_from_the_shard_headers(tmp_path):
+    """Every dtype a checkpoint can hold is read from the header as the tensor's own torch dtype (no data read)."""
+    from safetensors.torch import save_file
+
+    from qlora_ga.export.base import HEADER_DTYPES, base_tensors
+
+    tensors = {f"t{i}": torch.zeros(2, 3, dtype=dt) for i, dt in enumerate(HEADER_DTYPES.values())}
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    found = base_tensors(tmp_path)
+    assert {k: (v.dtype, list(v.shape)) for k, v in found.items()} == {k: (t.dtype, [2, 3]) for k, t in tensors.items()}

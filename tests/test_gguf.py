@@ -8,18 +8,16 @@ import io
 import json
 import os
 import shutil
-import sys
 import tarfile
 from pathlib import Path
 
 import pytest
 import torch
 
-from qlora_ga import gguf
 from qlora_ga.cli import main as finetune_main
 from qlora_ga.errors import QloraGaError
+from qlora_ga.export import gguf, modelfile, save_adapter
 from qlora_ga.export import main as export_main
-from qlora_ga.export import save_adapter
 from qlora_ga.model import default_model_path, load_model, resolve_model_source, resolve_targets
 from qlora_ga.testing import CHAT_TEMPLATE, make_tiny_tokenizer
 
@@ -327,33 +325,33 @@ def _with_template(tok, template):
 
 
 def test_chatml_template(tok):
-    chat = gguf.ollama_chat(tok, eos_token_ids=[tok.convert_tokens_to_ids("<|endoftext|>")])
+    chat = modelfile.ollama_chat(tok, eos_token_ids=[tok.convert_tokens_to_ids("<|endoftext|>")])
     assert (chat.format, chat.system) == ("chatml", None)
     assert chat.stops == ["<|im_end|>", "<|endoftext|>"]
-    text = gguf.modelfile_text("model-q8_0.gguf", chat)
+    text = modelfile.modelfile_text("model-q8_0.gguf", chat)
     assert "SYSTEM" not in text and 'PARAMETER stop "<|endoftext|>"' in text and "FROM ./model-q8_0.gguf" in text
 
 
 def test_chatml_with_a_default_system_prompt(tok):
-    chat = gguf.ollama_chat(_with_template(tok, SMOL_TEMPLATE))
+    chat = modelfile.ollama_chat(_with_template(tok, SMOL_TEMPLATE))
     assert (chat.format, chat.system) == ("chatml", "You are a helpful AI assistant")
 
 
 def test_llama3_template_bos_left_to_llama_cpp():
     t = _with_template(make_tiny_tokenizer(), LLAMA3_TEMPLATE)  # a fresh one: special tokens get added
     t.add_special_tokens({"additional_special_tokens": ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]})
-    chat = gguf.ollama_chat(t, eos_token_ids=t.convert_tokens_to_ids("<|eot_id|>"))
+    chat = modelfile.ollama_chat(t, eos_token_ids=t.convert_tokens_to_ids("<|eot_id|>"))
     assert chat.format == "llama3" and chat.system is None
     assert chat.stops == ["<|eot_id|>", "<|im_end|>"]
     assert t.bos_token not in chat.template
     assert 'TEMPLATE """{{- range .Messages }}<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n{{ .Content }}<|eot_id|>{{ end }}' \
-        in gguf.modelfile_text("m.gguf", chat)
+        in modelfile.modelfile_text("m.gguf", chat)
 
 
 @pytest.mark.parametrize("template", [ALPACA_TEMPLATE, NO_SYSTEM_TEMPLATE, None])
 def test_unknown_or_missing_template_gets_a_warning_not_a_wrong_template(tok, template):
-    chat = gguf.ollama_chat(_with_template(tok, template))
-    text = gguf.modelfile_text("m.gguf", chat)
+    chat = modelfile.ollama_chat(_with_template(tok, template))
+    text = modelfile.modelfile_text("m.gguf", chat)
     assert chat.format is None and not any(ln.startswith(("TEMPLATE", "SYSTEM")) for ln in text.splitlines())
     assert "# WARNING: no TEMPLATE" in text and 'PARAMETER stop "<|im_end|>"' in text
     assert ("no chat template" in text) == (template is None)
@@ -377,9 +375,7 @@ def test_disk_full_in_the_merge_is_one_line(tiny_adapter, tmp_path, capsys, monk
         (Path(out) / "model.safetensors").write_bytes(b"partial")
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    import qlora_ga.export as export_module
-
-    monkeypatch.setattr(export_module, "merge_export", full)  # gguf_export imports it from there when it runs
+    monkeypatch.setattr(gguf, "merge_export", full)
     code, cap = _export(capsys, "--adapter", tiny_adapter, "--out", tmp_path / "out", "--gguf", "f16", "--llama-cpp", conv)
     assert code == 2 and f"no space left on the device of {tmp_path}: free some space" in _one_error_line(cap.err)
     assert not (tmp_path / "out").exists() and _leftovers(tmp_path) == []

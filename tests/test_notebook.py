@@ -100,7 +100,9 @@ def test_notebook_runs_top_to_bottom_with_a_tiny_model(tmp_path, monkeypatch):
     assert any((out / "merged").glob("*.safetensors"))
     report = json.loads((out / "eval_report.json").read_text())
     assert report["n"] == 3 and report["max_new_tokens"] == 8
-    assert 0.0 <= report["exact_match_rate"] <= 1.0 and isinstance(report["exact_match"], int)
+    assert len(report["predictions"]) == 3 and report["exact_match"] == sum(p["correct"] for p in report["predictions"])
+    assert report["exact_match_rate"] == report["exact_match"] / 3
+    assert f"exact match: {report['exact_match']}/3 = " in text  # what the notebook printed is what it wrote
     assert report["adapter"] == str(out / "adapter") and report["model"] == str(model_dir)
     assert (out / "merged.zip").is_file()
 

@@ -7,7 +7,7 @@ from qlora_ga import estimate_factors, init_adapters, load_model
 from qlora_ga.data import collate
 from qlora_ga.export import merge_export, save_adapter
 from qlora_ga.init import lora_layers
-from qlora_ga.train import TrainSettings, micro_batches_for_step, precondition_lora_grads
+from qlora_ga.train import TrainSettings, micro_batches_for_step, precondition_lora_grads, warmup_steps
 
 
 def _examples(tok, n=12, seed=0):
@@ -76,6 +76,12 @@ def test_prodigy_without_its_package_is_a_one_line_error(monkeypatch):
     model = torch.nn.Linear(2, 2)
     with pytest.raises(QloraGaError, match=r"--optim prodigy needs the prodigyopt package: pip install prodigyopt"):
         build_optimizer(model, TrainSettings(optim="prodigy", lr=1.0), torch.device("cpu"))
+
+
+def test_warmup_is_a_fraction_of_the_steps_or_a_step_count():
+    # what the scheduler gets: --warmup < 1 is a fraction of the run's steps (rounded), else a number of steps
+    assert warmup_steps(100, 0.1) == 10 and warmup_steps(24, 0.03) == 1 and warmup_steps(10, 0.0) == 0
+    assert warmup_steps(100, 5.0) == 5 and warmup_steps(3, 5.0) == 5
 
 
 def test_data_order_is_a_pure_function_of_seed_and_step():

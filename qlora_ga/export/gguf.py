@@ -1,8 +1,8 @@
-"""GGUF export for llama.cpp, Ollama and LM Studio (DESIGN section 6), through llama.cpp's own converter.
+"""GGUF export for llama.cpp, Ollama and LM Studio (docs/DESIGN.md section 6), through llama.cpp's own converter.
 
 ``gguf_export(adapter_dir, out_dir, "q8_0")``:
 
-1. merge the adapter into its base with the streaming merge of ``qlora_ga/export.py`` (fp16 by
+1. merge the adapter into its base with the streaming merge of ``export/merge.py`` (fp16 by
    default, bf16 for ``--gguf bf16``), into a temporary folder next to ``out_dir``;
 2. run llama.cpp's ``convert_hf_to_gguf.py`` on it as a program (``sys.executable``, its own
    ``conversion/`` package and ``gguf-py``), ``--outtype f16|bf16|q8_0``. Nothing of the converter is
@@ -10,7 +10,7 @@
 3. ``q4_k_m``: convert to f16, then quantize with llama.cpp's quantizer through ``llama-cpp-python``
    (``llama_cpp.llama_model_quantize``), run in a child process; without that package: a one-line
    error saying what to install;
-4. write an Ollama ``Modelfile`` next to the GGUF (:func:`modelfile_text`) and ``qlora_ga.json``
+4. write an Ollama ``Modelfile`` next to the GGUF (``export/modelfile.py``) and ``qlora_ga.json``
    (what was exported from what, with which converter); drop the merged folder (``merged_dir``:
    convert a merged folder that already exists instead, e.g. ``finetune.py --export-merged``'s); rename the
    temporary folder to ``out_dir``. ``out_dir`` then holds ``model-<type>.gguf``, ``Modelfile``
@@ -22,13 +22,6 @@ Where the converter comes from: ``llama_cpp`` (``--llama-cpp DIR``), a llama.cpp
 files are extracted into ``$QLORA_GA_CACHE/llama.cpp/`` (atomically: a temp folder renamed when
 complete). The converter needs ``sentencepiece`` for the Llama family (a dependency of this
 package), ``numpy``, ``torch`` and ``transformers`` (already here) and its own ``gguf-py``.
-
-The Modelfile's ``TEMPLATE`` is Ollama's Go-template form of the tokenizer's Jinja chat template,
-written only when the Jinja template is recognised as one of the layouts in :data:`CHAT_FORMATS`
-(ChatML, Llama-3): the tokenizer's own template is rendered on probe conversations and must
-produce exactly what the layout produces (a default system prompt the template inserts becomes
-``SYSTEM``). Any other template gets no ``TEMPLATE`` line and a warning comment instead of a wrong
-one. ``PARAMETER stop`` lists the layout's end-of-turn marker and the model's end-of-sequence tokens.
 """
 
 from __future__ import annotations
@@ -49,8 +42,13 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import GGUF_TYPES
-from .errors import QloraGaError
+from ..config import GGUF_TYPES
+from ..errors import QloraGaError
+from ..fileio import atomic_dir
+from .adapter import load_adapter_dir
+from .files import METADATA_FILE, read_metadata
+from .merge import merge_export, resolve_base_folder
+from .modelfile import model_chat, modelfile_text
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +92,7 @@ def check_quantizer(gguf_type: str) -> None:
 
 
 def converter_cache_dir() -> Path:
-    from .model import cache_dir
+    from ..model import cache_dir
 
     return cache_dir() / "llama.cpp" / f"llama-cpp-python-{LLAMA_CPP_PYTHON_VERSION}"
 
@@ -152,11 +150,12 @@ def fetch_converter(dest: Path | None = None) -> Path:
     hint = "pass a llama.cpp checkout with --llama-cpp DIR"
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+        download = tempfile.TemporaryDirectory(prefix=f".{dest.name}.download-", dir=dest.parent)
     except OSError as e:
         raise QloraGaError(f"cannot fetch {what}: cannot write the cache folder {dest.parent} ({e.strerror or e}): {hint}") from None
-    try:
-        sdist = tmp / "sdist.tar.gz"
+    # keep_existing: another process may have fetched it meanwhile
+    with download as scratch, atomic_dir(dest, keep_existing=True) as conv:
+        sdist = Path(scratch) / "sdist.tar.gz"
         print(f"fetching {what} into {dest} (once)", flush=True)
         try:
             digest = _download(SDIST_URL, sdist)
@@ -165,8 +164,6 @@ def fetch_converter(dest: Path | None = None) -> Path:
             raise QloraGaError(f"cannot fetch {what}: {reason}: {hint}") from None
         if digest != SDIST_SHA256:
             raise QloraGaError(f"cannot fetch {what}: sha256 {digest[:16]}... is not the pinned {SDIST_SHA256[:16]}...: {hint}")
-        conv = tmp / "llama.cpp"
-        conv.mkdir()
         try:
             _extract_converter(sdist, conv)
         except (tarfile.TarError, EOFError) as e:
@@ -174,13 +171,6 @@ def fetch_converter(dest: Path | None = None) -> Path:
         (conv / SOURCE_FILE).write_text(json.dumps(
             {"package": "llama-cpp-python", "version": LLAMA_CPP_PYTHON_VERSION, "url": SDIST_URL, "sha256": SDIST_SHA256},
             indent=1))
-        try:
-            os.replace(conv, dest)
-        except OSError:
-            if not (dest / CONVERTER).is_file():  # another process finished first: use its copy
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return dest
 
 
@@ -250,154 +240,6 @@ def _raise_if_no_space(text: str) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
 
-# ----------------------------------------------------------------------------- Ollama Modelfile
-
-
-@dataclass(frozen=True)
-class ChatFormat:
-    """A chat layout: ``turn`` is one message with ``{role}``/``{content}``, ``generation`` opens the assistant's reply."""
-
-    name: str
-    turn: str
-    generation: str
-    stop: str
-    go_template: str  # the same layout in Ollama's Go template syntax
-
-    def render(self, messages: list[dict]) -> str:
-        return "".join(self.turn.format(role=m["role"], content=m["content"]) for m in messages) + self.generation
-
-
-CHAT_FORMATS = (
-    ChatFormat(
-        "chatml", "<|im_start|>{role}\n{content}<|im_end|>\n", "<|im_start|>assistant\n", "<|im_end|>",
-        "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n",
-    ),
-    ChatFormat(
-        "llama3", "<|start_header_id|>{role}<|end_header_id|>\n\n{content}<|eot_id|>",
-        "<|start_header_id|>assistant<|end_header_id|>\n\n", "<|eot_id|>",
-        "{{- range .Messages }}<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n{{ .Content }}<|eot_id|>{{ end }}"
-        "<|start_header_id|>assistant<|end_header_id|>\n\n",
-    ),
-)
-
-_PROBE = [
-    {"role": "user", "content": "What is 12 + 30?"},
-    {"role": "assistant", "content": "12 + 30 = 42."},
-    {"role": "user", "content": "And 42 - 2?"},
-]
-_PROBE_SYSTEM = [{"role": "system", "content": "You answer in one line."}] + _PROBE
-
-
-@dataclass
-class OllamaChat:
-    """What the Modelfile says about chatting: a recognised layout (or None), a default system prompt, stop strings."""
-
-    format: str | None
-    template: str | None
-    system: str | None
-    stops: list[str]
-    note: str | None = None  # why no TEMPLATE was written
-
-
-def _render(tokenizer, messages) -> str | None:
-    try:
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    except Exception:  # noqa: BLE001 - a template may raise on any probe (e.g. 'system role not supported')
-        return None
-    return text if isinstance(text, str) else None
-
-
-def _variants(text: str | None, bos: str | None) -> list[str]:
-    """``text`` and, when it starts with the BOS token, ``text`` without it: llama.cpp adds BOS itself when the
-    GGUF says so, and Ollama templates leave it out."""
-    if text is None:
-        return []
-    return [text] + ([text[len(bos):]] if bos and text.startswith(bos) else [])
-
-
-def _default_system(fmt: ChatFormat, rendered: str) -> str | None:
-    """The system prompt a template inserts on its own when the conversation has none."""
-    pre, post = fmt.turn.split("{content}")
-    pre = pre.format(role="system")
-    if not rendered.startswith(pre) or post not in rendered[len(pre):]:
-        return None
-    return rendered[len(pre):].split(post, 1)[0]
-
-
-def ollama_chat(tokenizer, eos_token_ids=None) -> OllamaChat:
-    """Recognise the tokenizer's chat template as one of :data:`CHAT_FORMATS` by rendering probe conversations.
-
-    ``eos_token_ids``: the generation config's ``eos_token_id`` (an id or a list), stop tokens too.
-    """
-    stops = _eos_strings(tokenizer, eos_token_ids)
-    if not getattr(tokenizer, "chat_template", None):
-        return OllamaChat(None, None, None, stops, "the tokenizer has no chat template (a plain completion model)")
-    bos = tokenizer.bos_token
-    with_system = _variants(_render(tokenizer, _PROBE_SYSTEM), bos)
-    without = _variants(_render(tokenizer, _PROBE), bos)
-    for fmt in CHAT_FORMATS:
-        if fmt.render(_PROBE_SYSTEM) not in with_system:
-            continue
-        system = None
-        if fmt.render(_PROBE) not in without:
-            found = [d for d in (_default_system(fmt, w) for w in without) if d is not None
-                     and fmt.render([{"role": "system", "content": d}] + _PROBE) in without]
-            if not found:
-                continue
-            system = found[0]
-        if system and '"""' in system:
-            continue
-        return OllamaChat(fmt.name, fmt.go_template, system, _dedupe([fmt.stop] + stops))
-    return OllamaChat(
-        None, None, None, stops,
-        "the tokenizer's chat template is not one qlora-ga translates to Ollama's Go template syntax "
-        f"({', '.join(f.name for f in CHAT_FORMATS)})",
-    )
-
-
-def _dedupe(items):
-    return list(dict.fromkeys(i for i in items if i))
-
-
-def _eos_strings(tokenizer, eos_token_ids=None) -> list[str]:
-    ids = [] if eos_token_ids is None else [eos_token_ids] if isinstance(eos_token_ids, int) else list(eos_token_ids)
-    tokens = [tokenizer.eos_token] + [tokenizer.convert_ids_to_tokens(int(i)) for i in ids]
-    return _dedupe(tokens)
-
-
-def _quote(s: str) -> str:
-    return json.dumps(s, ensure_ascii=False)
-
-
-def modelfile_text(gguf_name: str, chat: OllamaChat) -> str:
-    """An Ollama Modelfile: FROM the GGUF beside it, TEMPLATE/SYSTEM when the chat layout is known, PARAMETER stop."""
-    lines = [
-        f"# Ollama Modelfile written by qlora-ga for {gguf_name}.",
-        "#   ollama create my-model -f Modelfile && ollama run my-model",
-        f"FROM ./{gguf_name}",
-    ]
-    if chat.template is not None:
-        lines.append(f"# chat template: {chat.format} layout, checked against the tokenizer's Jinja template")
-        lines.append(f'TEMPLATE """{chat.template}"""')
-        if chat.system:
-            lines.append(f'SYSTEM """{chat.system}"""')
-    else:
-        lines.append(f"# WARNING: no TEMPLATE: {chat.note}. Ollama then uses the chat template stored in the GGUF if it")
-        lines.append("# recognises it; otherwise add a TEMPLATE by hand (Ollama docs: docs/template.md).")
-    lines += [f"PARAMETER stop {_quote(s)}" for s in chat.stops]
-    return "\n".join(lines) + "\n"
-
-
-def model_chat(model_dir: Path) -> OllamaChat:
-    """:func:`ollama_chat` of a saved model folder (its tokenizer and generation config)."""
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(model_dir))
-    gen = Path(model_dir) / "generation_config.json"
-    eos = json.loads(gen.read_text()).get("eos_token_id") if gen.is_file() else None
-    return ollama_chat(tok, eos)
-
-
 # ----------------------------------------------------------------------------- the export
 
 
@@ -409,10 +251,6 @@ class GgufStats:
     bytes: int
     chat_format: str | None
     converter: dict
-
-
-def _tree_bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
 def check_disk_space(weights_folder: Path, out_dir: Path, gguf_type: str, merging: bool = True) -> None:
@@ -443,21 +281,43 @@ def gguf_export(
     """Merge the adapter, convert with llama.cpp's converter (and quantizer), write the GGUF + Modelfile into ``out_dir``.
 
     ``dtype``: dtype of the intermediate merged model (default fp16; bf16 for ``gguf_type='bf16'``).
-    ``merged_dir``: a merged model folder already written by :func:`~qlora_ga.export.merge_export` (e.g. by
+    ``merged_dir``: a merged model folder already written by :func:`~qlora_ga.export.merge.merge_export` (e.g. by
     ``finetune.py --export-merged``) to convert instead of merging again (``base``, ``merge_base``, ``dtype``
     and ``max_shard_size`` then do not apply).
     Everything happens in a temporary folder next to ``out_dir``, renamed into place at the end.
     """
-    from .export import _AtomicDir, _load_adapter_dir, merge_export, resolve_base_folder
-
     check_type(gguf_type)
     check_quantizer(gguf_type)
     conv = find_converter(llama_cpp)
     out = Path(out_dir).expanduser().absolute()
-    outtype, merged_dtype = OUTTYPES[gguf_type]
+    _check_folders(adapter_dir, out, gguf_type, base, merged_dir)
+    name = f"model-{gguf_type}.gguf"
+    try:
+        with atomic_dir(out) as tmp:
+            if merged_dir is None:
+                merged = tmp / "merged"
+                merge_export(adapter_dir, merged, base=base, dtype=dtype or OUTTYPES[gguf_type][1], merge_base=merge_base,
+                             max_shard_size=max_shard_size)
+            else:
+                merged = Path(merged_dir).expanduser().absolute()
+            _convert(conv, merged, tmp / name, gguf_type)
+            chat = model_chat(merged)
+            (tmp / "Modelfile").write_text(modelfile_text(name, chat), encoding="utf-8")
+            _write_record(tmp, merged, adapter_dir, gguf_type, name, converter_source(conv), chat.format)
+            if merged_dir is None:
+                shutil.rmtree(merged)
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise QloraGaError(f"no space left on the device of {out.parent}: free some space or choose another --out") from None
+        raise
+    return GgufStats(str(out), str(out / name), gguf_type, (out / name).stat().st_size, chat.format, converter_source(conv))
+
+
+def _check_folders(adapter_dir, out: Path, gguf_type: str, base, merged_dir) -> None:
+    """Refuse before anything is written: a bad adapter or merged folder, too little disk, an ``out`` over an input."""
     keep = [Path(adapter_dir).expanduser().absolute()]
     if merged_dir is None:
-        config, _, meta = _load_adapter_dir(adapter_dir)  # a bad adapter folder is reported before anything is written
+        config, _, meta = load_adapter_dir(adapter_dir)
         base_name = base or (meta or {}).get("base_model") or config.base_model_name_or_path
         if base_name:
             keep.append(resolve_base_folder(str(base_name)).absolute())
@@ -469,42 +329,32 @@ def gguf_export(
         check_disk_space(keep[-1], out, gguf_type, merging=False)
     if any(k == out or out in k.parents for k in keep):
         raise QloraGaError(f"--out '{out}' would replace the adapter or model folder: choose another --out")
-    name = f"model-{gguf_type}.gguf"
-    try:
-        with _AtomicDir(out) as tmp:
-            if merged_dir is None:
-                merged = tmp / "merged"
-                merge_export(adapter_dir, merged, base=base, dtype=dtype or merged_dtype, merge_base=merge_base,
-                             max_shard_size=max_shard_size)
-            else:
-                merged = keep[-1]
-            if gguf_type in QUANTIZED_BY_LLAMA_CPP:
-                f16 = tmp / f"model-{outtype}.gguf"
-                run_converter(conv, merged, f16, outtype)
-                run_quantizer(f16, tmp / name, gguf_type)
-                f16.unlink()
-            else:
-                run_converter(conv, merged, tmp / name, outtype)
-            chat = model_chat(merged)
-            (tmp / "Modelfile").write_text(modelfile_text(name, chat), encoding="utf-8")
-            merged_meta = json.loads((merged / "qlora_ga.json").read_text()) if (merged / "qlora_ga.json").is_file() else {}
-            (tmp / "qlora_ga.json").write_text(json.dumps({
-                "format": "qlora-ga-gguf", "gguf_type": gguf_type, "gguf_file": name,
-                "merged_dtype": merged_meta.get("dtype"), "merge_base": merged_meta.get("merge_base"),
-                "adapter": str(adapter_dir), "base_model": merged_meta.get("base_model"),
-                "converter": converter_source(conv), "chat_format": chat.format,
-            }, indent=1), encoding="utf-8")
-            if merged_dir is None:
-                shutil.rmtree(merged)
-    except OSError as e:
-        if e.errno == errno.ENOSPC:
-            raise QloraGaError(f"no space left on the device of {out.parent}: free some space or choose another --out") from None
-        raise
-    return GgufStats(str(out), str(out / name), gguf_type, (out / name).stat().st_size, chat.format, converter_source(conv))
+
+
+def _convert(conv: Path, merged: Path, gguf_file: Path, gguf_type: str) -> None:
+    """The converter straight to ``gguf_type``, or to f16 and then llama.cpp's quantizer (q4_k_m)."""
+    outtype = OUTTYPES[gguf_type][0]
+    if gguf_type not in QUANTIZED_BY_LLAMA_CPP:
+        run_converter(conv, merged, gguf_file, outtype)
+        return
+    f16 = gguf_file.with_name(f"model-{outtype}.gguf")
+    run_converter(conv, merged, f16, outtype)
+    run_quantizer(f16, gguf_file, gguf_type)
+    f16.unlink()
+
+
+def _write_record(tmp: Path, merged: Path, adapter_dir, gguf_type: str, name: str, converter: dict, chat_format) -> None:
+    """The export's ``qlora_ga.json``: what was exported from what, with which converter."""
+    merged_meta = read_metadata(merged) or {}
+    (tmp / METADATA_FILE).write_text(json.dumps({
+        "format": "qlora-ga-gguf", "gguf_type": gguf_type, "gguf_file": name,
+        "merged_dtype": merged_meta.get("dtype"), "merge_base": merged_meta.get("merge_base"),
+        "adapter": str(adapter_dir), "base_model": merged_meta.get("base_model"),
+        "converter": converter, "chat_format": chat_format,
+    }, indent=1), encoding="utf-8")
 
 
 __all__ = [
-    "GGUF_TYPES", "LLAMA_CPP_PYTHON_VERSION", "SDIST_URL", "SDIST_SHA256", "ChatFormat", "CHAT_FORMATS", "OllamaChat",
-    "check_type", "check_quantizer", "find_converter", "fetch_converter", "run_converter", "run_quantizer",
-    "ollama_chat", "model_chat", "modelfile_text", "gguf_export", "GgufStats",
+    "GGUF_TYPES", "LLAMA_CPP_PYTHON_VERSION", "SDIST_URL", "SDIST_SHA256", "check_type", "check_quantizer",
+    "find_converter", "fetch_converter", "run_converter", "run_quantizer", "gguf_export", "GgufStats",
 ]

@@ -1,0 +1,72 @@
+"""The export command line (``scripts/export.py``, ``python -m qlora_ga.export``): adapter, ``--merge`` or ``--gguf TYPE``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from ..errors import QloraGaError
+from ..log import quiet_libraries
+from .adapter import export_adapter
+from .gguf import gguf_export
+from .merge import MERGE_BASES, merge_export
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2 (argparse's default prints the whole usage)
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser(prog: str = "export.py") -> argparse.ArgumentParser:
+    p = _Parser(prog=prog, description="Export a trained adapter: vanilla PEFT adapter, a merged 16-bit model, or a GGUF.")
+    p.add_argument("--adapter", required=True, help="adapter folder (PEFT format, as written by training)")
+    p.add_argument("--out", required=True, help="output folder (replaced atomically when the export succeeds)")
+    p.add_argument("--merge", action="store_true", help="merge the adapter into the base and write a full model")
+    p.add_argument("--gguf", default=None, metavar="TYPE",
+                   help="merge, then convert with llama.cpp's converter to a GGUF (f16, bf16, q8_0 or q4_k_m) and "
+                        "write an Ollama Modelfile beside it")
+    p.add_argument("--llama-cpp", default=None, metavar="DIR",
+                   help="llama.cpp checkout holding convert_hf_to_gguf.py; default: fetched once from the "
+                        "llama-cpp-python source on PyPI into the cache")
+    p.add_argument("--dtype", default=None, choices=["fp16", "bf16", "fp32"],
+                   help="merged weights dtype (default fp16; bf16 for --gguf bf16)")
+    p.add_argument("--merge-base", default="original", choices=MERGE_BASES,
+                   help="merge into the original 16-bit weights (default) or into deQ(Q(W)), the exact trained function")
+    p.add_argument("--base", default=None, help="base model (folder, hub id or .gguf); default: the one the adapter names")
+    p.add_argument("--max-shard-size", default="2GB", help="merged shard size (default 2GB)")
+    return p
+
+
+def main(argv=None, prog: str = "export.py") -> int:
+    args = build_parser(prog).parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    quiet_libraries()
+    try:
+        if args.gguf is not None:
+            g = gguf_export(args.adapter, args.out, args.gguf, llama_cpp=args.llama_cpp, base=args.base,
+                            merge_base=args.merge_base, dtype=args.dtype, max_shard_size=args.max_shard_size)
+            print(f"GGUF {g.gguf_type} written to {g.gguf_file} ({g.bytes / 1e6:.1f} MB) with an Ollama Modelfile "
+                  f"({'chat template: ' + g.chat_format if g.chat_format else 'no chat template: see the warning in it'})")
+        elif args.llama_cpp is not None:
+            raise QloraGaError("--llama-cpp only applies with --gguf")
+        elif args.merge:
+            stats = merge_export(args.adapter, args.out, base=args.base, dtype=args.dtype or "fp16",
+                                 merge_base=args.merge_base, max_shard_size=args.max_shard_size)
+            print(f"merged model written to {stats.out_dir}: {stats.tensors_written} tensors "
+                  f"({stats.tensors_merged} merged) in {stats.shards} shard(s), {stats.total_bytes / 1e6:.1f} MB, "
+                  f"peak {stats.peak_bytes / 1e6:.1f} MB held")
+        else:
+            if args.dtype is not None or args.merge_base != "original" or args.base:
+                raise QloraGaError("--dtype, --merge-base and --base only apply with --merge or --gguf")
+            out = export_adapter(args.adapter, args.out)
+            print(f"adapter written to {out}")
+    except QloraGaError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (OSError, MemoryError) as e:
+        msg = getattr(e, "strerror", None) or str(e) or type(e).__name__
+        where = getattr(e, "filename", None)
+        print(f"error: {msg}{f' ({where})' if where else ''}", file=sys.stderr)
+        return 2
+    return 0
