@@ -115,20 +115,19 @@ def _columns(cfg: DataConfig, fmt: str, columns: list[str]) -> dict[str, str | N
         if pc is None or rc is None:
             raise _missing(columns, "prompt/response columns", "--prompt-column and --response-column")
         return {"prompt": pc, "response": rc}
-    if fmt == "messages":
-        mc = explicit(cfg.messages_column, "--messages-column")
-        if mc is None:
-            mc = next((c for c in (_find(columns, m) for m in MESSAGES_COLUMNS) if c), None)
-        if mc is None:
-            raise _missing(columns, "'messages' or 'conversations' column", "--messages-column")
-        return {"messages": mc}
-    if fmt == "text":
-        tc = explicit(cfg.text_column, "--text-column")
-        if tc is None:
-            tc = next((c for c in (_find(columns, t) for t in TEXT_COLUMNS) if c), None)
-        if tc is None:
-            raise _missing(columns, "'text' column", "--text-column (or pick another --format)")
-        return {"text": tc}
+    one_column = {  # format -> (option value, its flag, the usual column names, what is missing, what to pass)
+        "messages": (cfg.messages_column, "--messages-column", MESSAGES_COLUMNS,
+                     "'messages' or 'conversations' column", "--messages-column"),
+        "text": (cfg.text_column, "--text-column", TEXT_COLUMNS, "'text' column", "--text-column (or pick another --format)"),
+    }
+    if fmt in one_column:
+        given, flag, names, what, hint = one_column[fmt]
+        col = explicit(given, flag)
+        if col is None:
+            col = next((c for c in (_find(columns, n) for n in names) if c), None)
+        if col is None:
+            raise _missing(columns, what, hint)
+        return {fmt: col}
     raise _error(f"unknown data format {fmt!r}: use --format with one of {', '.join(FORMATS)}")
 
 
