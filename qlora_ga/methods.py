@@ -20,7 +20,7 @@ METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
     "kaiming": dict(lr=1e-3, alpha=16.0, gamma=None, use_rslora=False),  # as gaussian
     "lora-ga-sign": dict(lr=1e-4, alpha=16.0, gamma=16.0, use_rslora=True),  # lr: half its 50-step optimum
     "lora-ga-adam": dict(lr=1e-4, alpha=16.0, gamma=16.0, use_rslora=True),  # lr: half its 50-step optimum
-    "lora-ga-peft": dict(lr=1e-3, alpha=16.0, gamma=16.0, use_rslora=True),  # lr: vanilla LoRA's (a guess)
+    "lora-ga-peft": dict(lr=1e-4, alpha=16.0, gamma=16.0, use_rslora=True),  # lr: under half its unbracketed 50-step best
 }
 
 METHODS = tuple(METHOD_DEFAULTS)
