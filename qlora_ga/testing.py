@@ -91,9 +91,9 @@ def make_tiny_model(out_dir, *, family: str = "llama", layers: int = 3, hidden: 
     return out_dir
 
 
-def reference_gradients(model_dir, qmodel, batch: dict) -> dict[str, torch.Tensor]:
-    """``{name: G}`` by plain autograd of the model's own ``forward(..., labels=...)`` loss on an fp32 copy whose
-    target linears hold the 4-bit model's dequantized weights (the loss is token-weighted over ``batch``)."""
+def dequantized_reference(model_dir, qmodel):
+    """``(ref, linears)``: an fp32 copy of the model in ``model_dir`` whose target linears hold ``qmodel``'s
+    dequantized 4-bit weights; only those weights require grad (``linears``: name -> linear)."""
     from .model import dequantized_weight, load_model, target_linears
 
     ref, _ = load_model(model_dir, quantize=False, device="cpu")
@@ -105,5 +105,39 @@ def reference_gradients(model_dir, qmodel, batch: dict) -> dict[str, torch.Tenso
         p.requires_grad_(False)
     for n in r:
         r[n].weight.requires_grad_(True)
+    return ref, r
+
+
+def reference_gradients(model_dir, qmodel, batch: dict) -> dict[str, torch.Tensor]:
+    """``{name: G}`` by plain autograd of the model's own ``forward(..., labels=...)`` loss on an fp32 copy whose
+    target linears hold the 4-bit model's dequantized weights (the loss is token-weighted over ``batch``)."""
+    ref, r = dequantized_reference(model_dir, qmodel)
     ref(**batch).loss.backward()
     return {n: r[n].weight.grad for n in r}
+
+
+def train_steps(model, batch: dict, steps: int = 3, lr: float = 1e-2) -> list[float]:
+    """``steps`` AdamW steps of ``model``'s trainable parameters on one batch (train mode, back to eval after);
+    returns the losses."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        out = model(**batch)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(float(out.loss.detach()))
+    model.eval()
+    return losses
+
+
+def random_examples(vocab: int = 384, n: int = 16, seed: int = 0) -> list[dict]:
+    """``n`` seeded random sequences of 6-16 tokens, the first two masked from the loss."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        L = 6 + (5 * i) % 11
+        ids = torch.randint(3, vocab, (L,), generator=g).tolist()
+        out.append({"input_ids": ids, "labels": [-100] * 2 + ids[2:]})
+    return out

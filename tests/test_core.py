@@ -10,9 +10,9 @@ import qlora_ga.gradient as gradient_mod
 from qlora_ga import QloraGaError, estimate_factors, gradient_pass, init_adapters, load_model
 from qlora_ga.gradient import Factors, PassReport, make_micro_batches, truncated_svd
 from qlora_ga.init import lora_layers
-from qlora_ga.model import dequantized_weight, find_decoder_layers, resolve_targets, target_linears
+from qlora_ga.model import find_decoder_layers, resolve_targets, target_linears
 from qlora_ga.residual import iter_residuals
-from qlora_ga.testing import make_tiny_model
+from qlora_ga.testing import dequantized_reference, make_tiny_model, train_steps
 
 
 def make_examples(vocab, lengths=(5, 9, 13, 7, 20, 3, 11), seed=0):
@@ -26,15 +26,7 @@ def make_examples(vocab, lengths=(5, 9, 13, 7, 20, 3, 11), seed=0):
 
 def reference_grads(model_dir, qmodel, examples):
     """Plain autograd on an fp32 copy whose target weights are the 4-bit model's dequantized weights."""
-    ref, _ = load_model(model_dir, quantize=False)
-    q, r = target_linears(qmodel), target_linears(ref)
-    with torch.no_grad():
-        for n in q:
-            r[n].weight.copy_(dequantized_weight(q[n]))
-    for p in ref.parameters():
-        p.requires_grad_(False)
-    for n in r:
-        r[n].weight.requires_grad_(True)
+    ref, r = dequantized_reference(model_dir, qmodel)
     b = make_micro_batches(examples, len(examples))[0]
     logits = ref(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1]
     labels = b["labels"][:, 1:]
@@ -335,16 +327,7 @@ def test_residual_keeps_the_function_exactly_and_only_adapters_train(fresh_model
     frozen = {n: p.detach().clone() for n, p in pm.named_parameters() if not p.requires_grad and p.dtype.is_floating_point}
     residual = {n: (a.clone(), b.clone()) for n, _, a, b in iter_residuals(pm)}
     assert trainable and all("lora_" in n for n in trainable)
-    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=2e-3)
-    pm.train()
-    losses = []
-    for _ in range(8):
-        out = pm(**batch)
-        out.loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(float(out.loss.detach()))
-    pm.eval()
+    losses = train_steps(pm, batch, steps=8, lr=2e-3)
     assert losses[-1] < losses[0]
     assert all(not torch.equal(p, trainable[n]) for n, p in pm.named_parameters() if n in trainable)
     assert all(torch.equal(p, frozen[n]) for n, p in pm.named_parameters() if n in frozen)

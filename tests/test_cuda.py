@@ -20,22 +20,13 @@ from qlora_ga import estimate_factors, gradient_pass, init_adapters, load_model
 from qlora_ga.data import collate
 from qlora_ga.gradient import make_micro_batches
 from qlora_ga.metrics import read_metrics
-from qlora_ga.testing import reference_gradients
+from qlora_ga.testing import random_examples, reference_gradients
 from qlora_ga.train import TrainSettings, train
 
 pytestmark = pytest.mark.cuda
 
 ROOT = Path(__file__).resolve().parents[1]
 
-
-def _examples(vocab=384, n=16, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for i in range(n):
-        L = 6 + (5 * i) % 11
-        ids = torch.randint(3, vocab, (L,), generator=g).tolist()
-        out.append({"input_ids": ids, "labels": [-100] * 2 + ids[2:]})
-    return out
 
 
 @torch.no_grad()
@@ -53,7 +44,7 @@ def test_default_compute_dtype_matches_this_gpu(tiny_model_dir):
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
 def test_gradient_pass_on_gpu_matches_fp32_autograd(tiny_model_dir, dtype):
     model, _ = load_model(tiny_model_dir, device="cuda", compute_dtype=dtype)
-    ex = _examples()
+    ex = random_examples()
     ref = reference_gradients(tiny_model_dir, model, make_micro_batches(ex, len(ex))[0])
     G = gradient_pass(model, ex, lambda n, g: g.cpu(), micro_batch_size=4, progress=False)
     worst = max(float(torch.linalg.norm(G[n] - ref[n]) / torch.linalg.norm(ref[n])) for n in ref)
@@ -65,7 +56,7 @@ def test_residual_keeps_the_function_under_autocast(tiny_model_dir, dtype):
     from qlora_ga.train import _autocast
 
     model, _ = load_model(tiny_model_dir, device="cuda", compute_dtype=dtype)
-    ex = _examples()
+    ex = random_examples()
     batch = {k: v.cuda() for k, v in collate(ex, 0).items()}
     compute = model.config.dtype
     with torch.no_grad(), _autocast(torch.device("cuda"), compute):
@@ -123,7 +114,7 @@ def test_training_on_cuda_uses_workers_and_resumes_the_data_order(tiny_model_dir
     from qlora_ga.train import step_loader
 
     model, tok = load_model(tiny_model_dir, device="cuda", compute_dtype=torch.bfloat16)
-    ex = _examples(len(tok))
+    ex = random_examples(len(tok))
     s = TrainSettings(batch_size=2, grad_accum=2, lr=1e-3, max_steps=4, optim="adamw", group_by_length=True)
     loader = step_loader(ex, s, tok.pad_token_id, 2, 4, torch.device("cuda"))
     assert loader.num_workers > 0 and loader.pin_memory
@@ -152,7 +143,7 @@ for impl in ("eager", "liger"):  # eager first: Liger's RoPE patch is process-wi
     model, tok = load_model(model_dir, device="cuda", compute_dtype=torch.bfloat16)
     if impl == "liger":
         res["model_type"] = apply_liger(model, "cuda")
-    ex = _examples(len(tok))
+    ex = random_examples(len(tok))
     batch = collate(ex, tok.pad_token_id)
     base = _logits(model, batch)
     factors = estimate_factors(model, ex, rank=4, micro_batch_size=4, progress=False, svd="exact")

@@ -12,7 +12,7 @@ from qlora_ga.data import collate
 from qlora_ga.export import merge_export, save_adapter
 from qlora_ga.gradient import make_micro_batches, svd_reducer
 from qlora_ga.model import resolve_targets, unadapted_experts
-from qlora_ga.testing import FAMILIES, make_tiny_model, reference_gradients
+from qlora_ga.testing import FAMILIES, make_tiny_model, reference_gradients, train_steps
 
 SEVEN = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ADAPTED = {"phi3": ("o_proj", "qkv_proj", "gate_up_proj", "down_proj"), "olmoe": SEVEN[:4], "qwen3_moe": SEVEN[:4]}
@@ -66,14 +66,7 @@ def test_family_gradient_init_export_and_merge_are_exact(family, tmp_path):
     assert float((logits(pm, batch) - before).abs().max()) <= 1e-5
 
     # 3. a few steps of training, then the vanilla-PEFT adapter and the merged export reproduce it
-    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-2)
-    train_batch = collate(examples, tok.pad_token_id)
-    pm.train()
-    for _ in range(3):
-        pm(**train_batch).loss.backward()
-        opt.step()
-        opt.zero_grad()
-    pm.eval()
+    train_steps(pm, collate(examples, tok.pad_token_id))
     trained = logits(pm, batch)
     assert float((trained - before).abs().max()) > 1e-3  # training moved the function
     save_adapter(pm, tmp_path / "adapter")

@@ -12,6 +12,7 @@ from qlora_ga.gradient import Factors
 from qlora_ga.init import factor_reducer, lora_layers, singular_vectors_needed
 from qlora_ga.ranks import allocate_ranks, checkpoint_rank_pattern, rank_bounds, rank_pattern, trainable_count
 from qlora_ga.residual import iter_residuals
+from qlora_ga.testing import train_steps
 
 
 def _factors(spectra: dict[str, tuple[tuple[int, int], list[float]]]) -> dict[str, Factors]:
@@ -101,13 +102,7 @@ def test_gradient_ranks_are_exact_at_init_and_reload_in_vanilla_peft(tiny_model_
     with torch.no_grad():
         at_init = pm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     assert float((at_init - before).abs().max()) <= 1e-5  # exact through the residual at every rank
-    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-2)
-    pm.train()
-    for _ in range(3):
-        pm(**batch).loss.backward()
-        opt.step()
-        opt.zero_grad()
-    pm.eval()
+    train_steps(pm, batch)
     with torch.no_grad():
         trained = pm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     assert float((trained - before).abs().max()) > 1e-3

@@ -11,6 +11,7 @@ from qlora_ga.init import lora_layers
 from qlora_ga.metrics import read_metrics
 from qlora_ga.residual import (A0_NAME, B0_NAME, ResidualVariant, attach_residual, detach_residual, has_residual,
                                iter_residuals)
+from qlora_ga.testing import random_examples
 from qlora_ga.train import TrainSettings, train
 
 
@@ -36,15 +37,6 @@ def _attach_hook_residual(layer, adapter="default"):
     lora_B.register_forward_hook(post)
 
 
-def _examples(vocab, n=16, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for i in range(n):
-        L = 6 + (5 * i) % 11
-        ids = torch.randint(3, vocab, (L,), generator=g).tolist()
-        out.append({"input_ids": ids, "labels": [-100] * 2 + ids[2:]})
-    return out
-
 
 def _lora_ga(model_dir, factors, dropout):
     model, tok = load_model(model_dir)
@@ -60,7 +52,7 @@ def test_five_training_steps_match_the_hook_implementation(tiny_model_dir, tmp_p
     from qlora_ga.data import collate
 
     model, tok = load_model(tiny_model_dir)
-    ex = _examples(len(tok))
+    ex = random_examples(len(tok))
     batch = collate(ex, tok.pad_token_id)
     base_logits = _logits(model, batch)
     factors = estimate_factors(model, ex, rank=4, micro_batch_size=4, progress=False)  # one init for both

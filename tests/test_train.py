@@ -7,6 +7,7 @@ from qlora_ga import estimate_factors, init_adapters, load_model
 from qlora_ga.data import collate
 from qlora_ga.export import merge_export, save_adapter
 from qlora_ga.init import lora_layers
+from qlora_ga.testing import train_steps
 from qlora_ga.train import TrainSettings, micro_batches_for_step, precondition_lora_grads, warmup_steps
 
 
@@ -29,14 +30,8 @@ def test_trained_adapter_reloads_in_vanilla_peft_and_merges_exactly(tiny_model_d
     ex = _examples(tok)
     factors = estimate_factors(model, ex, rank=4, micro_batch_size=4, progress=False) if method != "gaussian" else None
     pm = init_adapters(model, factors, method=method, rank=4, alpha=16)
-    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-2)
     batch = collate(ex, tok.pad_token_id)
-    pm.train()
-    for _ in range(3):
-        pm(**batch).loss.backward()
-        opt.step()
-        opt.zero_grad()
-    pm.eval()
+    train_steps(pm, batch)
     with torch.no_grad():
         trained = pm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     save_adapter(pm, tmp_path / "adapter")
