@@ -38,6 +38,7 @@ def apply_demo_preset(cfg: FinetuneConfig) -> FinetuneConfig:
 
 LAUNCHED_ERROR_GRACE_S = 3.0
 
+LR_SEARCH = "lr_search.json"  # what --lr auto found
 RUN_MARKERS = ("run_config.yaml", "metrics.jsonl", "checkpoints", "adapter", "init_report.json")
 
 
@@ -123,10 +124,11 @@ def run(cfg: FinetuneConfig) -> dict:
     else:
         pm, init_report = _estimate_and_init(model, tok, data, cfg, targets, lora_kw)
         start_step = 0
-    _write_run_files(cfg, out, ckpt, init_report)  # everything is in hand: only now is an old run replaced
+    train_cfg, lr_search = _learning_rate(cfg, pm, tok, data, ckpt)  # --lr auto: the number
+    _write_run_files(cfg, out, ckpt, init_report, lr_search)  # everything is in hand: only now is an old run replaced
     summary = {"output_dir": str(out), "init": cfg.init}
     if cfg.max_steps != 0:
-        summary.update(_train(cfg, pm, tok, data, out, start_step, ckpt))
+        summary.update(_train(train_cfg, pm, tok, data, out, start_step, ckpt))
     if not distributed.is_main():  # the processes' adapters are the same: the main one writes it
         return summary
     _export(cfg, pm, out)
@@ -259,29 +261,64 @@ def _allocate_ranks(factors: dict, cfg: FinetuneConfig, init_report: dict) -> di
     return rank_pattern(ranks, cfg.rank)
 
 
-def _write_run_files(cfg: FinetuneConfig, out: Path, ckpt, init_report):
-    """Replace an old run (``--overwrite``), then write the run's config and the pass's report (main process)."""
+def _compute_dtype(pm):
+    """The compute dtype the model was loaded in."""
+    import torch
+
+    dtype = pm.get_base_model().config.dtype
+    return dtype if isinstance(dtype, torch.dtype) else getattr(torch, str(dtype))
+
+
+def _learning_rate(cfg: FinetuneConfig, pm, tok, data, ckpt) -> tuple[FinetuneConfig, dict | None]:
+    """``--lr auto``: the settings with the lr the line search finds (qlora_ga.autolr) and its report; a
+    resumed run takes the lr its checkpoint recorded. Other settings come back unchanged."""
+    from .config import AUTO_LR
+    from .methods import method_defaults
+
+    if cfg.lr != AUTO_LR or cfg.max_steps == 0:
+        return cfg, None
+    if ckpt is not None:
+        lr = json.loads((ckpt / "trainer_state.json").read_text()).get("lr")
+        if not isinstance(lr, (int, float)):
+            raise QloraGaError(f"checkpoint {ckpt} does not record the lr it was trained with: resume with the run's --lr number")
+        _say(f"lr auto: {lr:.4g}, found when the run started (from {ckpt.name})")
+        return replace(cfg, lr=float(lr)), None
+    from .autolr import find_lr
+    from .train import StepBatches, total_steps
+
+    s = replace(cfg, lr=None).train_settings()
+    world = distributed.world()
+    first = [ex for mb in StepBatches(data.train, s, world=world).examples(0) for ex in mb]  # every process's
+    search = find_lr(pm, first, tok.pad_token_id, start=method_defaults(cfg.init)["lr"], steps=total_steps(len(data.train), s, world),
+                     batch_size=cfg.batch_size, compute_dtype=_compute_dtype(pm), gradient_checkpointing=s.gradient_checkpointing)
+    lr = distributed.gather_objects(search.lr)[0]  # every process trains with the main process's lr
+    _say(search.line())
+    return replace(cfg, lr=lr), search.as_dict()
+
+
+def _write_run_files(cfg: FinetuneConfig, out: Path, ckpt, init_report, lr_search: dict | None = None):
+    """Replace an old run (``--overwrite``), then write the run's config, the pass's report and ``--lr auto``'s
+    search (main process)."""
     if distributed.is_main():
         if cfg.overwrite and not ckpt and out.is_dir():
-            for m in RUN_MARKERS + ("loss.png", "summary.json", "merged", "gguf", "tensorboard", "wandb"):
+            for m in RUN_MARKERS + ("loss.png", "summary.json", "merged", "gguf", "tensorboard", "wandb", LR_SEARCH):
                 p = out / m
                 shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
         out.mkdir(parents=True, exist_ok=True)
         save_yaml(cfg, out / "run_config.yaml")
         if ckpt is None and init_report is not None:
             _write_json(out / "init_report.json", init_report)
+        if lr_search is not None:
+            _write_json(out / LR_SEARCH, lr_search)
     distributed.barrier()
 
 
 def _train(cfg: FinetuneConfig, pm, tok, data, out: Path, start_step: int, ckpt) -> dict:
     """Step 4: training, with the reporter (main process) and the loss plot."""
-    import torch
-
     from .metrics import make_reporter, plot_losses
     from .train import train
 
-    dtype = pm.get_base_model().config.dtype  # the compute dtype the model was loaded in
-    compute_dtype = dtype if isinstance(dtype, torch.dtype) else getattr(torch, str(dtype))
+    compute_dtype = _compute_dtype(pm)
     stop_after = int(os.environ["QLORA_GA_STOP_AFTER"]) if os.environ.get("QLORA_GA_STOP_AFTER") else None
     reporter = (make_reporter(cfg.report_to, out, to_dict(cfg), resume_step=start_step if ckpt else None)
                 if distributed.is_main() else None)

@@ -17,6 +17,7 @@ anything heavy.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -34,6 +35,8 @@ from .methods import GRADIENT_METHODS, METHOD_DEFAULTS, METHODS, default_lrs_tex
 OPTIMS = ("paged_adamw_32bit", "paged_adamw_8bit", "adamw", "lora-one-precond", "prodigy")
 RANK_ALLOCATIONS = ("uniform", "gradient")
 PRODIGY_LR = 1.0  # prodigy estimates its step size itself; --lr multiplies it
+AUTO_LR = "auto"  # --lr auto: qlora_ga.autolr, after the init
+AUTO_LR_OPTIMS = ("paged_adamw_32bit", "paged_adamw_8bit", "adamw")  # the Adam(W) updates its line search follows
 MERGED_DTYPES = ("fp16", "bf16")
 COMPUTE_DTYPES = ("auto", "bf16", "fp16", "fp32")
 GGUF_TYPES = ("f16", "bf16", "q8_0", "q4_k_m")
@@ -92,8 +95,9 @@ class FinetuneConfig:
     # --- training ---
     batch_size: int = _f(4, "sequences per micro-batch during training")
     grad_accum: int = _f(4, "gradient accumulation steps (effective batch = batch_size * grad_accum)")
-    lr: float | None = _f(None, f"peak learning rate; default: method default ({default_lrs_text()}); with --optim prodigy "
-                              f"{PRODIGY_LR:g} (a multiplier of its own step size)")
+    lr: str | None = _f(None, f"peak learning rate, or 'auto': set from a line search along Adam's first step after the "
+                            f"init (qlora_ga/autolr.py, about 1 training step's cost); default: method default "
+                            f"({default_lrs_text()}); with --optim prodigy {PRODIGY_LR:g} (a multiplier of its own step size)")
     epochs: float = _f(1.0, "training epochs (used when --max_steps is -1)")
     max_steps: int = _f(-1, "optimizer steps; -1: use --epochs; 0: initialise the adapters and save, no training")
     warmup: float = _f(0.03, "linear warmup: a fraction of the steps if < 1, else a number of steps")
@@ -203,7 +207,11 @@ class FinetuneConfig:
             self.rank_allocation == "uniform" or self.init not in ("lora-ga-sign", "lora-ga-adam"),
             f"rank_allocation gradient does not support init {self.init}: use --rank_allocation uniform, or another init",
         )
-        _check(self.lr is None or self.lr > 0, f"lr must be > 0, got {self.lr}: pass e.g. --lr 5e-5, or leave it out for the method default")
+        self.lr = _lr_value(self.lr)
+        _check(
+            self.lr != AUTO_LR or self.optim in AUTO_LR_OPTIMS,
+            f"lr auto searches along Adam's first step, not {self.optim}'s: use --optim {' / '.join(AUTO_LR_OPTIMS)}, or pass a number",
+        )
         _check(self.alpha is None or self.alpha > 0, f"alpha must be > 0, got {self.alpha}: pass e.g. --alpha 16, or leave it out")
         _check(self.gamma is None or self.gamma > 0, f"gamma must be > 0, got {self.gamma}: pass e.g. --gamma 16, or leave it out")
         _check(self.max_length >= 8, f"max_length must be >= 8, got {self.max_length}: pass e.g. --max_length 512")
@@ -249,6 +257,16 @@ class FinetuneConfig:
                 f"device '{self.device}' is not a device name: pass e.g. cuda, cuda:1 or cpu",
             )
         return self
+
+
+def _lr_value(lr: str | float | None) -> float | str | None:
+    """``--lr`` as a positive float, ``"auto"`` or None (the method default); one-line error otherwise."""
+    if lr is None or lr == AUTO_LR:
+        return lr
+    value = _as_float(str(lr).strip())
+    _check(value is not None and value > 0 and math.isfinite(value),
+           f"lr must be a number > 0 or 'auto', got {lr}: pass e.g. --lr 5e-5 or --lr auto, or leave it out for the method default")
+    return value
 
 
 def _check(ok: bool, message: str) -> None:

@@ -442,7 +442,7 @@ def train(model, tokenizer, train_data: list[dict], eval_data: list[dict], s: Tr
             bar.set_postfix(loss=f"{loss_val:.4f}", lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
             bar.update(1)
             if (s.save_every and done % s.save_every == 0) or done == steps or (stop_after is not None and done == stop_after):
-                last_ckpt = save_checkpoint(model, optimizer, scheduler, done, out_dir, {"total_steps": steps}, scaler)
+                last_ckpt = save_checkpoint(model, optimizer, scheduler, done, out_dir, {"total_steps": steps, "lr": s.lr}, scaler)
             if stop_after is not None and done == stop_after and done < steps:
                 raise KeyboardInterrupt
             summary.update(final_loss=loss_val, **({"eval_loss": row["eval_loss"]} if "eval_loss" in row else {}))

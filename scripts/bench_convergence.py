@@ -70,6 +70,7 @@ def known_methods() -> dict[str, list[float]]:
             lr = method_defaults(m)["lr"]
             out[m] = [float(f"{0.4 * lr:.3g}"), lr, 2 * lr]
     return out
+AUTO = "auto"  # an lr of "auto": qlora_ga.autolr.find_lr (the --lr auto of finetune.py)
 FULL = dict(steps=300, batch_size=16, max_length=256, init_samples=128, eval_examples=256, eval_every=25,
             max_train_examples=None)
 QUICK = dict(steps=2, batch_size=2, max_length=128, init_samples=4, eval_examples=4, eval_every=1,
@@ -95,7 +96,7 @@ def parse_lrs(text: str | None, methods: list[str], quick: bool) -> dict[str, li
         if name not in grids:
             raise SystemExit(f"error: --lrs names unknown method '{name}' (known: {', '.join(grids)})")
         try:
-            given[name] = [float(v) for v in values.split(",") if v.strip()]
+            given[name] = [v.strip() if v.strip() == AUTO else float(v) for v in values.split(",") if v.strip()]
         except ValueError:
             raise SystemExit(f"error: --lrs '{part}': learning rates must be numbers") from None
     out = {}
@@ -115,7 +116,8 @@ def parse_args(argv=None):
     p.add_argument("--methods", default="gaussian,lora-ga,lora-one,lora-ga-bf16",
                    help="comma-separated: gaussian, kaiming, lora-ga, lora-ga-sign, lora-one, lora-ga-bf16 "
                    "(LoRA-GA on the 16-bit base), or any other init of qlora_ga.methods.METHODS")
-    p.add_argument("--lrs", default=None, help='per-method grids, e.g. "gaussian=5e-4,1e-3;lora-ga=5e-5" (others: defaults '
+    p.add_argument("--lrs", default=None, help='per-method grids, e.g. "gaussian=5e-4,1e-3,auto;lora-ga=5e-5" ("auto": '
+                   "finetune.py's --lr auto) (others: defaults "
                    + "; ".join(f"{k} {','.join(f'{v:g}' for v in vs)}" for k, vs in DEFAULT_LRS.items()) + ")")
     p.add_argument("--seeds", default="0", help="comma-separated training seeds")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 300; --quick 2)")
@@ -259,13 +261,26 @@ def run_one(method: str, lr: float, seed: int, args, data, device, factor_cache:
                        use_rslora=defaults["use_rslora"], rank_pattern=pattern)
     init_s = time.perf_counter() - t0
     pad = tok.pad_token_id
+    settings = TrainSettings(batch_size=args.batch_size, grad_accum=args.grad_accum, lr=defaults["lr"], max_steps=args.steps,
+                             warmup=args.warmup, optim=args.optim, seed=seed, eval_every=args.eval_every, save_every=0,
+                             log_every=1, gradient_checkpointing=args.gradient_checkpointing)
+    if lr == AUTO:  # --lr auto: the package's line search on the first step's sequences
+        from qlora_ga.autolr import find_lr
+        from qlora_ga.train import micro_batches_for_step
+
+        first = [ex for mb in micro_batches_for_step(data.train, 0, settings) for ex in mb]
+        search = find_lr(pm, first, pad, start=defaults["lr"], steps=args.steps, batch_size=args.batch_size,
+                         compute_dtype=compute_dtype)
+        say(f"  {method} seed {seed}: {search.line()}")
+        settings.lr = search.lr
+        init_info = {**init_info, "lr_found": search.lr, "lr_eta": search.eta, "lr_search_s": search.seconds,
+                     "lr_search_points": search.points}
+    else:
+        settings.lr = lr
     eval0 = evaluate_loss(pm, data.eval, args.batch_size, pad, device, compute_dtype)
     base = dict(kind="step", method=method, init=init, quantized=quantize, lr=lr, seed=seed)
     rec.add(**base, step=0, loss=None, eval_loss=round(eval0, 6))
-    settings = TrainSettings(batch_size=args.batch_size, grad_accum=args.grad_accum, lr=lr, max_steps=args.steps,
-                             warmup=args.warmup, optim=args.optim, seed=seed, eval_every=args.eval_every, save_every=0,
-                             log_every=1, gradient_checkpointing=args.gradient_checkpointing)
-    out_dir = Path(args.workdir) / f"{method}-lr{lr:g}-seed{seed}-{os.getpid()}"
+    out_dir = Path(args.workdir) / f"{method}-lr{lr if lr == AUTO else format(lr, 'g')}-seed{seed}-{os.getpid()}"
     shutil.rmtree(out_dir, ignore_errors=True)
     t1 = time.perf_counter()
     error = None
@@ -292,7 +307,7 @@ def run_one(method: str, lr: float, seed: int, args, data, device, factor_cache:
     rec.add(kind="run", method=method, init=init, quantized=quantize, lr=lr, seed=seed, steps=len(rows),
             init_eval_loss=round(eval0, 6), final_eval_loss=final_eval, final_loss=last_loss if _finite(last_loss) else None,
             init_s=round(init_s, 3), train_s=round(train_s, 3), error=error, **init_info)
-    say(f"  {method:<13} lr {lr:<8g} seed {seed}: held-out {eval0:.4f} -> "
+    say(f"  {method:<13} lr {settings.lr:<8g} seed {seed}: held-out {eval0:.4f} -> "
         f"{'-' if final_eval is None else f'{final_eval:.4f}'}, init {init_s:.1f} s, train {train_s:.1f} s")
     if not args.keep_runs:
         shutil.rmtree(out_dir, ignore_errors=True)

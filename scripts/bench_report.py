@@ -28,6 +28,7 @@ from collections import defaultdict
 from pathlib import Path
 
 BASELINE = "gaussian"
+AUTO = "auto"  # the lr of a --lr auto run (its row's lr_found holds the value it chose)
 SETTING = ("total_steps", "batch_size", "grad_accum", "max_length", "eval_examples", "rank")
 
 
@@ -61,6 +62,19 @@ def _fmt(vals: list[float]) -> str:
     return f"{statistics.fmean(vals):.3f} ± {statistics.pstdev(vals):.3f}"
 
 
+def _lr_key(lr) -> tuple:
+    """Sort key of an lr: numbers by value, then "auto"."""
+    return (True, 0.0) if lr == AUTO else (False, lr)
+
+
+def _lr_text(lr, runs: list[dict] | None = None) -> str:
+    """``2e-3``, or ``auto`` with the values the runs chose (per seed)."""
+    if lr != AUTO:
+        return f"{lr:g}"
+    found = [f"{r['lr_found']:.2g}" for r in runs or [] if isinstance(r.get("lr_found"), (int, float))]
+    return f"auto ({' / '.join(found)})" if found else "auto"
+
+
 def collect(rows: list[dict]) -> dict:
     """{(setting, variant, lr): [run, ...]}; a run = {"seed", "eval": {step: loss}, "loss": [..]}."""
     steps = defaultdict(list)
@@ -76,9 +90,11 @@ def collect(rows: list[dict]) -> dict:
         losses = [s["loss"] for s in srows if s["step"] > 0 and isinstance(s.get("loss"), (int, float))]
         setting = tuple(r.get(k) for k in SETTING)
         gradient = r.get("init") != BASELINE
-        variant = (r["method"], r.get("optim", "?"), r.get("init_samples") if gradient else None,
+        method = f"{r['method']} lr auto" if r["lr"] == AUTO else r["method"]  # its own variant, never the baseline
+        variant = (method, r.get("optim", "?"), r.get("init_samples") if gradient else None,
                    r.get("gamma_override") if gradient else None, r.get("rank_allocation") or "uniform")
-        groups[(setting, variant, r["lr"])].append({"seed": r["seed"], "eval": evals, "loss": losses})
+        groups[(setting, variant, r["lr"])].append({"seed": r["seed"], "eval": evals, "loss": losses,
+                                                    "lr_found": r.get("lr_found")})
     return groups
 
 
@@ -91,7 +107,7 @@ def analyse(groups: dict, smooth: int) -> list[dict]:
         steps = setting[0]
         # baseline first, then by method, optimizer, sample size, gamma and lr (numbers as numbers)
         keys = sorted((k for k in groups if k[0] == setting),
-                      key=lambda k: (k[1][0] != BASELINE, k[1][0], k[1][1], k[1][2] or 0, k[1][3] or 0, k[1][4], k[2]))
+                      key=lambda k: (k[1][0] != BASELINE, k[1][0], k[1][1], k[1][2] or 0, k[1][3] or 0, k[1][4], _lr_key(k[2])))
 
         def final(k, seeds=None):
             vals = [r["eval"][steps] for r in groups[k] if steps in r["eval"] and (seeds is None or r["seed"] in seeds)]
@@ -102,7 +118,7 @@ def analyse(groups: dict, smooth: int) -> list[dict]:
         for variant in sorted({k[1] for k in keys}, key=str):
             ks = [k for k in keys if k[1] == variant]
             common = set.intersection(*({r["seed"] for r in groups[k]} for k in ks))
-            best_of[variant] = min(ks, key=lambda k: (final(k, common or None), k[2]))
+            best_of[variant] = min(ks, key=lambda k: (final(k, common or None), _lr_key(k[2])))
         # the baseline's final smoothed training loss, per seed (each seed has its own data order)
         # (vanilla LoRA with the default optimizer and uniform ranks when there is one)
         base = min((b for b in best_of.values() if b[1][0] == BASELINE), default=None,
@@ -147,7 +163,8 @@ def table(groups: dict, smooth: int) -> list[str]:
             runs = sorted(groups[k], key=lambda r: r["seed"])
             at = lambda s: [r["eval"][s] for r in runs if s in r["eval"]]  # noqa: E731
             reach = ["-" if v is None else str(v) for _, v in sorted(a["reach"][k].items())]
-            lr = f"**{k[2]:g}**" if a["best_of"][k[1]] == k else f"{k[2]:g}"
+            lr = _lr_text(k[2], runs)
+            lr = f"**{lr}**" if a["best_of"][k[1]] == k and k[2] != AUTO else lr
             out.append(f"| {method} | {optim} | {'-' if sample is None else sample} | {lr} | "
                        f"{','.join(str(r['seed']) for r in runs)} | {_fmt(at(0))} | {_fmt(at(half))} | {_fmt(at(steps))} | "
                        f"{' / '.join(reach) if reach else 'n/a'} |")
@@ -160,7 +177,7 @@ def _label(key, n_seeds: int) -> str:
     extra = "".join([f" gamma {gamma:g}" if gamma is not None else "", f" {optim}" if "adamw" not in optim else "",
                      f" {ranks} ranks" if ranks != "uniform" else "",
                      f" [{sample}]" if sample is not None else ""])
-    return f"{method}{extra} lr {key[2]:g} ({n_seeds} seed{'s' if n_seeds > 1 else ''})"
+    return f"{method}{extra} lr {_lr_text(key[2])} ({n_seeds} seed{'s' if n_seeds > 1 else ''})"
 
 
 def figure(groups: dict, smooth: int, title: str = "", best_only: bool = False):

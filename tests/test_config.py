@@ -387,3 +387,23 @@ def test_help_exits_zero(capsys):
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert "--init_samples" in out and "lora-one-precond" in out
+
+
+def test_lr_auto_from_the_command_line_and_yaml_and_back(tmp_path):
+    cfg = resolved(parse_config(["--lr", "auto", "--init", "gaussian"]))
+    assert cfg.lr == "auto"  # stays a word until the search after the init gives the number
+    f = tmp_path / "c.yaml"
+    f.write_text("lr: auto\ninit: lora-one\n")
+    assert parse_config(["--config", str(f)]).lr == "auto"
+    assert parse_config(["--config", str(f), "--lr", "3e-4"]).lr == 3e-4  # the command line wins, as a number
+    save_yaml(parse_config(["--lr", "auto"]), tmp_path / "saved.yaml")
+    assert parse_config(["--config", str(tmp_path / "saved.yaml")]).lr == "auto"
+    f.write_text("lr: 2.0e-4\n")
+    cfg = parse_config(["--config", str(f)])
+    assert cfg.lr == 2e-4 and isinstance(cfg.lr, float)
+    save_yaml(cfg, tmp_path / "saved.yaml")
+    assert "lr: 0.0002\n" in (tmp_path / "saved.yaml").read_text()  # a number in the YAML, not a quoted string
+    with pytest.raises(QloraGaError, match="lr auto searches along Adam's first step, not lora-one-precond's"):
+        parse_config(["--lr", "auto", "--optim", "lora-one-precond"])
+    with pytest.raises(QloraGaError, match=r"lr must be a number > 0 or 'auto', got Auto"):
+        parse_config(["--lr", "Auto"])

@@ -1,0 +1,182 @@
+"""``--lr auto``: the learning rate from the initialised adapters, by a line search along Adam's first step.
+
+Between init and training (docs/DESIGN.md section 5). On the sequences of the first optimizer step:
+
+1. one forward + backward gives the adapters' gradient ``g``; Adam's first (bias-corrected) update is
+   ``-lr * u`` with ``u = g / (|g| + eps)``, about ``-lr * sign(g)``, whatever the init's scale;
+2. the loss along that update, ``L(theta - eta * u)``, is evaluated (forward passes only) at ``eta``
+   spaced by factors of 2 from the method's default lr, moving up or down until the middle of three
+   points is the lowest, and the minimiser ``eta*`` is read off a parabola in ``log eta``;
+3. ``lr = LR_FACTOR * eta* * (LR_HORIZON_STEPS / steps) ** LR_HORIZON_EXPONENT`` (the last factor only for
+   runs longer than ``LR_HORIZON_STEPS`` steps).
+
+The adapters are restored bit for bit afterwards. ``eta*`` moves with what sets each method's best lr:
+vanilla LoRA's (B = 0, a small random A) is about 10x LoRA-GA's (unit singular vectors, stable scale).
+The two constants are measured, not derived (docs/RESULTS.md section 8.1): ``LR_FACTOR`` from the
+50-step optima of vanilla LoRA and LoRA-GA, the horizon exponent from the 50- vs 300-step optima
+(about 2x apart for both). Cost: one forward + backward and 5-10 forward passes on one step's
+sequences, under 10% of a 50-step run.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from .data.batch import collate, count_label_tokens
+from .errors import QloraGaError
+
+#: lr = LR_FACTOR * eta* (measured: RESULTS.md section 8.1)
+LR_FACTOR = 1.8
+#: runs longer than this many steps get lr * (LR_HORIZON_STEPS / steps) ** LR_HORIZON_EXPONENT: the
+#: 300-step optima are about half the 50-step ones (log 2 / log 6 = 0.39)
+LR_HORIZON_STEPS = 50
+LR_HORIZON_EXPONENT = 0.39
+#: Adam's epsilon (torch and bitsandbytes default)
+ADAM_EPS = 1e-8
+#: most loss evaluations of the search (2**MAX_POINTS spans ~6 decades of eta from the start)
+MAX_POINTS = 20
+
+
+@dataclass
+class LrSearch:
+    """What ``--lr auto`` found (written to ``lr_search.json``)."""
+
+    lr: float  # the learning rate chosen
+    eta: float  # eta*: the step along Adam's first update that minimises the loss
+    factor: float  # lr / eta* (LR_FACTOR times the horizon factor)
+    steps: int  # the run's optimizer steps (the horizon)
+    loss_start: float  # loss of the probe sequences at the init
+    loss_at_eta: float  # ... after the step eta* (interpolated on the parabola)
+    sequences: int
+    label_tokens: int
+    points: list[list[float]] = field(default_factory=list)  # [eta, loss] evaluated, in order
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def line(self) -> str:
+        return (f"lr auto: {self.lr:.3g} = {self.factor:.3g} x {self.eta:.3g}, the step along Adam's first update that "
+                f"minimises the loss of the first step's {self.sequences} sequences ({self.loss_start:.4f} -> "
+                f"{self.loss_at_eta:.4f}); {len(self.points)} forward passes, {self.seconds:.1f} s")
+
+
+def horizon_factor(steps: int) -> float:
+    return (LR_HORIZON_STEPS / steps) ** LR_HORIZON_EXPONENT if steps > LR_HORIZON_STEPS else 1.0
+
+
+def _vertex(lo: float, mid: float, hi: float) -> tuple[float, float]:
+    """(x, y) of the lowest point of the parabola through (-1, lo), (0, mid), (1, hi), x within [-1, 1];
+    (0, mid) when it has no finite minimum there."""
+    curv = hi - 2 * mid + lo
+    if not (math.isfinite(lo) and math.isfinite(hi)) or curv <= 0:
+        return 0.0, mid
+    x = max(-1.0, min(1.0, 0.5 * (lo - hi) / curv))
+    return x, mid + 0.5 * (hi - lo) * x + 0.5 * curv * x * x
+
+
+def find_lr(model, examples: list[dict], pad_token_id: int, *, start: float, steps: int, batch_size: int,
+            compute_dtype: torch.dtype = torch.float32, gradient_checkpointing: bool = False,
+            factor: float = LR_FACTOR) -> LrSearch:
+    """The ``--lr auto`` learning rate of ``model``'s trainable adapters (see the module docstring).
+
+    ``examples``: the first optimizer step's sequences, in micro-batches of ``batch_size``; ``start``:
+    where the search starts (the method's default lr); ``steps``: the run's optimizer steps;
+    ``gradient_checkpointing``: for the one backward, as training would (dropout is off throughout).
+    """
+    from .train import _autocast, _checkpointing
+
+    t0 = time.perf_counter()
+    params = [p for p in model.parameters() if p.requires_grad]
+    device = params[0].device
+    batches = [collate(examples[i : i + batch_size], pad_token_id) for i in range(0, len(examples), batch_size)]
+    counts = [count_label_tokens(b["labels"]) for b in batches]
+    batches = [{k: v.to(device) for k, v in b.items()} for b, n in zip(batches, counts) if n]
+    counts = [n for n in counts if n]
+    n_tok = sum(counts)
+    if not n_tok:
+        raise QloraGaError("--lr auto: the first step's sequences have no label tokens: check the data, or pass --lr")
+    was_training = model.training
+    saved = [p.detach().clone() for p in params]
+    grads = [p.grad for p in params]
+    try:
+        for p in params:
+            p.grad = None
+        if gradient_checkpointing:  # transformers checkpoints only in training mode: train mode, dropout off
+            model.train()
+            for m in model.modules():
+                if isinstance(m, torch.nn.Dropout):
+                    m.eval()
+            _checkpointing(model, True)
+        else:
+            model.eval()
+        loss0 = 0.0
+        for b, n in zip(batches, counts):
+            with _autocast(device, compute_dtype):
+                loss = model(**b).loss * n  # the summed token loss: O(1) per token, no fp16 underflow
+            loss.backward()
+            loss0 += loss.item()
+        loss0 /= n_tok
+        model.eval()  # no dropout: the same loss function at every eta
+        # Adam's first step direction (bias-corrected m / sqrt(v) = g / |g|), from the mean gradient
+        direction = [torch.zeros_like(p) if p.grad is None else (p.grad / n_tok) / ((p.grad / n_tok).abs() + ADAM_EPS)
+                     for p in params]
+        if not any(bool(d.any()) for d in direction):
+            raise QloraGaError("--lr auto: the adapters get no gradient on the first step's sequences: pass --lr")
+
+        @torch.no_grad()
+        def loss_at(eta: float) -> float:
+            for p, p0, d in zip(params, saved, direction):
+                p.copy_(p0 - eta * d)
+            total = 0.0
+            for b, n in zip(batches, counts):
+                with _autocast(device, compute_dtype):
+                    total += model(**b).loss.item() * n
+            value = total / n_tok
+            return value if math.isfinite(value) else math.inf
+
+        points: dict[float, float] = {}
+
+        def f(eta: float) -> float:
+            eta = float(f"{eta:.12g}")  # (eta * sqrt(2) * sqrt(2) is 2 * eta)
+            if eta not in points:
+                if len(points) >= MAX_POINTS:
+                    raise QloraGaError(
+                        f"--lr auto: no minimum of the loss along Adam's first step within {MAX_POINTS} points from "
+                        f"{start:g} (last tried {eta:g}): pass --lr"
+                    )
+                points[eta] = loss_at(eta)
+            return points[eta]
+
+        eta = start
+        while True:  # walk by factors of 2 until the middle of three points is the lowest
+            if f(2 * eta) < f(eta):
+                eta *= 2
+            elif f(eta / 2) < f(eta):
+                eta /= 2
+            else:
+                break
+        # the vertex of a parabola in log(eta) through three points, then once more at half the spacing
+        # around the nearer half-step point (the loss rises faster above eta* than below: a wide
+        # parabola's vertex sits low)
+        x, _ = _vertex(f(eta / 2), f(eta), f(2 * eta))
+        eta = eta * 2 ** (round(2 * x) / 2)
+        r = 2**0.5
+        x, at = _vertex(f(eta / r), f(eta), f(eta * r))
+        eta_star = eta * r**x
+    finally:
+        if gradient_checkpointing:
+            _checkpointing(model, False)
+        with torch.no_grad():
+            for p, p0, g in zip(params, saved, grads):
+                p.copy_(p0)
+                p.grad = g
+        model.train(was_training)
+    total_factor = factor * horizon_factor(steps)
+    return LrSearch(lr=float(f"{total_factor * eta_star:.4g}"), eta=eta_star, factor=total_factor, steps=steps,
+                    loss_start=loss0, loss_at_eta=at, sequences=len(examples), label_tokens=n_tok,
+                    points=[[e, y] for e, y in points.items()], seconds=round(time.perf_counter() - t0, 2))

@@ -1,0 +1,126 @@
+"""--lr auto (qlora_ga.autolr): the line search follows Adam's real first step, finds a minimum of the loss
+along it, leaves the adapters as they were, and reaches the CLI (logged, written, resumed)."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from qlora_ga import estimate_factors, init_adapters, load_model
+from qlora_ga.autolr import LR_FACTOR, LR_HORIZON_EXPONENT, LR_HORIZON_STEPS, find_lr
+from qlora_ga.cli import main
+from qlora_ga.data import collate
+from qlora_ga.metrics import read_metrics
+from qlora_ga.testing import random_examples
+
+from test_cli import assert_clean_error, base_args
+
+
+def _adapters(model_dir, method):
+    model, tok = load_model(model_dir)
+    ex = random_examples(len(tok), n=8)
+    factors = estimate_factors(model, ex, rank=4, micro_batch_size=4, progress=False) if method != "gaussian" else None
+    torch.manual_seed(0)
+    return init_adapters(model, factors, method=method, rank=4, alpha=16), tok, ex
+
+
+def _params(model):
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+@torch.no_grad()
+def _loss(model, batch) -> float:
+    return float(model(**batch).loss)
+
+
+@pytest.mark.parametrize("method", ["gaussian", "lora-ga"])
+def test_search_points_are_the_loss_after_one_real_adam_step(tiny_model_dir, method):
+    pm, tok, ex = _adapters(tiny_model_dir, method)
+    before = {n: p.detach().clone() for n, p in _params(pm).items()}
+    s = find_lr(pm, ex, tok.pad_token_id, start=1e-3, steps=20, batch_size=4)
+    # the adapters (and their absent gradients) are exactly as before
+    assert all(torch.equal(p, before[n]) and p.grad is None for n, p in _params(pm).items())
+    assert s.lr == pytest.approx(LR_FACTOR * s.eta, rel=1e-3) and s.factor == LR_FACTOR
+    batch = collate(ex, tok.pad_token_id)
+    pm.eval()
+    assert s.loss_start == pytest.approx(_loss(pm, batch), rel=1e-5)
+    # every evaluated point is the loss after one torch AdamW step of that lr on the same sequences (token-weighted)
+    for eta, loss in s.points[:3]:
+        opt = torch.optim.AdamW(list(_params(pm).values()), lr=eta, weight_decay=0.0)
+        pm(**batch).loss.backward()
+        opt.step()
+        assert _loss(pm, batch) == pytest.approx(loss, rel=2e-4, abs=2e-5), eta
+        with torch.no_grad():
+            for n, p in _params(pm).items():
+                p.copy_(before[n])
+                p.grad = None
+    # eta* is a minimum along that step: its neighbours half a factor of 2 away are not lower (on a parabola's
+    # vertex between evaluated points, the true loss may differ from the interpolation a little)
+    direction = {}
+    pm(**batch).loss.backward()
+    for n, p in _params(pm).items():
+        direction[n] = p.grad / (p.grad.abs() + 1e-8)
+        p.grad = None
+
+    def along(eta):
+        with torch.no_grad():
+            for n, p in _params(pm).items():
+                p.copy_(before[n] - eta * direction[n])
+        return _loss(pm, batch)
+
+    at = along(s.eta)
+    assert at < s.loss_start
+    assert at <= along(s.eta * 2**0.5) + 1e-3 and at <= along(s.eta / 2**0.5) + 1e-3
+    assert at == pytest.approx(s.loss_at_eta, abs=0.05 * (s.loss_start - at))
+
+
+def test_longer_runs_get_a_smaller_lr_and_the_search_is_deterministic(tiny_model_dir):
+    pm, tok, ex = _adapters(tiny_model_dir, "lora-ga")
+    short = find_lr(pm, ex, tok.pad_token_id, start=1e-4, steps=LR_HORIZON_STEPS, batch_size=4)
+    again = find_lr(pm, ex, tok.pad_token_id, start=1e-4, steps=LR_HORIZON_STEPS, batch_size=8)  # other micro-batches
+    long = find_lr(pm, ex, tok.pad_token_id, start=1e-4, steps=6 * LR_HORIZON_STEPS, batch_size=4)
+    assert again.eta == pytest.approx(short.eta, rel=1e-3)
+    assert long.eta == short.eta
+    assert long.lr == pytest.approx(short.lr * 6**-LR_HORIZON_EXPONENT, rel=1e-3)
+    # the start only changes the walk, not where it ends (within the refinement's resolution)
+    far = find_lr(pm, ex, tok.pad_token_id, start=64 * short.eta, steps=LR_HORIZON_STEPS, batch_size=4)
+    assert abs(math.log2(far.eta / short.eta)) < 0.5
+
+
+def test_cli_lr_auto_trains_with_the_found_lr_and_resumes_with_it(tiny_model_dir, tmp_path):
+    import os
+
+    common = ("--max-steps", "4", "--warmup", "0", "--lr", "auto", "--eval-split", "0.1")
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert main(base_args(tiny_model_dir, full, *common)) == 0
+    search = json.loads((full / "lr_search.json").read_text())
+    assert search["lr"] > 0 and search["lr"] == pytest.approx(LR_FACTOR * search["eta"], rel=1e-3)
+    assert search["sequences"] == 8  # the first optimizer step's: batch 4 x grad-accum 2
+    rows = [r for r in read_metrics(full / "metrics.jsonl") if r["step"]]
+    assert rows[0]["lr"] == search["lr"]  # no warmup: step 1 trains at the peak lr, the one found
+    state = json.loads((full / "checkpoints" / "step-4" / "trainer_state.json").read_text())
+    assert state["lr"] == search["lr"]
+    assert "lr: auto" in (full / "run_config.yaml").read_text()  # the setting as given; the value is in lr_search.json
+    os.environ["QLORA_GA_STOP_AFTER"] = "2"
+    try:
+        assert main(base_args(tiny_model_dir, part, *common)) == 130
+    finally:
+        del os.environ["QLORA_GA_STOP_AFTER"]
+    assert main(base_args(tiny_model_dir, part, *common, "--resume")) == 0  # the checkpoint's lr, no new search
+    keys = ("step", "loss", "lr", "grad_norm", "eval_loss")
+    assert [{k: r.get(k) for k in keys} for r in read_metrics(part / "metrics.jsonl")] == \
+        [{k: r.get(k) for k in keys} for r in read_metrics(full / "metrics.jsonl")]
+
+
+@pytest.mark.parametrize(
+    "extra, pattern",
+    [(("--lr", "auto", "--optim", "prodigy"), r"lr auto .*--optim"), (("--lr", "fast"), r"lr must be a number > 0 or 'auto'"),
+     (("--lr", "nan"), r"lr must be"), (("--lr", "0"), r"lr must be")],
+    ids=["with-prodigy", "word", "nan", "zero"],
+)
+def test_bad_lr_is_one_line(tiny_model_dir, tmp_path, capsys, extra, pattern):
+    out = tmp_path / "run"
+    code = main(base_args(tiny_model_dir, out, "--max-steps", "1", *extra))
+    assert_clean_error(code, capsys.readouterr().err, pattern)
+    assert not out.exists()
