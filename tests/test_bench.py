@@ -132,8 +132,10 @@ def _load_report():
     return mod
 
 
-def _synthetic_runs(path: Path, runs: list[tuple], **extra):
-    """runs: (run_id, method, lr, seed, train losses, {step: eval}); 4 steps per run, as bench_convergence writes."""
+def _synthetic_runs(path: Path, runs: list[tuple], found: tuple = (), **extra):
+    """runs: (run_id, method, lr, seed, train losses, {step: eval}); 4 steps per run, as bench_convergence writes;
+    ``found``: the lr each ``lr="auto"`` run chose, in order."""
+    extra_found = list(found)
     meta = dict(bench="convergence", total_steps=4, batch_size=2, grad_accum=1, max_length=64, eval_examples=3, rank=8,
                 optim="adamw", init_samples=16, **extra)
     with open(path, "w") as f:
@@ -142,7 +144,8 @@ def _synthetic_runs(path: Path, runs: list[tuple], **extra):
             f.write(json.dumps(dict(base, kind="step", step=0, loss=None, eval_loss=evals[0])) + "\n")
             for i, loss in enumerate(losses, 1):
                 f.write(json.dumps(dict(base, kind="step", step=i, loss=loss, eval_loss=evals.get(i))) + "\n")
-            f.write(json.dumps(dict(base, kind="run", final_eval_loss=evals[4], error=None)) + "\n")
+            found = {"lr_found": extra_found.pop(0)} if lr == "auto" else {}
+            f.write(json.dumps(dict(base, kind="run", final_eval_loss=evals[4], error=None, **found)) + "\n")
         # an unfinished run (killed before its "run" row) must not count
         f.write(json.dumps(dict(meta, run_id="x", method="lora-ga", init="lora-ga", lr=1e-4, seed=2, kind="step", step=0,
                                 loss=None, eval_loss=9.0)) + "\n")
@@ -189,3 +192,19 @@ def test_bench_report_pools_seeds_and_finds_steps_to_baseline(tmp_path, capsys):
     assert held["lora-ga [16] lr 0.0001 (2 seeds)"] == pytest.approx([2.0, 1.1, 0.8])
     assert rep.main([str(tmp_path / "missing.jsonl")]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+def test_bench_report_shows_lr_auto_runs_as_their_own_row_with_the_lrs_they_chose(tmp_path):
+    rep = _load_report()
+    a = tmp_path / "a.jsonl"
+    _synthetic_runs(a, [("r1", "gaussian", 2e-3, 0, [2.0, 1.4, 1.1, 0.9], {0: 2.0, 2: 1.3, 4: 1.0}),
+                        ("r1", "gaussian", "auto", 0, [2.0, 1.3, 1.0, 0.8], {0: 2.0, 2: 1.2, 4: 0.9}),
+                        ("r1", "gaussian", "auto", 1, [2.0, 1.5, 1.2, 1.0], {0: 2.0, 2: 1.4, 4: 1.1})], found=(1.7e-3, 2.1e-3))
+    assert rep.main([str(a), "--smooth", "1", "--out", str(tmp_path / "t.md")]) == 0
+    text = (tmp_path / "t.md").read_text()
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[1:-1]]
+            for line in text.splitlines() if line.startswith("| ") and not line.startswith("| method")}
+    # seeds pooled under "auto" (each chose its own lr), never the baseline: that stays the grid run
+    assert rows["gaussian lr auto"][3] == "auto (0.0017 / 0.0021)" and rows["gaussian lr auto"][4] == "0,1"
+    assert rows["gaussian lr auto"][7] == "1.000 ± 0.100"
+    assert rows["gaussian"][3] == "**0.002**" and "Baseline: gaussian at its best lr (0.002)" in text
