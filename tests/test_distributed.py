@@ -1,5 +1,6 @@
 """Data parallelism on torch.distributed: 2 processes (gloo, CPU) against 1, through the real launcher."""
 
+import json
 import os
 import re
 import subprocess
@@ -61,16 +62,18 @@ def _metrics(out):
 @pytest.fixture(scope="module")
 def runs(tiny_model_dir, tmp_path_factory):
     """One process with grad-accum 2; two processes with grad-accum 1 (the same sequences per step); two
-    processes stopped after their first checkpoint, then resumed."""
+    processes stopped after their first checkpoint, then resumed. All with --lr auto: each process searches
+    on the whole first step's sequences and trains with the main process's lr; the resumed run takes it from
+    its checkpoint."""
     root = tmp_path_factory.mktemp("dist")
     # vanilla LoRA: the LoRA-GA init over 2 processes is only as close as the SVD of a G summed in
     # another order allows (test above); here the training itself is compared
     one = subprocess.run([sys.executable, FINETUNE, *finetune_args(tiny_model_dir, root / "one", "--batch-size", "2",
-                                                                   "--grad-accum", "2", "--init", "gaussian")],
+                                                                   "--grad-accum", "2", "--init", "gaussian", "--lr", "auto")],
                          capture_output=True, text=True, cwd=ROOT, timeout=600,
                          env=dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", CUDA_VISIBLE_DEVICES=""))
     assert one.returncode == 0, one.stderr[-3000:]
-    two_args = ("--batch-size", "2", "--grad-accum", "1", "--init", "gaussian")
+    two_args = ("--batch-size", "2", "--grad-accum", "1", "--init", "gaussian", "--lr", "auto")
     two = torchrun(2, FINETUNE, *finetune_args(tiny_model_dir, root / "two", *two_args))
     assert two.returncode == 0, two.stderr[-3000:]
     stopped = torchrun(2, FINETUNE, *finetune_args(tiny_model_dir, root / "part", *two_args), env={"QLORA_GA_STOP_AFTER": "2"})
@@ -92,6 +95,10 @@ def test_two_processes_train_like_one_process_with_grad_accum(runs):
     assert set(wa) == set(wb) and max(float((wa[k] - wb[k]).abs().max()) for k in wa) <= 1e-5
     # the main process alone wrote the run, and printed it
     assert two.stdout.count("adapter written to") == 1 and (root / "two" / "summary.json").is_file()
+    # --lr auto: the same first-step sequences, so the same lr as one process (and every process trained with it)
+    found = [json.loads((root / d / "lr_search.json").read_text()) for d in ("one", "two")]
+    assert found[0]["sequences"] == found[1]["sequences"] == 4 and found[0]["lr"] == pytest.approx(found[1]["lr"], rel=1e-3)
+    assert two.stdout.count("lr auto:") == 1
 
 
 def test_killed_after_a_checkpoint_and_resumed_under_the_launcher(runs):
@@ -99,6 +106,7 @@ def test_killed_after_a_checkpoint_and_resumed_under_the_launcher(runs):
     assert stopped.returncode != 0 and "interrupted" in stopped.stderr
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert _metrics(root / "part") == _metrics(root / "two")
+    assert "found when the run started" in resumed.stdout  # the checkpoint's lr, no second search
 
 
 def test_bad_input_under_accelerate_launch_exits_2_from_every_process_with_one_line(tiny_model_dir, tmp_path):
