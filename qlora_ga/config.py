@@ -96,7 +96,7 @@ class FinetuneConfig:
     batch_size: int = _f(4, "sequences per micro-batch during training")
     grad_accum: int = _f(4, "gradient accumulation steps (effective batch = batch_size * grad_accum)")
     lr: str | None = _f(None, f"peak learning rate, or 'auto': set from a line search along Adam's first step after the "
-                            f"init (qlora_ga/autolr.py, about 1 training step's cost); default: method default "
+                            f"init (qlora_ga/autolr.py; costs a few training steps); default: method default "
                             f"({default_lrs_text()}); with --optim prodigy {PRODIGY_LR:g} (a multiplier of its own step size)")
     epochs: float = _f(1.0, "training epochs (used when --max_steps is -1)")
     max_steps: int = _f(-1, "optimizer steps; -1: use --epochs; 0: initialise the adapters and save, no training")

@@ -70,6 +70,8 @@ def known_methods() -> dict[str, list[float]]:
             lr = method_defaults(m)["lr"]
             out[m] = [float(f"{0.4 * lr:.3g}"), lr, 2 * lr]
     return out
+
+
 AUTO = "auto"  # an lr of "auto": qlora_ga.autolr.find_lr (the --lr auto of finetune.py)
 FULL = dict(steps=300, batch_size=16, max_length=256, init_samples=128, eval_examples=256, eval_every=25,
             max_train_examples=None)
@@ -206,8 +208,9 @@ class Recorder:
 # ----------------------------------------------------------------------------- one run
 
 
-def run_one(method: str, lr: float, seed: int, args, data, device, factor_cache: dict, rec: Recorder) -> None:
-    """Train one (method, lr, seed); its step rows and its ``kind: "run"`` row go to ``rec``."""
+def run_one(method: str, lr: float | str, seed: int, args, data, device, factor_cache: dict, rec: Recorder) -> None:
+    """Train one (method, lr, seed); its step rows and its ``kind: "run"`` row go to ``rec``. ``lr`` "auto": the
+    package's ``--lr auto`` search after the init (the rows keep "auto"; the run row has ``lr_found``)."""
     from qlora_ga.methods import GRADIENT_METHODS, method_defaults
     from qlora_ga.data import sample_batch
     from qlora_ga.errors import QloraGaError
