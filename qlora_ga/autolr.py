@@ -6,7 +6,8 @@ Between init and training (docs/DESIGN.md section 5). On the sequences of the fi
    ``-lr * u`` with ``u = g / (|g| + eps)``, about ``-lr * sign(g)``, whatever the init's scale;
 2. the loss along that update, ``L(theta - eta * u)``, is evaluated (forward passes only) at ``eta``
    spaced by factors of 2 from the method's default lr, moving up or down until the middle of three
-   points is the lowest, and the minimiser ``eta*`` is read off a parabola in ``log eta``;
+   points is the lowest, and the minimiser ``eta*`` is read off a parabola in ``log eta`` (then a second
+   one at half the spacing);
 3. ``lr = LR_FACTOR * eta* * (LR_HORIZON_STEPS / steps) ** LR_HORIZON_EXPONENT`` (the last factor only for
    runs longer than ``LR_HORIZON_STEPS`` steps).
 
@@ -15,7 +16,8 @@ vanilla LoRA's (B = 0, a small random A) is about 10x LoRA-GA's (unit singular v
 The two constants are measured, not derived (docs/RESULTS.md section 8.1): ``LR_FACTOR`` from the
 50-step optima of vanilla LoRA and LoRA-GA, the horizon exponent from the 50- vs 300-step optima
 (about 2x apart for both). Cost: one forward + backward and 5-10 forward passes on one step's
-sequences, under 10% of a 50-step run.
+sequences, 6-11% of a 50-step run on the CPU benchmark. Weight decay is left out of the direction
+(AdamW's first step adds ``-lr * wd * theta``; the default wd is 0).
 """
 
 from __future__ import annotations
