@@ -8,14 +8,15 @@ Between init and training (docs/DESIGN.md section 5). On the sequences of the fi
    spaced by factors of 2 from the method's default lr, moving up or down until the middle of three
    points is the lowest, and the minimiser ``eta*`` is read off a parabola in ``log eta`` (then a second
    one at half the spacing);
-3. ``lr = LR_FACTOR * eta* * (LR_HORIZON_STEPS / steps) ** LR_HORIZON_EXPONENT`` (the last factor only for
-   runs longer than ``LR_HORIZON_STEPS`` steps).
+3. ``lr = LR_FACTOR * eta*``, whatever the run's length. A shrink for longer runs (``(50 / steps) ** 0.39``,
+   read off 300-step grids run at twice the batch, vanilla LoRA's best at the top of its grid) was
+   measured at 100 steps and dropped: there both inits did better above the shrunk lr (RESULTS.md
+   section 8.1).
 
 The adapters are restored bit for bit afterwards. ``eta*`` moves with what sets each method's best lr:
 vanilla LoRA's (B = 0, a small random A) is about 10x LoRA-GA's (unit singular vectors, stable scale).
-The two constants are measured, not derived (docs/RESULTS.md section 8.1): ``LR_FACTOR`` from the
-50-step optima of vanilla LoRA and LoRA-GA, the horizon exponent from the 50- vs 300-step optima
-(about 2x apart for both). Cost: one forward + backward and 5-10 forward passes on one step's
+``LR_FACTOR`` is measured, not derived (docs/RESULTS.md section 8.1): from the 50-step optima of
+vanilla LoRA and LoRA-GA. Cost: one forward + backward and 5-10 forward passes on one step's
 sequences, 6-11% of a 50-step run on the CPU benchmark. Weight decay is left out of the direction
 (AdamW's first step adds ``-lr * wd * theta``; the default wd is 0).
 """
@@ -33,10 +34,6 @@ from .errors import QloraGaError
 
 #: lr = LR_FACTOR * eta* (measured: RESULTS.md section 8.1)
 LR_FACTOR = 1.8
-#: runs longer than this many steps get lr * (LR_HORIZON_STEPS / steps) ** LR_HORIZON_EXPONENT: the
-#: 300-step optima are about half the 50-step ones (log 2 / log 6 = 0.39)
-LR_HORIZON_STEPS = 50
-LR_HORIZON_EXPONENT = 0.39
 #: Adam's epsilon (torch and bitsandbytes default)
 ADAM_EPS = 1e-8
 #: most loss evaluations of the search (2**MAX_POINTS spans ~6 decades of eta from the start)
@@ -49,8 +46,8 @@ class LrSearch:
 
     lr: float  # the learning rate chosen
     eta: float  # eta*: the step along Adam's first update that minimises the loss
-    factor: float  # lr / eta* (LR_FACTOR times the horizon factor)
-    steps: int  # the run's optimizer steps (the horizon)
+    factor: float  # lr / eta* (LR_FACTOR)
+    steps: int  # the run's optimizer steps (recorded; the lr does not depend on it)
     loss_start: float  # loss of the probe sequences at the init
     loss_at_eta: float  # ... after the step eta* (interpolated on the parabola)
     sequences: int
@@ -65,10 +62,6 @@ class LrSearch:
         return (f"lr auto: {self.lr:.3g} = {self.factor:.3g} x {self.eta:.3g}, the step along Adam's first update that "
                 f"minimises the loss of the first step's {self.sequences} sequences ({self.loss_start:.4f} -> "
                 f"{self.loss_at_eta:.4f}); {len(self.points)} forward passes, {self.seconds:.1f} s")
-
-
-def horizon_factor(steps: int) -> float:
-    return (LR_HORIZON_STEPS / steps) ** LR_HORIZON_EXPONENT if steps > LR_HORIZON_STEPS else 1.0
 
 
 def _vertex(lo: float, mid: float, hi: float) -> tuple[float, float]:
@@ -178,7 +171,6 @@ def find_lr(model, examples: list[dict], pad_token_id: int, *, start: float, ste
                 p.copy_(p0)
                 p.grad = g
         model.train(was_training)
-    total_factor = factor * horizon_factor(steps)
-    return LrSearch(lr=float(f"{total_factor * eta_star:.4g}"), eta=eta_star, factor=total_factor, steps=steps,
+    return LrSearch(lr=float(f"{factor * eta_star:.4g}"), eta=eta_star, factor=factor, steps=steps,
                     loss_start=loss0, loss_at_eta=at, sequences=len(examples), label_tokens=n_tok,
                     points=[[e, y] for e, y in points.items()], seconds=round(time.perf_counter() - t0, 2))
