@@ -80,7 +80,8 @@ def find_lr(model, examples: list[dict], pad_token_id: int, *, start: float, ste
     """The ``--lr auto`` learning rate of ``model``'s trainable adapters (see the module docstring).
 
     ``examples``: the first optimizer step's sequences, in micro-batches of ``batch_size``; ``start``:
-    where the search starts (the method's default lr); ``steps``: the run's optimizer steps;
+    where the search starts (the method's default lr); ``steps``: the run's optimizer steps (only
+    recorded in the result: the lr does not depend on it);
     ``gradient_checkpointing``: for the one backward, as training would (dropout is off throughout).
     """
     from .train import _autocast, _checkpointing
