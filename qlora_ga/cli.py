@@ -15,12 +15,23 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from . import distributed
 from .config import FinetuneConfig, parse_config, resolved, save_yaml, to_dict
 from .constants import ADAPTER_WEIGHTS, IGNORE_INDEX
 from .errors import QloraGaError
 from .fileio import atomic_write
 from .log import quiet_libraries
+
+
+class _Distributed:
+    """``qlora_ga.distributed``, imported on first use: the arguments are checked before torch loads."""
+
+    def __getattr__(self, name):
+        from . import distributed as module
+
+        return getattr(module, name)
+
+
+distributed = _Distributed()
 
 # The built-in demo (no --model, no --dataset, no --config): sized to finish in a few minutes on a
 # 2-core CPU. Applied only to options left at their defaults; see configs/default.yaml.
@@ -361,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     the launcher then stops the others."""
     quiet_libraries()
     code = _main(argv)
-    if distributed.launched():
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under a launcher (distributed.launched, without importing torch)
         if code == 0:
             distributed.finish()
         else:  # leave now, without waiting for processes that may sit in a collective
@@ -375,17 +386,19 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
-    where = f"process {distributed.rank()}: " if distributed.launched() else ""  # (the launcher's RANK)
+    # (the launcher's RANK, from the environment: torch is not imported before the arguments are checked)
+    main_process = os.environ.get("RANK", "0") == "0"
+    where = f"process {os.environ.get('RANK', '0')}: " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
     try:
         cfg = apply_demo_preset(parse_config(argv))
         run(cfg)
         return 0
     except QloraGaError as e:
-        if distributed.is_main():  # the same on every process
+        if main_process:  # the same on every process
             print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        if distributed.is_main():
+        if main_process:
             print("interrupted: the last checkpoint is kept; continue with --resume", file=sys.stderr)
         return 130
     except MemoryError:

@@ -10,7 +10,8 @@ def quiet_libraries():
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore", message=r".*(paged|needs CUDA|MatMul4Bit|torch.utils.checkpoint|use_reentrant).*")
     warnings.filterwarnings("ignore", category=FutureWarning)
-    for name in ("transformers", "bitsandbytes", "peft"):
+    # "kernels": bitsandbytes asks the hub for a CPU kernel at import and warns when offline (nothing to act on)
+    for name in ("transformers", "bitsandbytes", "peft", "kernels"):
         logging.getLogger(name).setLevel(logging.ERROR)
     # datasets logs parse failures with a traceback before raising; the one-line error says it all
     logging.getLogger("datasets").setLevel(logging.CRITICAL)

@@ -12,6 +12,7 @@ import hashlib
 import importlib.util
 import logging
 import os
+import struct
 from pathlib import Path
 
 import torch
@@ -123,7 +124,7 @@ def gguf_to_safetensors(gguf_path: str | os.PathLike) -> Path:
             gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.bfloat16, device_map="cpu"
         )
         tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    except (ValueError, OSError, KeyError, IndexError) as e:
+    except (ValueError, OSError, KeyError, IndexError, EOFError, struct.error) as e:  # struct.error: a truncated file
         raise QloraGaError(
             f"cannot read the GGUF file '{gguf_path}' ({_first_line(e)}): if its download was interrupted, download it "
             "again; otherwise pass the model's safetensors folder or hub id"
