@@ -19,6 +19,12 @@ vanilla LoRA's (B = 0, a small random A) is about 10x LoRA-GA's (unit singular v
 vanilla LoRA and LoRA-GA. Cost: one forward + backward and 5-10 forward passes on one step's
 sequences, 6-11% of a 50-step run on the CPU benchmark. Weight decay is left out of the direction
 (AdamW's first step adds ``-lr * wd * theta``; the default wd is 0).
+
+Nothing non-finite passes silently: a non-finite loss at the init, a non-finite gradient, or a loss that is
+non-finite at every step tried stops the search with one line (use a wider compute dtype, or pass ``--lr``).
+In fp16 the probe's backward is loss-scaled like training's GradScaler: its summed loss is scaled down by
+``SCALE_BACKOFF`` after each overflow (down to ``MIN_SCALE``) and the gradient unscaled in fp32; the scale
+used is recorded (``loss_scale``).
 """
 
 from __future__ import annotations
@@ -38,6 +44,10 @@ LR_FACTOR = 1.8
 ADAM_EPS = 1e-8
 #: most loss evaluations of the search (2**MAX_POINTS spans ~6 decades of eta from the start)
 MAX_POINTS = 20
+#: fp16: after an overflow in the probe's backward, its loss scale is multiplied by this ...
+SCALE_BACKOFF = 2.0**-4
+#: ... down to this (below it the gradient is reported as not finite)
+MIN_SCALE = 2.0**-24
 
 
 @dataclass
@@ -54,6 +64,7 @@ class LrSearch:
     label_tokens: int
     points: list[list[float]] = field(default_factory=list)  # [eta, loss] evaluated, in order
     seconds: float = 0.0
+    loss_scale: float = 1.0  # the probe's backward ran on the summed loss times this (< 1 after an fp16 overflow)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -61,7 +72,50 @@ class LrSearch:
     def line(self) -> str:
         return (f"lr auto: {self.lr:.3g} = {self.factor:.3g} x {self.eta:.3g}, the step along Adam's first update that "
                 f"minimises the loss of the first step's {self.sequences} sequences ({self.loss_start:.4f} -> "
-                f"{self.loss_at_eta:.4f}); {len(self.points)} forward passes, {self.seconds:.1f} s")
+                f"{self.loss_at_eta:.4f}); {len(self.points)} forward passes, {self.seconds:.1f} s"
+                + (f"; gradient at loss scale 2^{math.log2(self.loss_scale):.0f} (fp16 overflow)" if self.loss_scale < 1 else ""))
+
+
+def _hint(fp16: bool) -> str:
+    what = "use --compute-dtype bf16 or fp32" if fp16 else "check the data and the model weights"
+    return f": {what}, or pass --lr NUMBER"
+
+
+def _probe_gradient(model, batches, counts, params, device, compute_dtype, fp16: bool):
+    """``(summed token loss, [summed loss's gradient of each param, fp32], loss scale)`` at the current adapters.
+
+    One forward + backward per micro-batch of the summed token loss (O(1) per token). In fp16 a backward
+    that overflows is redone with the loss scaled down (``SCALE_BACKOFF``, as GradScaler backs off; the
+    scale stays down for the next micro-batches) and the gradient is unscaled in fp32. A non-finite loss,
+    or a gradient still not finite (at ``MIN_SCALE`` in fp16), raises :class:`QloraGaError`.
+    """
+    from .train import _autocast
+
+    total = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in params]
+    loss_sum, scale = 0.0, 1.0
+    for b, n in zip(batches, counts):
+        while True:
+            for p in params:
+                p.grad = None
+            with _autocast(device, compute_dtype):
+                loss = model(**b).loss.float() * n  # the summed token loss: O(1) per token, no fp16 underflow
+            if not torch.isfinite(loss):
+                raise QloraGaError(f"--lr auto: the loss of the first step's sequences is not finite at the init "
+                                   f"({loss.item()}){' in fp16' if fp16 else ''}{_hint(fp16)}")
+            (loss * scale).backward()
+            grads = [p.grad for p in params if p.grad is not None]
+            if not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):  # one sync
+                break
+            if not fp16 or scale * SCALE_BACKOFF < MIN_SCALE:
+                scaled = f" even with the loss scaled by 2^{math.log2(scale):.0f}" if fp16 else ""
+                raise QloraGaError(f"--lr auto: the adapters' gradient on the first step's sequences is not finite "
+                                   f"(NaN/inf) at the init{scaled}{_hint(fp16)}")
+            scale *= SCALE_BACKOFF
+        for t, p in zip(total, params):
+            if p.grad is not None:
+                t.add_(p.grad.float() if scale == 1 else p.grad.float() / scale)
+        loss_sum += loss.item()
+    return loss_sum, total, scale
 
 
 def _vertex(lo: float, mid: float, hi: float) -> tuple[float, float]:
@@ -88,6 +142,7 @@ def find_lr(model, examples: list[dict], pad_token_id: int, *, start: float, ste
 
     t0 = time.perf_counter()
     params = [p for p in model.parameters() if p.requires_grad]
+    fp16 = compute_dtype == torch.float16 or any(p.dtype == torch.float16 for p in model.parameters())
     device = params[0].device
     batches = [collate(examples[i : i + batch_size], pad_token_id) for i in range(0, len(examples), batch_size)]
     counts = [count_label_tokens(b["labels"]) for b in batches]
@@ -110,17 +165,12 @@ def find_lr(model, examples: list[dict], pad_token_id: int, *, start: float, ste
             _checkpointing(model, True)
         else:
             model.eval()
-        loss0 = 0.0
-        for b, n in zip(batches, counts):
-            with _autocast(device, compute_dtype):
-                loss = model(**b).loss * n  # the summed token loss: O(1) per token, no fp16 underflow
-            loss.backward()
-            loss0 += loss.item()
+        loss0, total, scale = _probe_gradient(model, batches, counts, params, device, compute_dtype, fp16)
         loss0 /= n_tok
         model.eval()  # no dropout: the same loss function at every eta
         # Adam's first step direction (bias-corrected m / sqrt(v) = g / |g|), from the mean gradient
-        direction = [torch.zeros_like(p) if p.grad is None else (p.grad / n_tok) / ((p.grad / n_tok).abs() + ADAM_EPS)
-                     for p in params]
+        direction = [((t / n_tok) / ((t / n_tok).abs() + ADAM_EPS)).to(p.dtype) for t, p in zip(total, params)]
+        del total
         if not any(bool(d.any()) for d in direction):
             raise QloraGaError("--lr auto: the adapters get no gradient on the first step's sequences: pass --lr")
 
@@ -156,6 +206,12 @@ def find_lr(model, examples: list[dict], pad_token_id: int, *, start: float, ste
                 eta /= 2
             else:
                 break
+        if not math.isfinite(f(eta)):  # the walk stops at once when every point is inf: never a silent lr
+            tried = sorted(points)
+            raise QloraGaError(
+                f"--lr auto: the loss is not finite after any step tried along Adam's first update ({len(tried)} "
+                f"steps from {tried[0]:g} to {tried[-1]:g}; {loss0:.4f} at the init){_hint(fp16)}"
+            )
         # the vertex of a parabola in log(eta) through three points, then once more at half the spacing
         # around the nearer half-step point (the loss rises faster above eta* than below: a wide
         # parabola's vertex sits low)
@@ -174,4 +230,5 @@ def find_lr(model, examples: list[dict], pad_token_id: int, *, start: float, ste
         model.train(was_training)
     return LrSearch(lr=float(f"{factor * eta_star:.4g}"), eta=eta_star, factor=factor, steps=steps,
                     loss_start=loss0, loss_at_eta=at, sequences=len(examples), label_tokens=n_tok,
-                    points=[[e, y] for e, y in points.items()], seconds=round(time.perf_counter() - t0, 2))
+                    points=[[e, y] for e, y in points.items()], seconds=round(time.perf_counter() - t0, 2),
+                    loss_scale=scale)

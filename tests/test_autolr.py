@@ -125,3 +125,82 @@ def test_bad_lr_is_one_line(tiny_model_dir, tmp_path, capsys, extra, pattern):
     code = main(base_args(tiny_model_dir, out, "--max-steps", "1", *extra))
     assert_clean_error(code, capsys.readouterr().err, pattern)
     assert not out.exists()
+
+
+# ------------------------------------------------------------------ nothing non-finite passes silently
+
+
+def _on_output(module, fn):
+    """Forward hook on ``module`` whose output becomes ``fn(output)``."""
+    return module.register_forward_hook(lambda m, args, out: fn(out))
+
+
+def _grad_times(k):
+    """``fn`` for :func:`_on_output`: the output's gradient is multiplied by ``k`` on its way back."""
+    def fn(out):
+        if out.requires_grad:
+            out.register_hook(lambda g: g * k)
+        return out
+    return fn
+
+
+def _assert_one_line(err, *parts):
+    msg = str(err.value)
+    assert "\n" not in msg and all(p in msg for p in parts), msg
+
+
+@pytest.mark.parametrize("where", ["start", "every-step"])
+def test_a_non_finite_loss_stops_the_search_with_one_line(tiny_model_dir, where):
+    from qlora_ga.errors import QloraGaError
+
+    pm, tok, ex = _adapters(tiny_model_dir, "gaussian")
+    # "start": the loss is inf at the init; "every-step": finite at the init (its backward runs with grad),
+    # inf after every step along Adam's first update (the probes run without grad)
+    _on_output(pm.get_output_embeddings(),
+               lambda out: out + math.inf if where == "start" or not torch.is_grad_enabled() else out)
+    with pytest.raises(QloraGaError) as err:
+        find_lr(pm, ex, tok.pad_token_id, start=1e-3, steps=20, batch_size=4)
+    if where == "start":
+        _assert_one_line(err, "--lr auto: the loss of the first step's sequences is not finite at the init (nan)", "pass --lr NUMBER")
+    else:  # (it used to return 1.8 x the start without a word)
+        _assert_one_line(err, "--lr auto: the loss is not finite after any step tried along Adam's first update (3 steps from 0.0005 to 0.002",
+                         "pass --lr NUMBER")
+
+
+def test_a_non_finite_gradient_stops_the_search_with_one_line(tiny_model_dir):
+    from qlora_ga.errors import QloraGaError
+
+    pm, tok, ex = _adapters(tiny_model_dir, "gaussian")
+    _on_output(pm.base_model.model.model.norm, _grad_times(math.nan))
+    with pytest.raises(QloraGaError) as err:
+        find_lr(pm, ex, tok.pad_token_id, start=1e-3, steps=20, batch_size=4)
+    _assert_one_line(err, "--lr auto: the adapters' gradient on the first step's sequences is not finite (NaN/inf) at the init",
+                     "pass --lr NUMBER")
+
+
+def _assert_overflow_is_scaled_away(model_dir, device):
+    # the top block's gradient x 1e6 overflows fp16 (max 65504; measured |dL/dh| <= 0.3 per token of the
+    # summed loss): the probe's backward backs off its loss scale, and the search ends where it ends without
+    # the overflow (the adapters all sit below the hook: their gradient's signs, Adam's first step, are kept)
+    model, tok = load_model(model_dir, compute_dtype="fp16", device=device)
+    ex = random_examples(len(tok), n=2)  # short: fp16 matmuls are slow on the CPU
+    torch.manual_seed(0)
+    pm = init_adapters(model, None, method="gaussian", rank=4, alpha=16)
+    k = [1.0]
+    _on_output(model.model.norm, lambda out: _grad_times(k[0])(out))
+    plain = find_lr(pm, ex, tok.pad_token_id, start=1e-3, steps=20, batch_size=2, compute_dtype=torch.float16)
+    k[0] = 1e6
+    big = find_lr(pm, ex, tok.pad_token_id, start=1e-3, steps=20, batch_size=2, compute_dtype=torch.float16)
+    assert plain.loss_scale == 1 and big.loss_scale < 1 and big.as_dict()["loss_scale"] == big.loss_scale
+    assert "fp16 overflow" in big.line() and "overflow" not in plain.line()
+    assert big.loss_start == plain.loss_start
+    assert big.eta == pytest.approx(plain.eta, rel=2e-2)  # measured 2.0e-3 on the CPU (fp16 rounding of the gradient)
+
+
+def test_fp16_overflow_in_the_probe_backward_is_scaled_away_on_the_cpu(tiny_model_dir):
+    _assert_overflow_is_scaled_away(tiny_model_dir, "cpu")
+
+
+@pytest.mark.cuda
+def test_fp16_overflow_in_the_probe_backward_is_scaled_away_on_cuda(tiny_model_dir):
+    _assert_overflow_is_scaled_away(tiny_model_dir, "cuda")
