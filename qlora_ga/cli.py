@@ -250,6 +250,12 @@ def _estimate_and_init(model, tok, data, cfg: FinetuneConfig, targets: list[str]
         init_report = asdict(report)
         _say(f"gradient pass: {report.n_sequences} sequences, {report.n_label_tokens} label tokens, "
              f"{report.seconds:.1f} s, sample loss {report.loss:.4f}")
+        zero = report.zero_gradient_modules
+        if zero:
+            names = ", ".join(zero[:3]) + (f" and {len(zero) - 3} more" if len(zero) > 3 else "")
+            _say(f"note: {len(zero)} of {len(factors)} target modules got no gradient from the init sample ({names})"
+                 + ("; they start as vanilla LoRA (random A, B = 0)" if cfg.init in GRADIENT_METHODS else "")
+                 + "; listed in init_report.json")
         if by_gradient:
             pattern = _allocate_ranks(factors, cfg, init_report)
         if cfg.init not in GRADIENT_METHODS:

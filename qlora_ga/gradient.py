@@ -81,6 +81,14 @@ class PassReport:
     peak_gpu_bytes: int | None = None
     peak_host_rss_bytes: int | None = None  # the process's peak RSS so far (includes the model itself)
     modules: dict = field(default_factory=dict)  # name -> {"shape", "grad_norm", "top_singular_values", "svd_seconds"}
+    # modules whose gradient is exactly zero (nothing of the sample reached them; the inits start them as vanilla LoRA)
+    zero_gradient_modules: list = field(default_factory=list)
+
+
+def has_no_gradient(f) -> bool:
+    """Whether a reduced module's gradient was exactly zero (``Factors`` or a start with ``grad_norm``): no direction."""
+    S = getattr(f, "S", None)
+    return f.grad_norm == 0 or (S is not None and S.numel() > 0 and float(S[0]) == 0)
 
 
 # ------------------------------------------------------------------ live gradient accounting
@@ -558,11 +566,15 @@ def _report_modules(report: PassReport, block: dict[str, object]):
             }
             if hasattr(f, "objective_end"):
                 report.modules[name]["adam_objective"] = [f.objective_start, f.objective_end]
+            if has_no_gradient(f):
+                report.zero_gradient_modules.append(name)
 
 
 def _finish_report(report: PassReport, ledger: _GradLedger, setup: _PassSetup, t0: float):
     """Step 5, after the pass: peak live gradient bytes, store buffers, time, peak GPU memory and host RSS."""
     report.peak_live_grad_bytes = ledger.peak
+    order = {n: i for i, n in enumerate(n for block in setup.blocks for n in block)}
+    report.zero_gradient_modules.sort(key=lambda n: order.get(n, len(order)))  # the model's order
     report.state_buffers = setup.pool.allocated
     report.seconds = time.perf_counter() - t0
     if setup.device.type == "cuda":

@@ -22,6 +22,12 @@ Methods (G is a module's m x n mean gradient, ``G ~= U diag(S) V^T``):
   scaled gradient step at init (``residual=True`` keeps it unchanged instead).
 - ``gaussian`` / ``kaiming`` (vanilla LoRA, PEFT's own init): ``B = 0``, ``A`` random; no gradient pass.
 
+A module whose gradient is exactly zero (a layer whose output does not reach the loss, an expert no
+token of the sample reached) has no direction to start from (LoRA-One would divide by ``S[0] = 0``,
+LoRA-GA would take arbitrary singular vectors): it gets vanilla LoRA's start instead (PEFT's kaiming
+``A``, ``B = 0``; the residual, if any, is then zero), and is listed in ``qlora_ga_init["vanilla_modules"]``
+(and in the gradient pass's report, ``PassReport.zero_gradient_modules``).
+
 Adapters are PEFT's (``LoraConfig`` + ``get_peft_model``); only their starting values are set here.
 """
 
@@ -36,7 +42,7 @@ from torch import nn
 
 from .constants import DEFAULT_TARGETS, PEFT_PREFIX
 from .errors import QloraGaError
-from .gradient import Factors, svd_reducer
+from .gradient import Factors, has_no_gradient, svd_reducer
 from .methods import GRADIENT_METHODS, METHOD_DEFAULTS, METHODS
 from .model import resolve_targets
 from .residual import attach_residual
@@ -74,6 +80,34 @@ def lora_one_factors(f: Factors, rank: int, gamma: float) -> tuple[torch.Tensor,
     """``(A0, B0)`` of LoRA-One from the SVD factors of G (the SVD of -G is (-U) S V^T)."""
     w = torch.sqrt(f.S[:rank] / f.S[0]) / gamma**0.5
     return w[:, None] * f.V[:, :rank].T, -f.U[:, :rank] * w
+
+
+ADAM_NEEDS_STARTS = ("init 'lora-ga-adam' computes its start inside the gradient pass: estimate with "
+                     "reducer=factor_reducer('lora-ga-adam', rank)")
+
+
+def lora_ga_adam_factors(f: Factors, rank: int, gamma: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """lora-ga-adam's start is optimised against G inside the gradient pass; plain SVD factors cannot give it."""
+    raise QloraGaError(ADAM_NEEDS_STARTS)
+
+
+#: ``(A0, B0)`` from a module's SVD factors, per gradient init method; a method missing here is an error
+#: (never another method's formula)
+START_FORMULAS = {
+    "lora-ga": lora_ga_factors,
+    "lora-ga-sign": lora_ga_factors,  # on the SVD of sign(G) (svd_transform)
+    "lora-ga-peft": lora_ga_peft_factors,
+    "lora-ga-adam": lora_ga_adam_factors,  # (its StartFactors are used as they are)
+    "lora-one": lora_one_factors,
+}
+
+
+def start_formula(method: str):
+    """The ``(A0, B0)`` formula of a gradient init method (:data:`START_FORMULAS`); one line for any other."""
+    try:
+        return START_FORMULAS[method]
+    except KeyError:
+        raise QloraGaError(f"init '{method}' has no start formula: choose one of {', '.join(START_FORMULAS)}") from None
 
 
 @dataclass
@@ -186,6 +220,9 @@ def init_adapters(
     gradient_method = method in GRADIENT_METHODS
     if gradient_method and not factors:
         raise QloraGaError(f"init '{method}' needs the gradient factors: run estimate_factors first")
+    make = start_formula(method) if gradient_method else None  # before the model is touched
+    if make is lora_ga_adam_factors and not all(isinstance(f, StartFactors) for f in factors.values()):
+        raise QloraGaError(ADAM_NEEDS_STARTS)
     use_rslora = gradient_method if use_rslora is None else use_rslora
     residual = method.startswith("lora-ga") if residual is None else residual
     gamma = METHOD_DEFAULTS[method]["gamma"] if gamma is None else gamma
@@ -204,7 +241,7 @@ def init_adapters(
     missing = sorted(set(layers) - set(factors))
     if missing:
         raise QloraGaError(f"no gradient factors for {missing[0]} (and {len(missing) - 1} more): estimate with the same --target-modules")
-    make = {"lora-one": lora_one_factors, "lora-ga-peft": lora_ga_peft_factors}.get(method, lora_ga_factors)
+    vanilla = []  # modules with a zero gradient: PEFT's own (kaiming A, B = 0) start, as --init kaiming
     with torch.no_grad():
         for name, layer in layers.items():
             f = factors[name]
@@ -214,14 +251,21 @@ def init_adapters(
                                    "estimate with n_vectors >= singular_vectors_needed(method, its rank)")
             if isinstance(f, StartFactors) and tuple(f.A0.shape) != (r, f.shape[1]):
                 raise QloraGaError(f"{name}: the {method} start has rank {f.A0.shape[0]}, the adapter {r}")
-            A0, B0 = (f.A0, f.B0) if isinstance(f, StartFactors) else make(f, r, gamma)
             lora_A, lora_B = layer.lora_A["default"], layer.lora_B["default"]
-            lora_A.weight.copy_(A0.to(lora_A.weight.device, lora_A.weight.dtype))
-            lora_B.weight.copy_(B0.to(lora_B.weight.device, lora_B.weight.dtype))
+            if has_no_gradient(f):
+                vanilla.append(name)  # (A, B) stay as PEFT made them
+            else:
+                A0, B0 = (f.A0, f.B0) if isinstance(f, StartFactors) else make(f, r, gamma)
+                if not (torch.isfinite(A0).all() and torch.isfinite(B0).all()):
+                    raise QloraGaError(f"the {method} start of {name} is not finite (gradient norm {f.grad_norm:.3g}): "
+                                       "check the data and the model weights, or use --init kaiming")
+                lora_A.weight.copy_(A0.to(lora_A.weight.device, lora_A.weight.dtype))
+                lora_B.weight.copy_(B0.to(lora_B.weight.device, lora_B.weight.dtype))
             if residual:
                 # the frozen copy is made from the very values the adapter starts from (rounded to the
                 # compute dtype, as autocast rounds them), so the branch is exactly zero at init
                 attach_residual(layer, lora_A.weight, lora_B.weight, dtype=compute_dtype)
     peft_model.qlora_ga_init = {"method": method, "rank": rank, "alpha": alpha, "gamma": gamma,
-                                "use_rslora": use_rslora, "residual": residual, "rank_pattern": dict(rank_pattern or {})}
+                                "use_rslora": use_rslora, "residual": residual, "rank_pattern": dict(rank_pattern or {}),
+                                "vanilla_modules": vanilla}
     return peft_model

@@ -440,3 +440,77 @@ def test_padding_already_inside_examples_changes_nothing(qmodel):
     assert max(rel(b[n], a[n]) for n in a) < 1e-5  # only the summation order differs
     with pytest.raises(QloraGaError, match="same length"):
         gradient_pass(model, [{"input_ids": [1, 2, 3], "labels": [1, 2]}], lambda n, g: g, progress=False)
+
+
+# ------------------------------------------------------------------ no silent fallbacks in the init
+
+
+DEAD = "model.layers.1.self_attn.v_proj"
+
+
+@pytest.fixture(scope="module")
+def dead_module_pass(tiny_model_dir):
+    """The gradient pass with one target module whose gradient is zero: its report and every module's G."""
+    from qlora_ga.gradient import svd_reducer
+
+    model, tok = load_model(tiny_model_dir)
+    # its output still reaches the logits, its gradient does not (as an unused layer, an expert no token reached)
+    target_linears(model)[DEAD].register_forward_hook(lambda m, args, out: out.detach())
+    G, report = {}, PassReport()
+
+    def reduce(name, g):
+        G[name] = g.clone()
+        return svd_reducer(8)(name, g)
+
+    estimate_factors(model, make_examples(len(tok)), rank=4, micro_batch_size=4, progress=False, report=report, reducer=reduce)
+    return G, report
+
+
+@pytest.mark.parametrize("method", ["lora-ga", "lora-ga-adam", "lora-one"])  # SVD factors + residual, direct starts, no residual
+def test_a_module_without_gradient_starts_as_vanilla_lora_and_is_reported(tiny_model_dir, dead_module_pass, method):
+    from qlora_ga.init import factor_reducer
+
+    G, report = dead_module_pass
+    assert report.zero_gradient_modules == [DEAD] and torch.count_nonzero(G[DEAD]) == 0
+    assert report.modules[DEAD]["grad_norm"] == 0 and len(G) == 21
+    reduce = factor_reducer(method, 4, adam_steps=5)
+    factors = {n: reduce(n, g) for n, g in G.items()}
+    model, _ = load_model(tiny_model_dir)
+    torch.manual_seed(0)
+    pm = init_adapters(model, factors, method=method, rank=4, alpha=16)
+    assert pm.qlora_ga_init["vanilla_modules"] == [DEAD]
+    x = torch.randn(2, 5, 64)
+    for name, layer in lora_layers(pm).items():
+        A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+        assert torch.isfinite(A).all() and torch.isfinite(B).all(), name  # (LoRA-One's were NaN: S / S[0] = 0 / 0)
+        if name == DEAD:  # vanilla LoRA's start (PEFT's kaiming A, B = 0): the layer computes what its base does
+            assert torch.count_nonzero(B) == 0 and torch.count_nonzero(A) == A.numel()
+            with torch.no_grad():
+                assert torch.equal(layer(x), layer.base_layer(x))
+        else:
+            assert torch.count_nonzero(B) > 0, name
+    assert len(list(iter_residuals(pm))) == (0 if method == "lora-one" else 21)
+
+
+def test_an_init_method_without_its_start_formula_is_an_error_not_lora_ga(fresh_model, monkeypatch):
+    import qlora_ga.init as init_mod
+    from qlora_ga.gradient import svd_reducer
+    from qlora_ga.methods import GRADIENT_METHODS, METHOD_DEFAULTS, METHODS
+
+    model, tok = fresh_model
+    g = torch.Generator().manual_seed(0)
+    factors = {n: svd_reducer(8, "exact")(n, torch.randn(m.out_features, m.in_features, generator=g))
+               for n, m in target_linears(model).items()}
+    with pytest.raises(QloraGaError, match=r"^init 'pissa' has no start formula: choose one of lora-ga, "):
+        init_mod.start_formula("pissa")
+    # a method added to the table of methods but not to the formulas (it used to get LoRA-GA's start, unsaid)
+    monkeypatch.setattr(init_mod, "METHODS", (*METHODS, "lora-new"))
+    monkeypatch.setattr(init_mod, "GRADIENT_METHODS", (*GRADIENT_METHODS, "lora-new"))
+    monkeypatch.setattr(init_mod, "METHOD_DEFAULTS", {**METHOD_DEFAULTS, "lora-new": METHOD_DEFAULTS["lora-ga"]})
+    with pytest.raises(QloraGaError, match=r"^init 'lora-new' has no start formula") as e:
+        init_adapters(model, factors, method="lora-new", rank=4)
+    assert "\n" not in str(e.value)
+    # lora-ga-adam's start is optimised inside the pass: plain SVD factors are an error (they gave LoRA-GA's start)
+    with pytest.raises(QloraGaError, match=r"^init 'lora-ga-adam' computes its start inside the gradient pass"):
+        init_adapters(model, factors, method="lora-ga-adam", rank=4)
+    assert not lora_layers(model)  # the model was not touched
