@@ -178,12 +178,30 @@ def make_micro_batches(examples: Sequence[dict], micro_batch_size: int, pad_toke
 
     if micro_batch_size < 1:
         raise QloraGaError(f"micro-batch size must be >= 1, got {micro_batch_size}")
+    _check_examples(examples)
+    rows = sorted(examples, key=lambda ex: -len(ex["input_ids"]))
+    return [collate(rows[i : i + micro_batch_size], pad_token_id) for i in range(0, len(rows), micro_batch_size)]
+
+
+def _check_examples(examples: Sequence[dict]):
     for ex in examples:
         lengths = {len(ex[k]) for k in ("input_ids", "labels", "attention_mask") if k in ex}
         if len(lengths) != 1 or "labels" not in ex:
             raise QloraGaError("every example needs input_ids and labels of the same length (and attention_mask, if any): fix the data collation")
-    rows = sorted(examples, key=lambda ex: -len(ex["input_ids"]))
-    return [collate(rows[i : i + micro_batch_size], pad_token_id) for i in range(0, len(rows), micro_batch_size)]
+
+
+def split_sample(examples: Sequence[dict], world: int, rank: int) -> list[dict]:
+    """Process ``rank``'s share of the gradient sample: sequences ``rank, rank + world, ...`` of the length-sorted sample.
+
+    Every process gets ``floor`` or ``ceil(len(examples) / world)`` sequences of a like spread of lengths, whatever
+    the micro-batch size (each process then makes its own micro-batches of at most that size); fewer sequences
+    than processes is an error. With one process: the whole sample.
+    """
+    if len(examples) < world:
+        raise QloraGaError(f"the gradient sample has {len(examples)} sequences for {world} processes: "
+                           f"raise --init-samples to at least {world}")
+    rows = sorted(examples, key=lambda ex: -len(ex["input_ids"]))  # stable: ties keep the sample's order
+    return rows[rank::world]
 
 
 # ------------------------------------------------------------------ state store
@@ -451,14 +469,13 @@ def _plan_pass(model, examples, target_modules, micro_batch_size, pad_token_id, 
 
 
 def _share_of_sample(examples, micro_batch_size: int, pad_token_id: int) -> tuple[list[dict], tuple[int, int, int]]:
-    """This process's micro-batches (every world-th), and (label tokens, sequences, padded tokens) over all processes."""
-    batches = make_micro_batches(examples, micro_batch_size, pad_token_id)
-    if len(batches) < distributed.world():
-        raise QloraGaError(
-            f"the gradient sample has {len(batches)} micro-batches for {distributed.world()} processes: "
-            "raise --init-samples or lower --init-micro-batch"
-        )
-    batches = batches[distributed.rank() :: distributed.world()]
+    """This process's micro-batches (of its :func:`split_sample` share), and (label tokens, sequences, padded tokens)
+    over all processes."""
+    if micro_batch_size < 1:
+        raise QloraGaError(f"micro-batch size must be >= 1, got {micro_batch_size}")
+    _check_examples(examples)  # all of them, on every process: the same error everywhere
+    share = split_sample(examples, distributed.world(), distributed.rank())
+    batches = make_micro_batches(share, micro_batch_size, pad_token_id)
     counts = tuple(int(v) for v in distributed.sum_values(
         sum(count_label_tokens(b["labels"]) for b in batches), sum(len(b["input_ids"]) for b in batches),
         sum(b["input_ids"].numel() for b in batches)))

@@ -9,7 +9,7 @@ from qlora_ga.gradient import svd_reducer
 from qlora_ga.init import lora_ga_factors
 
 
-def main(model_dir: str, out: str):
+def main(model_dir: str, out: str, micro_batch_size: str = "2"):
     distributed.init()
     model, tok = load_model(model_dir, device="cpu")
     g = torch.Generator().manual_seed(0)
@@ -22,7 +22,8 @@ def main(model_dir: str, out: str):
         A0, B0 = lora_ga_factors(svd_reducer(8, "exact")(name, G), 4, 16.0)
         return G.clone(), B0 @ A0
 
-    res = gradient_pass(model, examples, reduce, micro_batch_size=2, pad_token_id=tok.pad_token_id, progress=False)
+    res = gradient_pass(model, examples, reduce, micro_batch_size=int(micro_batch_size), pad_token_id=tok.pad_token_id,
+                        progress=False)
     torch.save({"G": {n: v[0] for n, v in res.items()}, "BA": {n: v[1] for n, v in res.items()},
                 "world": distributed.world()}, f"{out}.rank{distributed.rank()}")
     distributed.finish()

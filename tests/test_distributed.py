@@ -22,8 +22,10 @@ def torchrun(nproc: int, *args, timeout: int = 600, env: dict | None = None) -> 
 
 def test_two_process_gradient_pass_equals_one_process(tiny_model_dir, tmp_path):
     worker = str(ROOT / "tests" / "_dist_pass.py")
-    for n in (1, 2):
-        res = torchrun(n, worker, str(tiny_model_dir), str(tmp_path / f"p{n}"))
+    # 10 sequences; one process in micro-batches of 2, two in micro-batches of up to 16: 5 sequences each (the
+    # sample splits by sequences whatever the micro-batch size; it used to stop, "1 micro-batches for 2 processes")
+    for n, micro_batch in ((1, "2"), (2, "16")):
+        res = torchrun(n, worker, str(tiny_model_dir), str(tmp_path / f"p{n}"), micro_batch)
         assert res.returncode == 0, res.stderr[-3000:]
     one = torch.load(tmp_path / "p1.rank0")
     two = [torch.load(tmp_path / f"p2.rank{r}") for r in (0, 1)]
@@ -135,3 +137,23 @@ def test_a_failure_on_one_process_ends_every_process(tiny_model_dir, tmp_path):
     assert len(codes) == 2 and "2" in codes and set(codes) <= {"2", "1", "-15"}, res.stderr[-3000:]
     # process 1 failed after step 2's gradient average: process 0 logged step 2, then stopped in step 3's
     assert [r[0] for r in _metrics(tmp_path / "o")] == [0, 1, 2] and not (tmp_path / "o" / "adapter").exists()
+
+
+# ------------------------------------------------------------------ the gradient sample's split over processes
+
+
+def test_the_gradient_sample_splits_by_sequences_whatever_the_micro_batch():
+    from qlora_ga import QloraGaError
+    from qlora_ga.gradient import make_micro_batches, split_sample
+
+    sample = [{"input_ids": [5] * (3 + 7 * i % 5), "labels": [5] * (3 + 7 * i % 5)} for i in range(8)]
+    by_length = sorted(sample, key=lambda ex: -len(ex["input_ids"]))
+    assert split_sample(sample, 1, 0) == by_length  # one process: the whole sample
+    shares = [split_sample(sample, 2, r) for r in (0, 1)]
+    # --init-samples 8 --init-micro-batch 8 over 2 processes: 4 sequences and one micro-batch each, every sequence once
+    assert [len(s) for s in shares] == [4, 4] and [len(make_micro_batches(s, 8)) for s in shares] == [1, 1]
+    assert sorted(map(id, shares[0] + shares[1])) == sorted(map(id, sample))
+    assert shares[0] == by_length[0::2] and shares[1] == by_length[1::2]  # a like spread of lengths on each
+    assert [len(split_sample(sample[:5], 4, r)) for r in range(4)] == [2, 1, 1, 1]  # floor or ceil of 5 / 4
+    with pytest.raises(QloraGaError, match=r"^the gradient sample has 1 sequences for 2 processes: raise --init-samples to at least 2$"):
+        split_sample(sample[:1], 2, 1)
