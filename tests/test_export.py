@@ -316,3 +316,84 @@ def test_base_tensor_dtypes_come_from_the_shard_headers(tmp_path):
     save_file(tensors, str(tmp_path / "model.safetensors"))
     found = base_tensors(tmp_path)
     assert {k: (v.dtype, list(v.shape)) for k, v in found.items()} == {k: (t.dtype, [2, 3]) for k, t in tensors.items()}
+
+
+# ----------------------------------------------------------------------------- what export.py's --out may be
+
+
+def _tree(folder: Path) -> dict:
+    """Every file below ``folder`` with its bytes (to show that nothing in it changed)."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _refused(capsys, *argv) -> str:
+    """Run export.py's main, which must refuse with one error line; that line."""
+    assert export.main(list(map(str, argv))) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and "Traceback" not in err, err
+    return err.strip()
+
+
+def test_export_out_never_replaces_a_run_a_model_or_foreign_files(trained, tiny_model_dir, tmp_path, capsys):
+    run = tmp_path / "run"  # a training run's folder, its final adapter inside
+    shutil.copytree(trained["plain"], run / "adapter")
+    (run / "checkpoints" / "step-2").mkdir(parents=True)
+    (run / "checkpoints" / "step-2" / "optimizer.pt").write_bytes(b"optimizer state")
+    (run / "run_config.yaml").write_text("rank: 4\n")
+    (run / "metrics.jsonl").write_text('{"step": 1}\n')
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model_dir, base)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    before = {d: _tree(d) for d in (run, base, other)}
+
+    err = _refused(capsys, "--adapter", run / "adapter", "--out", run, "--merge", "--base", base)
+    assert err == (f"error: --out '{run}' would replace the adapter or model folder (it holds the adapter folder "
+                   f"'{run / 'adapter'}'): choose another --out")
+    err = _refused(capsys, "--adapter", trained["plain"], "--base", base, "--out", base, "--merge")
+    assert err == (f"error: --out '{base}' would replace the adapter or model folder (it is the base model folder "
+                   f"'{base}'): choose another --out")
+    err = _refused(capsys, "--adapter", trained["plain"], "--base", base, "--out", base / "merged", "--merge")
+    assert err == f"error: --out '{base / 'merged'}' is inside the base model folder '{base}': choose another --out"
+    err = _refused(capsys, "--adapter", run / "adapter", "--out", run / "adapter" / "copy")
+    assert err == (f"error: --out '{run / 'adapter' / 'copy'}' is inside the adapter folder '{run / 'adapter'}': "
+                   "choose another --out")
+    err = _refused(capsys, "--adapter", trained["plain"], "--out", run)
+    assert err == f"error: --out '{run}' holds a training run (run_config.yaml, checkpoints, metrics.jsonl): choose another --out"
+    err = _refused(capsys, "--adapter", trained["plain"], "--out", base, "--merge")  # a model, not the merge's base
+    assert err == f"error: --out '{base}' holds a model (config.json, model.safetensors): choose another --out"
+    err = _refused(capsys, "--adapter", trained["plain"], "--out", other)
+    assert err == f"error: --out '{other}' holds files qlora-ga did not write (notes.txt): choose another --out"
+    err = _refused(capsys, "--adapter", trained["plain"], "--out", other / "notes.txt")
+    assert err == f"error: --out '{other / 'notes.txt'}' is a file, not a folder: choose another --out"
+    assert {d: _tree(d) for d in (run, base, other)} == before
+    assert not [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
+
+    empty = tmp_path / "empty"  # an empty folder is fine
+    empty.mkdir()
+    assert export.main(["--adapter", str(trained["plain"]), "--out", str(empty)]) == 0
+    assert (empty / "adapter_model.safetensors").is_file()
+
+
+def test_export_overwrite_replaces_only_an_earlier_export_of_the_same_kind(trained, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert export.main(["--adapter", str(trained["plain"]), "--out", str(out)]) == 0
+    assert export.read_metadata(out)["format"] == "qlora-ga-adapter"  # the marker of an adapter export
+    err = _refused(capsys, "--adapter", trained["res"], "--out", out)
+    assert err == f"error: --out '{out}' holds an earlier adapter export: pass --overwrite to replace it, or choose another --out"
+    assert export.read_metadata(out)["has_residual"] is False  # untouched
+    err = _refused(capsys, "--adapter", trained["res"], "--out", out, "--merge", "--overwrite")
+    assert err == f"error: --out '{out}' holds an adapter export, not a merged-model export: choose another --out"
+    assert export.main(["--adapter", str(trained["res"]), "--out", str(out), "--overwrite"]) == 0
+    assert export.read_metadata(out)["has_residual"] is True
+    (out / "notes.txt").write_text("mine")
+    capsys.readouterr()
+    err = _refused(capsys, "--adapter", trained["plain"], "--out", out, "--overwrite")
+    assert err == (f"error: --out '{out}' holds an earlier adapter export and files qlora-ga did not write (notes.txt): "
+                   "move them away or choose another --out")
+    assert (out / "notes.txt").read_text() == "mine" and export.read_metadata(out)["has_residual"] is True
+    merged = tmp_path / "merged"
+    for _ in range(2):  # written, then replaced
+        assert export.main(["--adapter", str(trained["res"]), "--out", str(merged), "--merge", "--overwrite"]) == 0
+    assert export.read_metadata(merged)["format"] == "qlora-ga-merged"

@@ -186,12 +186,14 @@ def test_failing_converter_shows_its_last_line_and_keeps_out(tiny_adapter, tmp_p
         "raise NotImplementedError('BPE pre-tokenizer was not recognized - update get_vocab_base_pre()')\n"))
     out = tmp_path / "out"
     out.mkdir()
-    (out / "keep.txt").write_text("an earlier export")
-    code, cap = _export(capsys, "--adapter", tiny_adapter, "--out", out, "--gguf", "f16", "--llama-cpp", conv)
+    (out / "model-f16.gguf").write_text("an earlier export")
+    (out / "qlora_ga.json").write_text('{"format": "qlora-ga-gguf"}')
+    code, cap = _export(capsys, "--adapter", tiny_adapter, "--out", out, "--gguf", "f16", "--llama-cpp", conv, "--overwrite")
     assert code == 2
     line = _one_error_line(cap.err)
     assert line.startswith("error: llama.cpp's converter failed (exit 1): NotImplementedError: BPE pre-tokenizer was not recognized")
-    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"] and (out / "keep.txt").read_text() == "an earlier export"
+    assert sorted(p.name for p in out.iterdir()) == ["model-f16.gguf", "qlora_ga.json"]
+    assert (out / "model-f16.gguf").read_text() == "an earlier export"
     assert _leftovers(tmp_path) == []
 
 
@@ -379,3 +381,25 @@ def test_disk_full_in_the_merge_is_one_line(tiny_adapter, tmp_path, capsys, monk
     code, cap = _export(capsys, "--adapter", tiny_adapter, "--out", tmp_path / "out", "--gguf", "f16", "--llama-cpp", conv)
     assert code == 2 and f"no space left on the device of {tmp_path}: free some space" in _one_error_line(cap.err)
     assert not (tmp_path / "out").exists() and _leftovers(tmp_path) == []
+
+
+def test_gguf_out_holding_an_earlier_export_needs_overwrite(tiny_adapter, tmp_path, capsys):
+    conv = _fake_llama_cpp(tmp_path / "llama.cpp", "raise SystemExit('must not run')\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "model-f16.gguf").write_text("an earlier export")
+    (out / "qlora_ga.json").write_text('{"format": "qlora-ga-gguf"}')
+    code, cap = _export(capsys, "--adapter", tiny_adapter, "--out", out, "--gguf", "q8_0", "--llama-cpp", conv)
+    assert code == 2
+    assert _one_error_line(cap.err) == (f"error: --out '{out}' holds an earlier GGUF export: pass --overwrite to "
+                                        "replace it, or choose another --out")
+    merged = tmp_path / "merged"
+    merged.mkdir()
+    (merged / "qlora_ga.json").write_text('{"format": "qlora-ga-merged"}')
+    code, cap = _export(capsys, "--adapter", tiny_adapter, "--out", merged, "--gguf", "f16", "--llama-cpp", conv, "--overwrite")
+    assert code == 2
+    assert _one_error_line(cap.err) == f"error: --out '{merged}' holds a merged-model export, not a GGUF export: choose another --out"
+    code, cap = _export(capsys, "--adapter", tiny_adapter, "--out", conv, "--gguf", "f16", "--llama-cpp", conv)
+    assert code == 2 and f"(it is the llama.cpp folder '{conv}')" in _one_error_line(cap.err)
+    assert (out / "model-f16.gguf").read_text() == "an earlier export" and (conv / "convert_hf_to_gguf.py").is_file()
+    assert _leftovers(tmp_path) == []

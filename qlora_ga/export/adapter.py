@@ -42,6 +42,8 @@ from .files import (
     RESIDUAL_FILE,
     RESIDUAL_FILES,
     TOKENIZER_FILES,
+    check_out_dir,
+    check_out_not_over,
     copy_present,
     read_metadata,
     save_safetensors,
@@ -323,6 +325,7 @@ def _read_weights(d: Path) -> dict[str, torch.Tensor]:
     return load_peft_weights(str(d), device="cpu")
 
 
+
 def _fold_residual_file(res_file: Path, config, sd, meta):
     """Fold a training checkpoint's residual file into the adapter: ``(config, state_dict, metadata)`` of rank 2r."""
     from safetensors.torch import load_file
@@ -342,11 +345,17 @@ def _fold_residual_file(res_file: Path, config, sd, meta):
     return new_cfg, sd, meta
 
 
-def export_adapter(adapter_dir, out_dir) -> Path:
-    """Re-save an adapter folder in vanilla PEFT format (folding a ``qlora_ga_residual.safetensors``)."""
+def export_adapter(adapter_dir, out_dir, *, overwrite: bool | None = None) -> Path:
+    """Re-save an adapter folder in vanilla PEFT format (folding a ``qlora_ga_residual.safetensors``).
+
+    ``out_dir`` may not be, hold or lie inside ``adapter_dir``. ``overwrite``: ``None`` replaces an
+    existing ``out_dir`` whatever it holds (the caller owns it); ``False`` / ``True`` apply the command
+    line's rule (:func:`~qlora_ga.export.files.check_out_dir`: only an earlier adapter export, and only with ``True``).
+    """
     src = Path(adapter_dir).expanduser()
-    if src.absolute() == Path(out_dir).expanduser().absolute():
-        raise QloraGaError("--out must differ from --adapter")
+    check_out_not_over(out_dir, {"adapter": src})
+    if overwrite is not None:
+        check_out_dir(out_dir, "adapter", overwrite)
     config, sd, meta = load_adapter_dir(src)
     if meta is None:
         meta = adapter_metadata(config, trained_rank=int(config.r), scalings=_config_scalings(config, sd),

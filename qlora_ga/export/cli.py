@@ -21,7 +21,11 @@ class _Parser(argparse.ArgumentParser):
 def build_parser(prog: str = "export.py") -> argparse.ArgumentParser:
     p = _Parser(prog=prog, description="Export a trained adapter: vanilla PEFT adapter, a merged 16-bit model, or a GGUF.")
     p.add_argument("--adapter", required=True, help="adapter folder (PEFT format, as written by training)")
-    p.add_argument("--out", required=True, help="output folder (replaced atomically when the export succeeds)")
+    p.add_argument("--out", required=True,
+                   help="output folder: new, empty, or (with --overwrite) an earlier export of the same kind, which is "
+                        "replaced atomically when the export succeeds; anything else is refused")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier export of the same kind in --out (never a folder qlora-ga did not write)")
     p.add_argument("--merge", action="store_true", help="merge the adapter into the base and write a full model")
     p.add_argument("--gguf", default=None, metavar="TYPE",
                    help="merge, then convert with llama.cpp's converter to a GGUF (f16, bf16, q8_0 or q4_k_m) and "
@@ -43,24 +47,7 @@ def main(argv=None, prog: str = "export.py") -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     quiet_libraries()
     try:
-        if args.gguf is not None:
-            g = gguf_export(args.adapter, args.out, args.gguf, llama_cpp=args.llama_cpp, base=args.base,
-                            merge_base=args.merge_base, dtype=args.dtype, max_shard_size=args.max_shard_size)
-            print(f"GGUF {g.gguf_type} written to {g.gguf_file} ({g.bytes / 1e6:.1f} MB) with an Ollama Modelfile "
-                  f"({'chat template: ' + g.chat_format if g.chat_format else 'no chat template: see the warning in it'})")
-        elif args.llama_cpp is not None:
-            raise QloraGaError("--llama-cpp only applies with --gguf")
-        elif args.merge:
-            stats = merge_export(args.adapter, args.out, base=args.base, dtype=args.dtype or "fp16",
-                                 merge_base=args.merge_base, max_shard_size=args.max_shard_size)
-            print(f"merged model written to {stats.out_dir}: {stats.tensors_written} tensors "
-                  f"({stats.tensors_merged} merged) in {stats.shards} shard(s), {stats.total_bytes / 1e6:.1f} MB, "
-                  f"peak {stats.peak_bytes / 1e6:.1f} MB held")
-        else:
-            if args.dtype is not None or args.merge_base != "original" or args.base:
-                raise QloraGaError("--dtype, --merge-base and --base only apply with --merge or --gguf")
-            out = export_adapter(args.adapter, args.out)
-            print(f"adapter written to {out}")
+        written = _export(args)
     except QloraGaError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -69,4 +56,26 @@ def main(argv=None, prog: str = "export.py") -> int:
         where = getattr(e, "filename", None)
         print(f"error: {msg}{f' ({where})' if where else ''}", file=sys.stderr)
         return 2
+    print(written)
     return 0
+
+
+def _export(args) -> str:
+    """Run the export the arguments ask for; the line that says what was written."""
+    if args.gguf is not None:
+        g = gguf_export(args.adapter, args.out, args.gguf, llama_cpp=args.llama_cpp, base=args.base,
+                        merge_base=args.merge_base, dtype=args.dtype, max_shard_size=args.max_shard_size,
+                        overwrite=args.overwrite)
+        return (f"GGUF {g.gguf_type} written to {g.gguf_file} ({g.bytes / 1e6:.1f} MB) with an Ollama Modelfile "
+                f"({'chat template: ' + g.chat_format if g.chat_format else 'no chat template: see the warning in it'})")
+    if args.llama_cpp is not None:
+        raise QloraGaError("--llama-cpp only applies with --gguf")
+    if args.merge:
+        stats = merge_export(args.adapter, args.out, base=args.base, dtype=args.dtype or "fp16",
+                             merge_base=args.merge_base, max_shard_size=args.max_shard_size, overwrite=args.overwrite)
+        return (f"merged model written to {stats.out_dir}: {stats.tensors_written} tensors "
+                f"({stats.tensors_merged} merged) in {stats.shards} shard(s), {stats.total_bytes / 1e6:.1f} MB, "
+                f"peak {stats.peak_bytes / 1e6:.1f} MB held")
+    if args.dtype is not None or args.merge_base != "original" or args.base:
+        raise QloraGaError("--dtype, --merge-base and --base only apply with --merge or --gguf")
+    return f"adapter written to {export_adapter(args.adapter, args.out, overwrite=args.overwrite)}"

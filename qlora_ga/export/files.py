@@ -1,18 +1,24 @@
-"""The files of an export folder: their names, the two writers and the ``qlora_ga.json`` reader.
+"""The files of an export folder: their names, the two writers, the ``qlora_ga.json`` reader, and the checks of ``--out``.
 
 Every export form writes into a temporary folder (``fileio.atomic_dir``) that is renamed into place
 when complete, so these writers write plain files and need no atomicity of their own.
+
+Every form's ``qlora_ga.json`` names the form in its ``"format"`` field (:data:`EXPORT_FORMATS`): that is the
+marker by which the command line recognises a folder as an earlier export it may replace
+(:func:`check_out_dir`); :func:`check_out_not_over` keeps ``--out`` away from the folders an export reads.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
 from pathlib import Path
 
 import torch
 
-from ..constants import CHECKPOINT_RESIDUAL
+from ..constants import ADAPTER_WEIGHTS, CHECKPOINT_RESIDUAL
 from ..errors import QloraGaError
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -58,3 +64,101 @@ def read_metadata(adapter_dir) -> dict | None:
         return json.loads(p.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise QloraGaError(f"cannot read {p}: {e} -- delete the file or re-export the adapter") from None
+
+
+# ----------------------------------------------------------------------------- what --out may be
+
+#: the ``"format"`` of each export form's ``qlora_ga.json``: the marker of a folder an export wrote
+EXPORT_FORMATS = {"adapter": "qlora-ga-adapter", "merged": "qlora-ga-merged", "gguf": "qlora-ga-gguf"}
+EXPORT_NAMES = {"adapter": "adapter export", "merged": "merged-model export", "gguf": "GGUF export"}
+#: what each form writes besides tokenizer files (names, or patterns of names)
+_EXPORT_FILES = {
+    "adapter": (ADAPTER_CONFIG, ADAPTER_WEIGHTS, METADATA_FILE, "README.md", *TOKENIZER_FILES),
+    "merged": ("config.json", "model.safetensors.index.json", GENERATION_CONFIG, METADATA_FILE, *TOKENIZER_FILES,
+               re.compile(r"model(-\d+-of-\d+)?\.safetensors")),
+    "gguf": ("Modelfile", METADATA_FILE, re.compile(r"model-\w+\.gguf")),
+}
+#: what finetune.py writes into its --output-dir (qlora_ga/cli.py), to name a training run
+RUN_FILES = ("run_config.yaml", "checkpoints", "metrics.jsonl", "init_report.json", "summary.json")
+_MODEL_FILE = re.compile(r".*\.(safetensors|gguf|bin|pt|pth)")
+
+
+def _some(names: list[str]) -> str:
+    return ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+
+
+def _a(noun: str) -> str:
+    return ("an " if noun[0] in "aeiou" else "a ") + noun
+
+
+def export_kind(folder) -> str | None:
+    """``"adapter"``, ``"merged"`` or ``"gguf"`` when ``folder`` holds an export (its ``qlora_ga.json`` says which), else None."""
+    try:
+        meta = json.loads((Path(folder) / METADATA_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    fmt = meta.get("format") if isinstance(meta, dict) else None
+    return next((kind for kind, f in EXPORT_FORMATS.items() if f == fmt), None)
+
+
+def _written_by(kind: str, folder: Path, name: str) -> bool:
+    return (folder / name).is_file() and any(
+        name == f if isinstance(f, str) else f.fullmatch(name) for f in _EXPORT_FILES[kind])
+
+
+def _what_is_in(folder: Path, names: list[str]) -> str:
+    """What a folder that no export wrote holds, in a few words."""
+    run = [n for n in RUN_FILES if n in names]
+    if run:
+        return f"a training run ({_some(run)})"
+    if ADAPTER_CONFIG in names:
+        return f"an adapter ({_some([n for n in (ADAPTER_CONFIG, ADAPTER_WEIGHTS, ADAPTER_WEIGHTS_BIN) if n in names])})"
+    model = [n for n in names if n == "config.json" or _MODEL_FILE.fullmatch(n)]
+    if model:
+        return f"a model ({_some(model)})"
+    return f"files qlora-ga did not write ({_some(names)})"
+
+
+def check_out_dir(out, kind: str, overwrite: bool) -> None:
+    """The command line's rule for an existing ``--out``: it never replaces what it did not write.
+
+    A missing or empty folder is fine. A folder holding an earlier export of the same ``kind`` (its
+    ``qlora_ga.json`` says so, and it holds nothing that export does not write) is replaced only with
+    ``overwrite``. Anything else (a training run, a model, another form's export, other files, a file)
+    is refused with one line naming what is there.
+    """
+    out = Path(out)
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise QloraGaError(f"--out '{out}' is a file, not a folder: choose another --out")
+    names = sorted(p.name for p in out.iterdir())
+    if not names:
+        return
+    found = export_kind(out)
+    if found is None:
+        raise QloraGaError(f"--out '{out}' holds {_what_is_in(out, names)}: choose another --out")
+    label = EXPORT_NAMES[found]
+    strangers = [n for n in names if not _written_by(found, out, n)]
+    if strangers:
+        raise QloraGaError(f"--out '{out}' holds an earlier {label} and files qlora-ga did not write "
+                           f"({_some(strangers)}): move them away or choose another --out")
+    if found != kind:
+        raise QloraGaError(f"--out '{out}' holds {_a(label)}, not {_a(EXPORT_NAMES[kind])}: choose another --out")
+    if not overwrite:
+        raise QloraGaError(f"--out '{out}' holds an earlier {label}: pass --overwrite to replace it, or choose another --out")
+
+
+def check_out_not_over(out, inputs: dict, *, may_be_inside: bool = False) -> None:
+    """Refuse an ``out`` that is one of the folders an export reads (``{what: folder}``), holds one, or (unless
+    ``may_be_inside``) is inside one."""
+    o = Path(os.path.realpath(Path(out).expanduser()))
+    for what, folder in inputs.items():
+        if folder is None:
+            continue
+        f = Path(os.path.realpath(Path(folder).expanduser()))
+        if o == f or o in f.parents:
+            raise QloraGaError(f"--out '{out}' would replace the adapter or model folder "
+                               f"(it {'is' if o == f else 'holds'} the {what} folder '{folder}'): choose another --out")
+        if f in o.parents and not may_be_inside:
+            raise QloraGaError(f"--out '{out}' is inside the {what} folder '{folder}': choose another --out")

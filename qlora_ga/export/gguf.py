@@ -46,7 +46,7 @@ from ..config import GGUF_TYPES
 from ..errors import QloraGaError
 from ..fileio import atomic_dir
 from .adapter import load_adapter_dir
-from .files import METADATA_FILE, read_metadata
+from .files import METADATA_FILE, check_out_dir, check_out_not_over, read_metadata
 from .merge import merge_export, resolve_base_folder
 from .modelfile import model_chat, modelfile_text
 
@@ -277,6 +277,7 @@ def gguf_export(
     dtype: str | None = None,
     max_shard_size="2GB",
     merged_dir=None,
+    overwrite: bool | None = None,
 ) -> GgufStats:
     """Merge the adapter, convert with llama.cpp's converter (and quantizer), write the GGUF + Modelfile into ``out_dir``.
 
@@ -284,13 +285,17 @@ def gguf_export(
     ``merged_dir``: a merged model folder already written by :func:`~qlora_ga.export.merge.merge_export` (e.g. by
     ``finetune.py --export-merged``) to convert instead of merging again (``base``, ``merge_base``, ``dtype``
     and ``max_shard_size`` then do not apply).
+    ``out_dir`` may not be, hold or lie inside the adapter, base or merged folder, nor be or hold ``llama_cpp``. ``overwrite``:
+    ``None`` replaces an existing ``out_dir`` whatever it holds (the caller owns it, e.g. finetune.py's run
+    folder); ``False`` / ``True`` apply the command line's rule (:func:`~qlora_ga.export.files.check_out_dir`:
+    only an earlier GGUF export, and only with ``True``).
     Everything happens in a temporary folder next to ``out_dir``, renamed into place at the end.
     """
     check_type(gguf_type)
     check_quantizer(gguf_type)
-    conv = find_converter(llama_cpp)
     out = Path(out_dir).expanduser().absolute()
-    _check_folders(adapter_dir, out, gguf_type, base, merged_dir)
+    _check_folders(adapter_dir, out, gguf_type, base, merged_dir, llama_cpp, overwrite)
+    conv = find_converter(llama_cpp)
     name = f"model-{gguf_type}.gguf"
     try:
         with atomic_dir(out) as tmp:
@@ -313,22 +318,24 @@ def gguf_export(
     return GgufStats(str(out), str(out / name), gguf_type, (out / name).stat().st_size, chat.format, converter_source(conv))
 
 
-def _check_folders(adapter_dir, out: Path, gguf_type: str, base, merged_dir) -> None:
-    """Refuse before anything is written: a bad adapter or merged folder, too little disk, an ``out`` over an input."""
-    keep = [Path(adapter_dir).expanduser().absolute()]
+def _check_folders(adapter_dir, out: Path, gguf_type: str, base, merged_dir, llama_cpp, overwrite) -> None:
+    """Refuse before anything is written: a bad adapter or merged folder, an ``out`` over an input or over
+    what it may not replace, too little disk."""
+    inputs = {"adapter": Path(adapter_dir).expanduser()}
     if merged_dir is None:
         config, _, meta = load_adapter_dir(adapter_dir)
         base_name = base or (meta or {}).get("base_model") or config.base_model_name_or_path
-        if base_name:
-            keep.append(resolve_base_folder(str(base_name)).absolute())
-            check_disk_space(keep[-1], out, gguf_type)
+        weights = inputs["base model"] = resolve_base_folder(str(base_name)) if base_name else None
     else:
-        keep.append(Path(merged_dir).expanduser().absolute())
-        if not (keep[-1] / "config.json").is_file():
-            raise QloraGaError(f"'{keep[-1]}' has no config.json: pass a merged model folder")
-        check_disk_space(keep[-1], out, gguf_type, merging=False)
-    if any(k == out or out in k.parents for k in keep):
-        raise QloraGaError(f"--out '{out}' would replace the adapter or model folder: choose another --out")
+        weights = inputs["merged model"] = Path(merged_dir).expanduser().absolute()
+        if not (weights / "config.json").is_file():
+            raise QloraGaError(f"'{weights}' has no config.json: pass a merged model folder")
+    check_out_not_over(out, inputs)
+    check_out_not_over(out, {"llama.cpp": llama_cpp}, may_be_inside=True)  # e.g. llama.cpp/models/mine is fine
+    if overwrite is not None:
+        check_out_dir(out, "gguf", overwrite)
+    if weights is not None:
+        check_disk_space(weights, out, gguf_type, merging=merged_dir is None)
 
 
 def _convert(conv: Path, merged: Path, gguf_file: Path, gguf_type: str) -> None:

@@ -40,7 +40,16 @@ from ..errors import QloraGaError
 from ..fileio import atomic_dir
 from .adapter import LORA_KEY, config_scaling, load_adapter_dir, module_key
 from .base import BaseTensor, ShardReader, base_tensors, quantized_weight_names, resolve_base_folder
-from .files import GENERATION_CONFIG, METADATA_FILE, TOKENIZER_FILES, copy_present, save_safetensors, write_json
+from .files import (
+    GENERATION_CONFIG,
+    METADATA_FILE,
+    TOKENIZER_FILES,
+    check_out_dir,
+    check_out_not_over,
+    copy_present,
+    save_safetensors,
+    write_json,
+)
 
 DTYPES = {
     "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
@@ -113,6 +122,8 @@ def merge_export(
     merge_base: str = "original",
     max_shard_size="2GB",
     quant_compute_dtype=None,
+    *,
+    overwrite: bool | None = None,
 ) -> MergeStats:
     """Merge an adapter into its base and write a plain 16/32-bit checkpoint (see the module docstring).
 
@@ -123,6 +134,10 @@ def merge_export(
     ``quant_compute_dtype``: dtype the 4-bit loader quantized from (default: recorded in
     ``qlora_ga.json``, else fp32); the quantization runs on the device type recorded there (CUDA
     when the model was trained on a GPU and CUDA is available here), else on the CPU.
+    ``out_dir`` may not be, hold or lie inside the adapter or the base folder. ``overwrite``: ``None``
+    replaces an existing ``out_dir`` whatever it holds (the caller owns it, e.g. finetune.py's run folder);
+    ``False`` / ``True`` apply the command line's rule (:func:`~qlora_ga.export.files.check_out_dir`: only an
+    earlier merged export, and only with ``True``).
     Returns :class:`MergeStats`.
     """
     out_dtype = parse_dtype(dtype)
@@ -135,6 +150,8 @@ def merge_export(
     deltas = lora_deltas(config, sd)
     base = base or (meta or {}).get("base_model") or config.base_model_name_or_path
     folder, model_config = _base_checkpoint(base, out, adapter_dir)
+    if overwrite is not None:
+        check_out_dir(out, "merged", overwrite)
     tensors = base_tensors(folder)
     _require_targets(base, deltas, tensors)
     merge = _Merge(deltas, out_dtype, bool(getattr(config, "fan_in_fan_out", False)),
@@ -187,8 +204,7 @@ def _base_checkpoint(base, out: Path, adapter_dir: Path) -> tuple[Path, dict]:
     if not base:
         raise QloraGaError("the adapter does not say which base model it belongs to: pass --base")
     folder = resolve_base_folder(str(base))
-    if out in (folder.absolute(), adapter_dir.absolute()):
-        raise QloraGaError("--out must differ from the base model folder and the adapter folder")
+    check_out_not_over(out, {"adapter": adapter_dir, "base model": folder})
     if not (folder / "config.json").is_file():
         raise QloraGaError(f"base '{folder}' has no config.json: pass the base model folder with --base")
     model_config = json.loads((folder / "config.json").read_text())
