@@ -397,3 +397,19 @@ def test_export_overwrite_replaces_only_an_earlier_export_of_the_same_kind(train
     for _ in range(2):  # written, then replaced
         assert export.main(["--adapter", str(trained["res"]), "--out", str(merged), "--merge", "--overwrite"]) == 0
     assert export.read_metadata(merged)["format"] == "qlora-ga-merged"
+
+
+def test_ctrl_c_during_a_merge_is_one_line_and_writes_nothing(trained, tmp_path, capsys, monkeypatch):
+    from qlora_ga.export import merge as export_merge
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(export_merge, "_write_shards", interrupted)
+    try:
+        code = export.main(["--adapter", str(trained["res"]), "--out", str(tmp_path / "merged"), "--merge"])
+    except KeyboardInterrupt:
+        pytest.fail("the KeyboardInterrupt escaped export.py's main")
+    assert code == 130
+    assert capsys.readouterr().err == "interrupted: nothing was written to --out\n"
+    assert list(tmp_path.iterdir()) == []

@@ -403,3 +403,106 @@ def test_gguf_out_holding_an_earlier_export_needs_overwrite(tiny_adapter, tmp_pa
     assert code == 2 and f"(it is the llama.cpp folder '{conv}')" in _one_error_line(cap.err)
     assert (out / "model-f16.gguf").read_text() == "an earlier export" and (conv / "convert_hf_to_gguf.py").is_file()
     assert _leftovers(tmp_path) == []
+
+
+# ----------------------------------------------------------------------------- an export interrupted or killed mid-conversion
+
+REPO = Path(__file__).resolve().parents[1]
+# A converter that says who it is (in its cwd, the llama.cpp folder) and then takes its time.
+SLOW_CONVERTER = "import os, time\nopen('pid.tmp', 'w').write(str(os.getpid()))\nos.replace('pid.tmp', 'pid')\ntime.sleep(60)\n"
+linux_only = pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads process states in /proc")
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` is a live process (a zombie waiting for its parent to reap it runs no more)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state not in ("Z", "X")
+
+
+def _gone(pid: int, timeout: float = 5.0) -> bool:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while _running(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return not _running(pid)
+
+
+def _converter_pid(conv: Path, alive=lambda: True, timeout: float = 90.0) -> int | None:
+    """The fake converter's pid once it runs; None when ``alive()`` turns false or the time is up first."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not (conv / "pid").is_file():
+        if not alive() or time.monotonic() > deadline:
+            return None
+        time.sleep(0.05)
+    return int((conv / "pid").read_text())
+
+
+@linux_only
+def test_ctrl_c_during_conversion_kills_the_converter_and_writes_nothing(tiny_adapter, tmp_path, capsys):
+    import signal
+    import threading
+
+    conv = _fake_llama_cpp(tmp_path / "llama.cpp", SLOW_CONVERTER)
+    out = tmp_path / "out"
+    done, pids = threading.Event(), []
+
+    def ctrl_c():  # SIGINT to the main thread while it waits for the converter, as a Ctrl-C does
+        pid = _converter_pid(conv, alive=lambda: not done.is_set())
+        if pid is not None:
+            pids.append(pid)
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+
+    thread = threading.Thread(target=ctrl_c)
+    thread.start()
+    try:
+        code, cap = _export(capsys, "--adapter", tiny_adapter, "--out", out, "--gguf", "f16", "--llama-cpp", conv)
+    except KeyboardInterrupt:
+        pytest.fail("the KeyboardInterrupt escaped export.py's main")
+    finally:
+        done.set()
+        thread.join()
+        for pid in pids:
+            if _running(pid):
+                os.kill(pid, signal.SIGKILL)
+    assert pids, "the converter never started"
+    assert (code, cap.err) == (130, "interrupted: nothing was written to --out\n")
+    assert not _running(pids[0])  # killed and waited for before export.py returned, not left writing
+    assert not out.exists() and _leftovers(tmp_path) == []
+
+
+@linux_only
+def test_killed_export_takes_the_converter_with_it(tmp_path):
+    """export.py killed by SIGKILL while the converter runs (the conversion step alone, to keep the child process
+    light): the kernel kills the converter too, nothing is left writing."""
+    import signal
+    import subprocess
+    import sys
+
+    conv = _fake_llama_cpp(tmp_path / "llama.cpp", SLOW_CONVERTER)
+    out = tmp_path / "out"
+    log = tmp_path / "export.log"
+    convert = ("import sys; from pathlib import Path; from qlora_ga.export.gguf import run_converter; "
+               "run_converter(Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), 'f16')")
+    with open(log, "wb") as f:
+        proc = subprocess.Popen([sys.executable, "-c", convert, str(conv), str(tmp_path), str(out / "model-f16.gguf")],
+                                cwd=REPO, stdout=f, stderr=f)
+    pid = None
+    try:
+        pid = _converter_pid(conv, alive=lambda: proc.poll() is None)
+        assert pid is not None, log.read_text()
+        proc.kill()  # SIGKILL: export.py cannot clean up anything itself
+        proc.wait()
+        assert _gone(pid), "the converter outlived the killed export.py"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if pid is not None and _running(pid):
+            os.kill(pid, signal.SIGKILL)
+    assert not out.exists()

@@ -48,6 +48,9 @@ def main(argv=None, prog: str = "export.py") -> int:
     quiet_libraries()
     try:
         written = _export(args)
+    except KeyboardInterrupt:  # Ctrl-C: the temporary folder is gone, a converter child killed (gguf.run_child)
+        print("interrupted: nothing was written to --out", file=sys.stderr)
+        return 130
     except QloraGaError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

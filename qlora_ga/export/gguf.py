@@ -201,12 +201,44 @@ def _hint(line: str) -> str:
     return f": install it with 'pip install {PIP_NAMES.get(module, module)}'"
 
 
+# Run before the child's own program (Linux): the kernel sends the child SIGKILL when its parent dies, even by
+# SIGKILL; a parent that died before the prctl call is caught by the getppid check. Then exec the program (same pid).
+_DIE_WITH_PARENT = """\
+import ctypes, os, signal, sys
+ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+if os.getppid() != int(sys.argv[1]):
+    sys.exit(1)
+os.execv(sys.argv[2], sys.argv[2:])
+"""
+
+
+def run_child(cmd: list[str], **popen_kw) -> subprocess.CompletedProcess:
+    """Run ``cmd`` to completion (stdin closed, stdout/stderr captured as text) without ever leaving it running alone.
+
+    On Linux it is started so that it is killed when this process dies, even by SIGKILL (``PR_SET_PDEATHSIG``;
+    set in a small launcher that then execs ``cmd``, not in ``preexec_fn``, which is unsafe with threads). When
+    this process is interrupted (Ctrl-C) or fails while waiting, the child is killed and waited for before the
+    exception goes on, so nothing writes into a folder that is being removed.
+    """
+    if sys.platform.startswith("linux"):
+        cmd = [sys.executable, "-c", _DIE_WITH_PARENT, str(os.getpid()), *cmd]
+    with subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          errors="replace", **popen_kw) as proc:
+        try:
+            out, err = proc.communicate()
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
 def run_converter(conv: Path, model_dir: Path, outfile: Path, outtype: str) -> None:
     """``python convert_hf_to_gguf.py MODEL_DIR --outfile OUTFILE --outtype OUTTYPE`` in ``conv``; its last line on failure."""
     paths = [str(conv / "gguf-py"), str(conv)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(paths), TQDM_DISABLE="1")
     cmd = [sys.executable, str(conv / CONVERTER), str(model_dir), "--outfile", str(outfile), "--outtype", outtype]
-    proc = subprocess.run(cmd, cwd=conv, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, errors="replace")
+    proc = run_child(cmd, cwd=conv, env=env)
     if proc.returncode != 0 or not outfile.is_file():
         last = _last_line(proc.stderr, proc.stdout)
         _raise_if_no_space(last)
@@ -227,7 +259,7 @@ def run_quantizer(infile: Path, outfile: Path, gguf_type: str) -> None:
     """llama.cpp's quantizer (``llama_model_quantize`` of llama-cpp-python) in a child process; its last line on failure."""
     check_quantizer(gguf_type)
     cmd = [sys.executable, "-c", _QUANTIZE, str(infile), str(outfile), QUANTIZED_BY_LLAMA_CPP[gguf_type]]
-    proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, errors="replace")
+    proc = run_child(cmd)
     if proc.returncode != 0 or not outfile.is_file():
         last = _last_line(proc.stderr, proc.stdout)
         _raise_if_no_space(last)
@@ -289,7 +321,8 @@ def gguf_export(
     ``None`` replaces an existing ``out_dir`` whatever it holds (the caller owns it, e.g. finetune.py's run
     folder); ``False`` / ``True`` apply the command line's rule (:func:`~qlora_ga.export.files.check_out_dir`:
     only an earlier GGUF export, and only with ``True``).
-    Everything happens in a temporary folder next to ``out_dir``, renamed into place at the end.
+    Everything happens in a temporary folder next to ``out_dir``, renamed into place at the end; the converter
+    and the quantizer run as child processes that die with this one (:func:`run_child`).
     """
     check_type(gguf_type)
     check_quantizer(gguf_type)
@@ -363,5 +396,5 @@ def _write_record(tmp: Path, merged: Path, adapter_dir, gguf_type: str, name: st
 
 __all__ = [
     "GGUF_TYPES", "LLAMA_CPP_PYTHON_VERSION", "SDIST_URL", "SDIST_SHA256", "check_type", "check_quantizer",
-    "find_converter", "fetch_converter", "run_converter", "run_quantizer", "gguf_export", "GgufStats",
+    "find_converter", "fetch_converter", "run_child", "run_converter", "run_quantizer", "gguf_export", "GgufStats",
 ]
