@@ -413,3 +413,19 @@ def test_ctrl_c_during_a_merge_is_one_line_and_writes_nothing(trained, tmp_path,
     assert code == 130
     assert capsys.readouterr().err == "interrupted: nothing was written to --out\n"
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("broken", ["adapter_model.safetensors", "residual.safetensors"])
+def test_truncated_adapter_file_is_one_line(trained, tmp_path, capsys, broken):
+    src = tmp_path / "adapter"
+    shutil.copytree(trained["plain"], src)
+    path = src / broken
+    if broken == "residual.safetensors":  # a training checkpoint's residual beside a rank-r adapter
+        save_file({"x.A0": torch.zeros(4, 64)}, str(path))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])  # a copy cut short
+    for mode in ([], ["--merge"]):
+        err = _refused(capsys, "--adapter", src, "--out", tmp_path / "out", *mode)
+        assert err.startswith(f"error: '{path}' is truncated or corrupt (Error while deserializing header: ")
+        assert err.endswith("): export or copy it again")
+    assert not (tmp_path / "out").exists()

@@ -23,6 +23,7 @@ needs it. :func:`load_adapter_dir` reads an adapter folder back (weights through
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -322,8 +323,23 @@ def _read_weights(d: Path) -> dict[str, torch.Tensor]:
     if not (d / ADAPTER_WEIGHTS).is_file() and not (d / ADAPTER_WEIGHTS_BIN).is_file():
         # checked here: load_peft_weights would go looking for the folder's name on the Hub
         raise QloraGaError(f"'{d}' has no {ADAPTER_WEIGHTS}: the adapter weights are missing")
-    return load_peft_weights(str(d), device="cpu")
+    with unreadable_as_error(d / ADAPTER_WEIGHTS if (d / ADAPTER_WEIGHTS).is_file() else d / ADAPTER_WEIGHTS_BIN):
+        return load_peft_weights(str(d), device="cpu")
 
+
+@contextlib.contextmanager
+def unreadable_as_error(path: Path):
+    """A truncated or corrupt weights file read inside the block becomes a one-line :class:`QloraGaError` naming it."""
+    import pickle
+
+    from safetensors import SafetensorError
+
+    broken = (SafetensorError,) if path.suffix == ".safetensors" else (pickle.UnpicklingError, EOFError, RuntimeError)
+    try:
+        yield
+    except broken as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise QloraGaError(f"'{path}' is truncated or corrupt ({first}): export or copy it again") from None
 
 
 def _fold_residual_file(res_file: Path, config, sd, meta):
@@ -332,7 +348,8 @@ def _fold_residual_file(res_file: Path, config, sd, meta):
 
     from ..residual import A0_NAME, B0_NAME
 
-    rsd = load_file(str(res_file))
+    with unreadable_as_error(res_file):
+        rsd = load_file(str(res_file))
     residuals = {}
     for key in rsd:
         mod = key.rsplit(".", 1)[0]
