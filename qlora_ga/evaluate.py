@@ -21,8 +21,10 @@ import argparse
 import json
 import logging
 import math
+import os
 import re
 import sys
+import tempfile
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
@@ -263,6 +265,96 @@ def _check_positive(args):
             raise QloraGaError(f"--{name.replace('_', '-')} must be positive, got {v}")
 
 
+REPORT_KEYS = {"n", "exact_match", "loss", "predictions"}
+
+
+def _is_report(path: Path) -> bool:
+    """Whether ``path`` holds a report this command wrote (a JSON object with its keys)."""
+    try:
+        if path.stat().st_size > 1 << 30:
+            return False
+        rec = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(rec, dict) and REPORT_KEYS <= rec.keys()
+
+
+def check_report_path(out, data=None) -> Path:
+    """Refuse, before the (long) evaluation, an ``--out`` that cannot be written or that holds something else.
+
+    An existing file is replaced only when it is an earlier report of this command (never the data file or
+    any other file); the first existing folder on the way must take a new file (probed with a temporary one).
+    """
+    p = Path(out).expanduser()
+    if p.is_dir():
+        raise QloraGaError(f"--out '{out}' is a folder: pass a file name, e.g. {p / 'report.json'}")
+    if p.exists():
+        if data is not None and Path(data).expanduser().exists() and p.samefile(Path(data).expanduser()):
+            raise QloraGaError(f"--out '{out}' is the --data file: choose another --out")
+        if not _is_report(p):
+            raise QloraGaError(f"--out '{out}' exists and is not a report of evaluate.py: choose another --out")
+    folder = p.absolute().parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise QloraGaError(f"cannot write the report to '{out}': '{folder}' is a file, not a folder: choose another --out")
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".evaluate-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise QloraGaError(f"cannot write the report to '{out}': {e.strerror or e} in '{folder}': choose another --out") from None
+    return p
+
+
+def check_adapter(adapter) -> Path:
+    """The adapter folder, its weights file's header read (a truncated or corrupt file is a one-line error)."""
+    from safetensors import safe_open
+
+    from .constants import ADAPTER_WEIGHTS
+    from .export.adapter import unreadable_as_error
+
+    d = Path(adapter).expanduser()
+    if not d.is_dir():
+        raise QloraGaError(f"adapter folder '{adapter}' does not exist: pass the folder written by export")
+    weights = d / ADAPTER_WEIGHTS
+    if weights.is_file():
+        with unreadable_as_error(weights), safe_open(str(weights), framework="pt") as f:
+            f.keys()
+    return d
+
+
+_SIZE_MISMATCH = re.compile(r"size mismatch for (?:base_model\.model\.)?(?P<name>\S+): copying a param with shape "
+                            r"torch\.Size\((?P<adapter>\[[^\]]*\])\) from checkpoint, the shape in current model is "
+                            r"torch\.Size\((?P<model>\[[^\]]*\])\)")
+
+
+def load_adapter(model, adapter, model_name: str | None):
+    """``PeftModel.from_pretrained(model, adapter)``; an adapter that does not fit the model is a one-line error."""
+    from peft import PeftModel
+
+    d = Path(adapter).expanduser()
+    on = f"the model '{model_name}'" if model_name else "the built-in SmolLM2-135M-Instruct (no --model)"
+    try:
+        return PeftModel.from_pretrained(model, str(d))
+    except RuntimeError as e:
+        m = _SIZE_MISMATCH.search(str(e))
+        if m is None:
+            raise
+        try:
+            trained_on = json.loads((d / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        except (OSError, ValueError, AttributeError):
+            trained_on = None
+        raise QloraGaError(
+            f"adapter '{adapter}' does not fit {on}: {m['name']} is {m['adapter']} in the adapter but {m['model']} "
+            f"in the model -- the adapter was trained on another base model"
+            + (f" ('{trained_on}')" if trained_on else "") + ": pass that one with --model"
+        ) from None
+    except (ValueError, OSError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise QloraGaError(f"cannot load adapter '{adapter}' on {on}: {first}") from None
+
+
 def main(argv=None, prog: str = "evaluate.py") -> int:
     args = build_parser(prog).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -272,18 +364,15 @@ def main(argv=None, prog: str = "evaluate.py") -> int:
         if args.no_loss and args.no_generate:
             raise QloraGaError("--no-loss and --no-generate together leave nothing to evaluate: drop one of them")
         examples = load_examples(args.data, args.max_examples)
-        if args.adapter and not Path(args.adapter).expanduser().is_dir():
-            raise QloraGaError(f"adapter folder '{args.adapter}' does not exist: pass the folder written by export")
+        if args.out:
+            check_report_path(args.out, args.data)
+        if args.adapter:
+            check_adapter(args.adapter)
         from .model import load_model
 
         model, tokenizer = load_model(args.model, quantize=not args.no_quantize)
         if args.adapter:
-            from peft import PeftModel
-
-            try:
-                model = PeftModel.from_pretrained(model, str(Path(args.adapter).expanduser()))
-            except (ValueError, OSError, KeyError) as e:
-                raise QloraGaError(f"cannot load adapter '{args.adapter}': {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
+            model = load_adapter(model, args.adapter, args.model)
         report = evaluate(model, tokenizer, examples, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                           max_length=args.max_length, compute_loss=not args.no_loss, generate=not args.no_generate,
                           progress=not args.quiet)
@@ -291,17 +380,22 @@ def main(argv=None, prog: str = "evaluate.py") -> int:
                   **report}
         if report["loss"] is not None and not math.isfinite(report["loss"]):
             log.warning("the held-out loss is not finite")
-        if args.out:
-            atomic_write(Path(args.out).expanduser(), json.dumps(report, indent=2) + "\n")
         loss = f"{report['loss']:.4f}" if report["loss"] is not None else "n/a"
         em = "n/a" if report["exact_match"] is None else f"{report['exact_match']} ({report['exact_match_rate']:.1%})"
-        print(f"n={report['n']} exact_match={em} loss={loss}"
-              + (f" -> {args.out}" if args.out else ""))
+        result = f"n={report['n']} exact_match={em} loss={loss}"
+        if args.out:
+            try:
+                atomic_write(Path(args.out).expanduser(), json.dumps(report, indent=2) + "\n")
+            except OSError as e:
+                print(result)  # the numbers are not lost with the file
+                raise QloraGaError(f"cannot write the report to '{args.out}': {e.strerror or e}: choose another --out") from None
+        print(result + (f" -> {args.out}" if args.out else ""))
     except QloraGaError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except (OSError, MemoryError) as e:
         msg = getattr(e, "strerror", None) or str(e) or type(e).__name__
-        print(f"error: {msg}", file=sys.stderr)
+        where = getattr(e, "filename", None)
+        print(f"error: {msg}{f' ({where})' if where else ''}", file=sys.stderr)
         return 2
     return 0

@@ -157,3 +157,92 @@ def test_bad_inputs_are_one_line_errors(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         ev.main(["--data", str(bad), "--batch-size", "x"])
     assert e.value.code == 2 and capsys.readouterr().err.count("\n") == 1
+
+
+# ----------------------------------------------------------------------------- the adapter and --out, checked
+
+
+def _one_line(capsys) -> str:
+    """The one line on stderr (the model loader's progress bars aside)."""
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip() and "it/s]" not in ln]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    return lines[0]
+
+
+def _lora_on(model_dir, out, capsys):
+    """A LoRA on the q_proj layers of the model in ``model_dir``, saved with PEFT's save_pretrained."""
+    from peft import LoraConfig, get_peft_model
+
+    from qlora_ga.model import load_model
+
+    model, _ = load_model(model_dir, quantize=False)
+    get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"])).save_pretrained(out)
+    capsys.readouterr()  # the loader's progress bars
+    return out
+
+
+def test_truncated_adapter_is_one_line(tiny_model_dir, data_file, tmp_path, capsys):
+    adapter = _lora_on(tiny_model_dir, tmp_path / "adapter", capsys)
+    weights = adapter / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # a copy cut short
+    assert ev.main(["--model", str(tiny_model_dir), "--no-quantize", "--adapter", str(adapter), "--data", str(data_file),
+                    "--no-generate"]) == 2
+    line = _one_line(capsys)
+    assert line.startswith(f"error: '{weights}' is truncated or corrupt (Error while deserializing header: ")
+    assert line.endswith("): export or copy it again")
+
+
+def test_adapter_of_another_base_model_is_one_line(tiny_model_dir, data_file, tmp_path, capsys):
+    from qlora_ga.testing import make_tiny_model
+
+    other = make_tiny_model(tmp_path / "other-base", hidden=32, intermediate=64)
+    adapter = _lora_on(other, tmp_path / "adapter", capsys)
+    assert ev.main(["--model", str(tiny_model_dir), "--no-quantize", "--adapter", str(adapter), "--data", str(data_file),
+                    "--no-generate"]) == 2
+    assert _one_line(capsys) == (
+        f"error: adapter '{adapter}' does not fit the model '{tiny_model_dir}': "
+        "model.layers.0.self_attn.q_proj.lora_A.default.weight is [2, 32] in the adapter but [2, 64] in the model -- "
+        f"the adapter was trained on another base model ('{other}'): pass that one with --model"
+    )
+
+
+def test_report_out_that_cannot_or_must_not_be_written_names_the_path(data_file, tmp_path, capsys):
+    """Checked before the model loads (this one does not exist): no evaluation is run for a report that cannot be written."""
+    import os
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("mine")
+    data = data_file.read_text()
+
+    def refused(out) -> str:
+        assert ev.main(["--model", str(tmp_path / "never-loaded"), "--data", str(data_file), "--out", str(out)]) == 2
+        return _one_line(capsys)
+
+    assert refused(blocker / "report.json") == (
+        f"error: cannot write the report to '{blocker / 'report.json'}': '{blocker}' is a file, not a folder: "
+        "choose another --out")
+    assert refused(blocker) == f"error: --out '{blocker}' exists and is not a report of evaluate.py: choose another --out"
+    assert refused(data_file) == f"error: --out '{data_file}' is the --data file: choose another --out"
+    assert refused(tmp_path) == f"error: --out '{tmp_path}' is a folder: pass a file name, e.g. {tmp_path / 'report.json'}"
+    if os.path.isdir("/sys/kernel"):  # sysfs takes no new files, not even from root
+        assert refused("/sys/qlora-ga-report.json").startswith("error: cannot write the report to '/sys/qlora-ga-report.json': ")
+    assert blocker.read_text() == "mine" and data_file.read_text() == data
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", data_file.name]
+
+
+def test_report_write_failure_names_the_path_and_keeps_the_numbers(tiny_model_dir, data_file, tmp_path, capsys,
+                                                                   monkeypatch):
+    import errno
+
+    def denied(path, data):
+        raise PermissionError(errno.EPERM, "Operation not permitted", str(path))
+
+    monkeypatch.setattr(ev, "atomic_write", denied)
+    out = tmp_path / "report.json"
+    assert ev.main(["--model", str(tiny_model_dir), "--no-quantize", "--data", str(data_file), "--out", str(out),
+                    "--no-generate", "--quiet"]) == 2
+    cap = capsys.readouterr()
+    errors = [ln for ln in cap.err.splitlines() if ln.strip() and "it/s]" not in ln]  # the loader's progress bars aside
+    assert errors == [f"error: cannot write the report to '{out}': Operation not permitted: choose another --out"]
+    assert cap.out.startswith("n=5 exact_match=n/a loss=")  # the numbers are printed all the same
