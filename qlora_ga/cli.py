@@ -16,7 +16,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from .config import FinetuneConfig, parse_config, resolved, save_yaml, to_dict
-from .constants import ADAPTER_WEIGHTS, IGNORE_INDEX
+from .constants import IGNORE_INDEX
 from .errors import QloraGaError
 from .fileio import atomic_write
 from .log import quiet_libraries
@@ -50,7 +50,20 @@ def apply_demo_preset(cfg: FinetuneConfig) -> FinetuneConfig:
 LAUNCHED_ERROR_GRACE_S = 3.0
 
 LR_SEARCH = "lr_search.json"  # what --lr auto found
+RESUMES = "resumes.jsonl"  # one line per --resume: from which checkpoint, and the settings it changed
 RUN_MARKERS = ("run_config.yaml", "metrics.jsonl", "checkpoints", "adapter", "init_report.json")
+#: everything a run writes into --output-dir (what --overwrite replaces; nothing else there is touched)
+RUN_OUTPUTS = RUN_MARKERS + ("loss.png", "summary.json", "merged", "gguf", "tensorboard", "wandb", LR_SEARCH, RESUMES)
+#: where --overwrite keeps the previous run until the new one has saved its first checkpoint
+PREVIOUS_RUN = ".previous-run"
+
+#: the settings that decide a run's data order and adapters: a --resume must not change them
+RESUME_FIXED = ("model", "dataset", "format", "prompt_column", "response_column", "messages_column", "text_column",
+                "max_length", "overlong", "n_builtin", "eval_split", "batch_size", "grad_accum", "seed",
+                "group_by_length", "init", "init_samples", "rank", "alpha", "gamma", "target_modules", "rank_allocation",
+                "lora_dropout", "compute_dtype", "optim")
+#: the settings a --resume may change, applied from the resumed step on (lr, warmup and length rebuild the schedule)
+RESUME_APPLIED = ("lr", "warmup", "weight_decay", "max_steps", "epochs", "max_grad_norm")
 
 
 def _say(msg: str):
@@ -59,13 +72,83 @@ def _say(msg: str):
 
 
 def check_output_dir(cfg: FinetuneConfig) -> Path:
+    """The output folder, checked before anything loads: a folder (or creatable), writable, and not another
+    run unless --resume / --overwrite. What killed writes left there is cleaned up first (main process)."""
     out = Path(cfg.output_dir)
     if out.exists() and not out.is_dir():
         raise QloraGaError(f"--output-dir '{out}' is a file: pass a folder")
+    up = out
+    while not up.exists() and up != up.parent:
+        up = up.parent
+    if not up.is_dir():
+        raise QloraGaError(f"--output-dir '{out}' is under '{up}', which is a file: pass a folder")
+    if distributed.is_main():
+        _writable(out)
+        _recover(out)
     holds_run = out.is_dir() and any((out / m).exists() for m in RUN_MARKERS)
     if holds_run and not cfg.resume and not cfg.overwrite:
         raise QloraGaError(f"--output-dir '{out}' already holds a run: pass --resume to continue it, --overwrite to replace it, or another --output-dir")
     return out
+
+
+def _writable(out: Path) -> None:
+    """Create ``out`` and write a file in it now, rather than find out after the gradient pass and training."""
+    import tempfile
+
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=out, prefix=".write-check-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise QloraGaError(f"--output-dir '{out}' cannot be written ({e.strerror or e}): pass a folder you can write to") from None
+
+
+def _recover(out: Path) -> None:
+    """Clean up after a run that was killed: temporary files of unfinished writes, and a previous run that
+    --overwrite set aside (back in place when the new run saved nothing, deleted when it did)."""
+    from .fileio import clean_stale
+    from .train import CHECKPOINTS
+
+    for folder in (out, out / CHECKPOINTS, out / PREVIOUS_RUN, out / PREVIOUS_RUN / CHECKPOINTS):
+        for what in clean_stale(folder):
+            _say(f"note: {what} in {folder} (left by an interrupted write)")
+    if (out / PREVIOUS_RUN).is_dir():
+        if _saved_anything(out):
+            shutil.rmtree(out / PREVIOUS_RUN)
+            _say(f"note: removed the run that --overwrite replaced in {out} (its successor had saved a checkpoint)")
+        else:
+            _restore_previous(out)
+            _say(f"note: put back the run in {out} that an interrupted --overwrite had set aside")
+
+
+def _saved_anything(out: Path) -> bool:
+    from .train import CHECKPOINTS, checkpoint_folders
+
+    return bool(checkpoint_folders(out / CHECKPOINTS)) or (out / "adapter").is_dir()
+
+
+def _set_aside_previous(out: Path) -> bool:
+    """--overwrite: move the old run's outputs into ``out/.previous-run`` (same filesystem: renames)."""
+    present = [m for m in RUN_OUTPUTS if (out / m).exists()]
+    if not present:
+        return False
+    (out / PREVIOUS_RUN).mkdir()
+    for m in present:
+        os.replace(out / m, out / PREVIOUS_RUN / m)
+    return True
+
+
+def _restore_previous(out: Path) -> None:
+    """Undo :func:`_set_aside_previous`: the new run's outputs are removed and the old run's put back."""
+    prev = out / PREVIOUS_RUN
+    for m in RUN_OUTPUTS:
+        if (prev / m).exists() or (out / m).exists():
+            p = out / m
+            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+            if (prev / m).exists():
+                os.replace(prev / m, p)
+    shutil.rmtree(prev)
 
 
 def check_exports(cfg: FinetuneConfig) -> None:
@@ -123,9 +206,11 @@ def run(cfg: FinetuneConfig) -> dict:
     """The whole job for a parsed config: load -> estimate -> init -> train -> export. Returns a summary
     (also written to ``summary.json``)."""
     cfg = resolved(cfg)
-    device, out, ckpt = _check_run(cfg)
+    device, out, ckpt, records = _check_run(cfg)
     t_start = time.perf_counter()
-    model, tok, data, targets = _load(cfg, device)
+    model, tok, data, targets = _load(cfg, device, records)
+    record = _run_record(cfg, model, data, targets)
+    saved_schedule = _check_resume(cfg, ckpt, record) if ckpt is not None else {}
     lora_kw = dict(rank=cfg.rank, alpha=cfg.alpha, target_modules=targets, lora_dropout=cfg.lora_dropout,
                    use_rslora=cfg.use_rslora)
     prompts = _sample_prompts(data.eval or data.train, cfg.sample_prompts)
@@ -136,13 +221,23 @@ def run(cfg: FinetuneConfig) -> dict:
         pm, init_report = _estimate_and_init(model, tok, data, cfg, targets, lora_kw)
         start_step = 0
     train_cfg, lr_search = _learning_rate(cfg, pm, tok, data, ckpt)  # --lr auto: the number
-    _write_run_files(cfg, out, ckpt, init_report, lr_search)  # everything is in hand: only now is an old run replaced
-    summary = {"output_dir": str(out), "init": cfg.init}
-    if cfg.max_steps != 0:
-        summary.update(_train(train_cfg, pm, tok, data, out, start_step, ckpt))
-    if not distributed.is_main():  # the processes' adapters are the same: the main one writes it
-        return summary
-    _export(cfg, pm, out)
+    changes = _schedule_changes(saved_schedule, train_cfg, data) if ckpt is not None else {}
+    # everything is in hand: only now is an old run set aside (--overwrite), and it stays until the new one has saved
+    replacing = _write_run_files(cfg, out, ckpt, init_report, lr_search, changes)
+    try:
+        summary = {"output_dir": str(out), "init": cfg.init}
+        if cfg.max_steps != 0:
+            summary.update(_train(train_cfg, pm, tok, data, out, start_step, ckpt, record,
+                                  on_saved=(lambda _: _drop_previous(out)) if replacing else None))
+        if not distributed.is_main():  # the processes' adapters are the same: the main one writes it
+            return summary
+        _export(cfg, pm, out)
+    except BaseException:
+        if replacing and (out / PREVIOUS_RUN).is_dir():  # the new run saved nothing: the old one comes back
+            _restore_previous(out)
+            _say(f"the run that --overwrite was replacing is back in {out}")
+        raise
+    _drop_previous(out)
     after = show_samples(pm, tok, prompts, "after training") if prompts and cfg.max_steps != 0 else []
     if "eval_loss_start" in summary and "eval_loss" in summary:
         _say(f"held-out loss: {summary['eval_loss_start']:.4f} at the start -> {summary['eval_loss']:.4f} after {summary['steps']} steps")
@@ -152,8 +247,16 @@ def run(cfg: FinetuneConfig) -> dict:
     return summary
 
 
+def _drop_previous(out: Path) -> None:
+    if distributed.is_main() and (out / PREVIOUS_RUN).is_dir():
+        shutil.rmtree(out / PREVIOUS_RUN)
+
+
 def _check_run(cfg: FinetuneConfig):
-    """Everything that can be checked before loading: device, output folder, exports, the checkpoint to resume."""
+    """Everything that can be checked before the model loads: device, output folder, exports, the dataset's
+    file, format and columns, the checkpoint to resume and the settings it was written with."""
+    from .data.build import load_checked_records
+    from .methods import GRADIENT_METHODS
     from .train import find_checkpoint
 
     device = resolve_device(cfg)
@@ -165,10 +268,87 @@ def _check_run(cfg: FinetuneConfig):
         check_liger(device)  # before anything is loaded or written
     with distributed.main_first():  # the main process fetches the GGUF converter into the cache, if asked for
         check_exports(cfg)
-    return device, out, find_checkpoint(out, cfg.resume) if cfg.resume else None
+    ckpt = None
+    if cfg.resume:
+        # a gradient init leaves a residual in every target: a checkpoint without its file is not the run
+        ckpt = find_checkpoint(out, cfg.resume, expect_residual=cfg.init in GRADIENT_METHODS, say=_say)
+        _check_resume(cfg, ckpt)
+    with distributed.main_first():  # the main process fills the datasets cache first
+        records = load_checked_records(cfg.data_config())
+    return device, out, ckpt, records
 
 
-def _load(cfg: FinetuneConfig, device):
+def _schedule_changes(saved: dict, cfg: FinetuneConfig, data) -> dict:
+    """The lr / warmup / weight decay / run length a resume changes: applied from the resumed step on (train
+    rebuilds the schedule for them), said here and recorded in resumes.jsonl. ``{key: [old, new]}``."""
+    from .train import total_steps
+
+    now = {"lr": cfg.lr, "warmup": cfg.warmup, "weight_decay": cfg.weight_decay,
+           "total_steps": total_steps(len(data.train), cfg.train_settings(), distributed.world())}
+    changes = {k: [saved[k], v] for k, v in now.items() if k in saved and saved[k] != v}
+    if changes:
+        _say("resume: " + ", ".join(f"{k} {a:g} -> {b:g}" for k, (a, b) in changes.items())
+             + " (applied from the resumed step on: the lr schedule is rebuilt for it)")
+    return changes
+
+
+def _setting(cfg: FinetuneConfig, key: str):
+    value = getattr(cfg, key)
+    if key in ("model", "dataset") and value and Path(value).exists():  # a local path: the same however it is written
+        value = str(Path(value).resolve())
+    return value
+
+
+def _run_record(cfg: FinetuneConfig, model, data, targets) -> dict:
+    """What a checkpoint records to check a resume: the fixed settings, the process count, the model's shape
+    and a fingerprint of the tokenized training data (a changed file under the same name is found too)."""
+    import hashlib
+    from array import array
+
+    h = hashlib.sha256()
+    for ex in data.train:
+        h.update(array("q", ex["input_ids"]).tobytes() + b"|" + array("q", ex["labels"]).tobytes() + b"\n")
+    c = model.config
+    shape = {k: getattr(c, k, None) for k in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size")}
+    settings = {k: _setting(cfg, k) for k in RESUME_FIXED}
+    settings["target_modules"] = ",".join(targets)
+    return {"settings": settings, "processes": distributed.world(), "model_shape": shape,
+            "data_fingerprint": h.hexdigest()[:16]}
+
+
+def _check_resume(cfg: FinetuneConfig, ckpt: Path, record: dict | None = None) -> dict:
+    """Refuse a resume whose fixed settings differ from the checkpoint's (one line naming each); with ``record``
+    (after loading) also the model's shape and the data. Returns the applied settings that changed."""
+    from .train import read_trainer_state
+
+    st = read_trainer_state(ckpt)
+    saved = st.get("settings")
+    if not isinstance(saved, dict):
+        if record is None:
+            _say(f"note: checkpoint {ckpt} records no settings (written by an older version): they are not checked")
+        return {}
+    redo = f"resume with the run's own settings (--config {ckpt.parents[1] / 'run_config.yaml'} --resume) or start a new run"
+    if record is None:
+        now = {k: _setting(cfg, k) for k in RESUME_FIXED if k in saved and k != "target_modules"}
+        diff = [f"{k} {saved[k]!r} -> {v!r}" for k, v in now.items() if saved[k] != v]
+        if diff:
+            raise QloraGaError(f"checkpoint {ckpt} was written with other settings ({'; '.join(diff)}): {redo}")
+        return {}
+    diff = []
+    if saved.get("target_modules") != record["settings"]["target_modules"]:
+        diff.append(f"adapted linears {saved.get('target_modules')!r} -> {record['settings']['target_modules']!r}")
+    if st.get("model_shape") and st["model_shape"] != record["model_shape"]:
+        diff.append(f"model {st['model_shape']} -> {record['model_shape']}")
+    if st.get("data_fingerprint") and st["data_fingerprint"] != record["data_fingerprint"]:
+        diff.append("the tokenized training data (the dataset file's content changed)")
+    if diff:
+        raise QloraGaError(f"checkpoint {ckpt} was written with other settings ({'; '.join(diff)}): {redo}")
+    old = {"lr": st.get("lr"), "warmup": st.get("warmup"), "weight_decay": st.get("weight_decay"),
+           "total_steps": st.get("total_steps")}
+    return {k: v for k, v in old.items() if v is not None}
+
+
+def _load(cfg: FinetuneConfig, device, records=None):
     """Step 1: the 4-bit model, its tokenizer, the tokenized data and the target linears."""
     import torch
 
@@ -184,7 +364,7 @@ def _load(cfg: FinetuneConfig, device):
 
         _say(f"Liger Kernel: fused kernels for {apply_liger(model, device)}")
     with distributed.main_first():
-        data = build_data(tok, cfg.data_config())
+        data = build_data(tok, cfg.data_config(), records)
     st = data.stats
     _say(f"data: {st.n_train} train / {st.n_eval} eval examples, {st.n_label_tokens} label tokens "
          f"(dropped {st.n_empty_dropped} empty, {st.n_overlong_dropped} over-long; truncated {st.n_truncated})")
@@ -205,11 +385,11 @@ def _resume_adapters(model, cfg: FinetuneConfig, ckpt: Path, out: Path, lora_kw:
 
     from .init import init_adapters
     from .ranks import checkpoint_rank_pattern
-    from .train import load_checkpoint_weights
+    from .train import checkpoint_adapter_file, load_checkpoint_weights
 
     _say(f"resuming from {ckpt}")
     # per-module ranks (--rank-allocation gradient) are read back from the checkpoint's own shapes
-    pattern = checkpoint_rank_pattern(load_file(ckpt / ADAPTER_WEIGHTS), cfg.rank, cfg.rank_allocation)
+    pattern = checkpoint_rank_pattern(load_file(checkpoint_adapter_file(ckpt)), cfg.rank, cfg.rank_allocation)
     pm = init_adapters(model, None, method="kaiming", rank_pattern=pattern, **lora_kw)
     try:
         load_checkpoint_weights(pm, ckpt)
@@ -222,7 +402,9 @@ def _resume_adapters(model, cfg: FinetuneConfig, ckpt: Path, out: Path, lora_kw:
 
 
 def _checkpoint_step(ckpt: Path) -> int:
-    return json.loads((ckpt / "trainer_state.json").read_text())["step"]
+    from .train import read_trainer_state
+
+    return read_trainer_state(ckpt)["step"]
 
 
 def _estimate_and_init(model, tok, data, cfg: FinetuneConfig, targets: list[str], lora_kw: dict):
@@ -295,7 +477,9 @@ def _learning_rate(cfg: FinetuneConfig, pm, tok, data, ckpt) -> tuple[FinetuneCo
     if cfg.lr != AUTO_LR or cfg.max_steps == 0:
         return cfg, None
     if ckpt is not None:
-        lr = json.loads((ckpt / "trainer_state.json").read_text()).get("lr")
+        from .train import read_trainer_state
+
+        lr = read_trainer_state(ckpt).get("lr")
         if not isinstance(lr, (int, float)):
             raise QloraGaError(f"checkpoint {ckpt} does not record the lr it was trained with: resume with the run's --lr number")
         _say(f"lr auto: {lr:.4g}, found when the run started (from {ckpt.name})")
@@ -313,24 +497,34 @@ def _learning_rate(cfg: FinetuneConfig, pm, tok, data, ckpt) -> tuple[FinetuneCo
     return replace(cfg, lr=lr), search.as_dict()
 
 
-def _write_run_files(cfg: FinetuneConfig, out: Path, ckpt, init_report, lr_search: dict | None = None):
-    """Replace an old run (``--overwrite``), then write the run's config, the pass's report and ``--lr auto``'s
-    search (main process)."""
+def _write_run_files(cfg: FinetuneConfig, out: Path, ckpt, init_report, lr_search: dict | None = None,
+                     changes: dict | None = None) -> bool:
+    """Set an old run aside (``--overwrite``: it stays in ``.previous-run`` until the new one has saved), then write
+    the run's config, the pass's report and ``--lr auto``'s search (main process). A resume keeps the run's
+    ``run_config.yaml`` as it was and adds a line to ``resumes.jsonl``. Returns whether an old run was set aside."""
+    replacing = False
     if distributed.is_main():
         if cfg.overwrite and not ckpt and out.is_dir():
-            for m in RUN_MARKERS + ("loss.png", "summary.json", "merged", "gguf", "tensorboard", "wandb", LR_SEARCH):
-                p = out / m
-                shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+            replacing = _set_aside_previous(out)
         out.mkdir(parents=True, exist_ok=True)
-        save_yaml(cfg, out / "run_config.yaml")
+        if ckpt is None:
+            save_yaml(cfg, out / "run_config.yaml")
+        else:
+            from .train import read_trainer_state
+
+            line = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "checkpoint": str(ckpt),
+                    "step": read_trainer_state(ckpt)["step"], "changed": changes or {}}
+            old = (out / RESUMES).read_text() if (out / RESUMES).is_file() else ""
+            atomic_write(out / RESUMES, old + json.dumps(line) + "\n")
         if ckpt is None and init_report is not None:
             _write_json(out / "init_report.json", init_report)
         if lr_search is not None:
             _write_json(out / LR_SEARCH, lr_search)
     distributed.barrier()
+    return replacing
 
 
-def _train(cfg: FinetuneConfig, pm, tok, data, out: Path, start_step: int, ckpt) -> dict:
+def _train(cfg: FinetuneConfig, pm, tok, data, out: Path, start_step: int, ckpt, record: dict, on_saved=None) -> dict:
     """Step 4: training, with the reporter (main process) and the loss plot."""
     from .metrics import make_reporter, plot_losses
     from .train import train
@@ -342,7 +536,7 @@ def _train(cfg: FinetuneConfig, pm, tok, data, out: Path, start_step: int, ckpt)
     try:
         result = train(pm, tok, data.train, data.eval, cfg.train_settings(), out, start_step=start_step, checkpoint=ckpt,
                        compute_dtype=compute_dtype, stop_after=stop_after, progress=distributed.is_main(),
-                       reporter=reporter)
+                       reporter=reporter, record=record, on_saved=on_saved)
     finally:
         if reporter is not None:
             reporter.close()

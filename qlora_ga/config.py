@@ -117,6 +117,7 @@ class FinetuneConfig:
     # --- evaluation, logging, checkpoints, export ---
     eval_every: int = _f(0, "evaluate every N optimizer steps (0: only at the end)")
     save_every: int = _f(0, "save a checkpoint every N optimizer steps (0: only at the end)")
+    save_total_limit: int | None = _f(None, "keep only the newest N checkpoints (older ones are deleted once a newer one is saved); default: all")
     log_every: int = _f(1, "log metrics every N optimizer steps")
     report_to: str = _f(
         "none", "also send the metrics and the run config to tensorboard (OUTPUT_DIR/tensorboard) or wandb "
@@ -128,7 +129,7 @@ class FinetuneConfig:
         None, "resume from 'latest' (the newest checkpoint in --output_dir) or a checkpoint path; '--resume' alone means latest",
         nargs="?", const="latest",
     )
-    overwrite: bool = _f(False, "allow writing into a non-empty --output_dir")
+    overwrite: bool = _f(False, "replace the run in --output_dir (it is kept until the new run has saved its first checkpoint)")
     export_merged: bool = _f(False, "also export a merged 16-bit model")
     merged_dtype: str = _f("fp16", "dtype of the merged export", choices=MERGED_DTYPES)
     export_gguf: str | None = _f(
@@ -234,6 +235,8 @@ class FinetuneConfig:
         _check(0 <= self.lora_dropout < 1, f"lora_dropout must be in [0, 1), got {self.lora_dropout}: pass e.g. --lora_dropout 0.05")
         _check(self.eval_every >= 0, f"eval_every must be >= 0, got {self.eval_every}: pass a step interval, or 0 to evaluate only at the end")
         _check(self.save_every >= 0, f"save_every must be >= 0, got {self.save_every}: pass a step interval, or 0 to save only at the end")
+        _check(self.save_total_limit is None or self.save_total_limit >= 1,
+               f"save_total_limit must be >= 1, got {self.save_total_limit}: pass e.g. --save_total_limit 3, or leave it out to keep all")
         _check(self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}: pass e.g. --log_every 10")
         _check(self.n_builtin >= 1, f"n_builtin must be >= 1, got {self.n_builtin}: pass e.g. --n_builtin 400")
         _check(self.sample_prompts >= 0, f"sample_prompts must be >= 0, got {self.sample_prompts}: pass 0 to show no samples")

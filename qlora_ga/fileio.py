@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -109,3 +110,31 @@ def _fsync_path(p: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+_STALE_TMP = re.compile(r"^\.(?P<name>.+)\.(?:tmp-[A-Za-z0-9_]+|[A-Za-z0-9_]+\.tmp)$")  # atomic_dir's / atomic_write's
+_STALE_OLD = re.compile(r"^\.(?P<name>.+)\.old-[A-Za-z0-9_]+$")  # _swap_in's previous version
+
+
+def clean_stale(folder: str | os.PathLike) -> list[str]:
+    """Remove what writes killed mid-way (SIGKILL, power loss) left in ``folder``: the temporary folders and files
+    of :func:`atomic_dir` / :func:`atomic_write`. A previous version moved aside by a swap that never completed
+    is put back where it was. Only names of these two writers' patterns are touched; returns what was done."""
+    folder = Path(folder)
+    done = []
+    if not folder.is_dir():
+        return done
+    for p in sorted(folder.iterdir()):
+        old, tmp = _STALE_OLD.match(p.name), _STALE_TMP.match(p.name)
+        if old and p.is_dir():
+            target = folder / old.group("name")
+            if target.exists():
+                shutil.rmtree(p, ignore_errors=True)
+                done.append(f"removed {p.name}")
+            else:  # killed between moving the old version aside and renaming the new one in: the old one is it
+                os.replace(p, target)
+                done.append(f"restored {target.name}")
+        elif tmp:
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            done.append(f"removed {p.name}")
+    return done

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import random
+import shutil
 import time
 import warnings
 from dataclasses import dataclass
@@ -52,6 +53,7 @@ class TrainSettings:
     precond_lambda: float = 1e-6
     group_by_length: bool = False
     num_workers: int | None = None  # DataLoader workers; None: 2 on CUDA, 0 (main process) elsewhere
+    save_total_limit: int | None = None  # keep only the newest N checkpoints; None: all
 
 
 def total_steps(n_train: int, s: TrainSettings, world: int = 1) -> int:
@@ -212,10 +214,22 @@ def _set_rng_state(st):
     random.setstate(st["python"])
 
 
+#: a checkpoint's files. Its top level is a PEFT adapter folder of the model at that step (``adapter_config.json``,
+#: ``adapter_model.safetensors`` with the residual folded in, ``qlora_ga.json``: what export.py, evaluate.py and
+#: vanilla PEFT load); resume reads the trainable rank-r adapter and the residual from their own files.
+RESUME_ADAPTER = "resume_adapter.safetensors"
+RESUME_RESIDUAL = "resume_residual.safetensors"
+TRAINER_STATE = "trainer_state.json"
+OPTIMIZER_STATE = "state.pt"
+CHECKPOINT_FORMAT = 2  # 1: adapter_model.safetensors was the trainable adapter, residual.safetensors beside it
+
+
 def save_checkpoint(model, optimizer, scheduler, step: int, out_dir: Path, extra: dict | None = None,
-                    scaler=None) -> Path:
-    """Write ``checkpoints/step-N`` atomically (:func:`~qlora_ga.fileio.atomic_dir`, fsynced): trainable weights, residual, optimizer,
-    scheduler, RNG, and the fp16 loss scaler's state (scale and growth tracker) when it is in use.
+                    scaler=None, keep: int | None = None) -> Path:
+    """Write ``checkpoints/step-N`` atomically (:func:`~qlora_ga.fileio.atomic_dir`, fsynced): the PEFT adapter of
+    the step, the trainable weights and residual, optimizer, scheduler, RNG, and the fp16 loss scaler's state
+    (scale and growth tracker) when it is in use; ``trainer_state.json`` lists every file with its size.
+    ``keep``: then delete all but the newest ``keep`` checkpoints (``--save-total-limit``).
 
     With several processes every one calls this: their RNG states are gathered (one list, by rank)
     and the main process writes; all return once the checkpoint is complete.
@@ -228,6 +242,9 @@ def save_checkpoint(model, optimizer, scheduler, step: int, out_dir: Path, extra
         return final
     with atomic_dir(final) as tmp:
         _write_checkpoint(tmp, model, optimizer, scheduler, step, rngs, extra, scaler)
+    if keep:
+        for _, old in checkpoint_folders(root)[keep:]:
+            shutil.rmtree(old, ignore_errors=True)
     distributed.barrier()
     return final
 
@@ -235,38 +252,141 @@ def save_checkpoint(model, optimizer, scheduler, step: int, out_dir: Path, extra
 def _write_checkpoint(tmp: Path, model, optimizer, scheduler, step: int, rngs: list, extra: dict | None, scaler) -> None:
     from peft import get_peft_model_state_dict
 
-    save_file({k: v.detach().contiguous() for k, v in get_peft_model_state_dict(model).items()}, tmp / ADAPTER_WEIGHTS)
+    from .export import save_adapter
+
+    save_adapter(model, tmp, metadata={"checkpoint_step": step})  # (replaces the empty tmp folder by the adapter's)
+    save_file({k: v.detach().contiguous() for k, v in get_peft_model_state_dict(model).items()}, tmp / RESUME_ADAPTER)
     res = residual_state_dict(model)
     if res:
-        save_file(res, tmp / CHECKPOINT_RESIDUAL)
+        save_file(res, tmp / RESUME_RESIDUAL)
     state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
              "rng": rngs[0] if len(rngs) == 1 else rngs}
     if scaler is not None and scaler.is_enabled():
         state["scaler"] = scaler.state_dict()
-    torch.save(state, tmp / "state.pt")
-    (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "world_size": len(rngs), **(extra or {})}, indent=1))
+    torch.save(state, tmp / OPTIMIZER_STATE)
+    files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
+    (tmp / TRAINER_STATE).write_text(json.dumps({"step": step, "world_size": len(rngs), "format": CHECKPOINT_FORMAT,
+                                                 "files": files, **(extra or {})}, indent=1))
 
 
-def find_checkpoint(out_dir: Path, resume: str) -> Path:
+def checkpoint_folders(root: Path) -> list[tuple[int, Path]]:
+    """``(step, folder)`` of every ``step-N`` under ``root`` that has a trainer state, newest first."""
+    if not Path(root).is_dir():
+        return []
+    found = []
+    for p in Path(root).glob("step-*"):
+        step = p.name.split("-", 1)[1]
+        if step.isdigit() and (p / TRAINER_STATE).is_file():
+            found.append((int(step), p))
+    return sorted(found, reverse=True)
+
+
+def read_trainer_state(ckpt: Path) -> dict:
+    """A checkpoint's ``trainer_state.json`` (one-line error when it is not readable)."""
+    try:
+        st = json.loads((Path(ckpt) / TRAINER_STATE).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise QloraGaError(f"{Path(ckpt) / TRAINER_STATE} is damaged ({type(e).__name__}): resume from an earlier checkpoint") from None
+    if not isinstance(st, dict) or not isinstance(st.get("step"), int):
+        raise QloraGaError(f"{Path(ckpt) / TRAINER_STATE} has no step number: resume from an earlier checkpoint")
+    return st
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """Why ``path`` is not a complete safetensors file (its header read, its data length checked), or None."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if size < 8 or n > size - 8:
+                return f"{path.name} is truncated"
+            header = json.loads(f.read(n))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return f"{path.name} is not a safetensors file"
+    return None if 8 + n + end == size else f"{path.name} is truncated"
+
+
+def checkpoint_problem(ckpt: Path, expect_residual: bool = False) -> str | None:
+    """Why the checkpoint ``ckpt`` cannot be resumed (a missing, truncated or unreadable file), or None.
+
+    Format 2 lists its files with their sizes; format 1 has none, so its required files are checked and
+    ``expect_residual`` (the run's init puts a residual in every target) asks for its residual file."""
+    try:
+        st = read_trainer_state(ckpt)
+    except QloraGaError as e:
+        return str(e).split(": resume")[0]
+    files = st.get("files")
+    if isinstance(files, dict):
+        required = files
+    else:  # format 1
+        required = dict.fromkeys([ADAPTER_WEIGHTS, OPTIMIZER_STATE] + ([CHECKPOINT_RESIDUAL] if expect_residual else []))
+    for name, size in required.items():
+        p = ckpt / name
+        if not p.is_file():
+            return f"{name} is missing"
+        if size is not None and p.stat().st_size != size:
+            return f"{name} has {p.stat().st_size} bytes, {size} were written"
+        if name.endswith(".safetensors") and (why := _safetensors_problem(p)):
+            return why
+    try:
+        torch.load(ckpt / OPTIMIZER_STATE, weights_only=False, map_location="cpu")
+    except Exception as e:  # noqa: BLE001 - a damaged pickle/zip raises many kinds
+        return f"{OPTIMIZER_STATE} is unreadable ({type(e).__name__})"
+    return None
+
+
+def find_checkpoint(out_dir: Path, resume: str, expect_residual: bool = False, say=None) -> Path:
+    """The checkpoint to resume: ``resume`` itself when it is a path, else the newest complete one under
+    ``out_dir/checkpoints`` (a damaged newer one is skipped, with a line through ``say``)."""
     if resume and resume != "latest":
         p = Path(resume)
-        if not (p / "trainer_state.json").is_file():
+        if not (p / TRAINER_STATE).is_file():
             raise QloraGaError(f"'{resume}' is not a checkpoint folder (no trainer_state.json): pass checkpoints/step-N of a run, or --resume alone")
+        if why := checkpoint_problem(p, expect_residual):
+            raise QloraGaError(f"checkpoint {p} is damaged ({why}): resume from another checkpoint")
         return p
     root = Path(out_dir) / CHECKPOINTS
-    steps = sorted((int(p.name.split("-")[1]), p) for p in root.glob("step-*") if (p / "trainer_state.json").is_file()) if root.is_dir() else []
-    if not steps:
+    found = checkpoint_folders(root)
+    if not found:
         raise QloraGaError(f"no checkpoint to resume in {root}: run without --resume, or point --resume at a checkpoint")
-    return steps[-1][1]
+    for i, (_, p) in enumerate(found):
+        why = checkpoint_problem(p, expect_residual)
+        if why is None:
+            return p
+        if say is not None:
+            nxt = f"trying {found[i + 1][1].name}" if i + 1 < len(found) else "no earlier checkpoint"
+            say(f"checkpoint {p.name} is damaged ({why}): {nxt}")
+    raise QloraGaError(f"every checkpoint in {root} is damaged (the newest: {checkpoint_problem(found[0][1], expect_residual)}): "
+                       "start the run again without --resume")
+
+
+def checkpoint_adapter_file(ckpt: Path) -> Path:
+    """The trainable rank-r adapter of a checkpoint (its file in either format)."""
+    return ckpt / (RESUME_ADAPTER if (ckpt / RESUME_ADAPTER).is_file() else ADAPTER_WEIGHTS)
 
 
 def load_checkpoint_weights(model, ckpt: Path):
-    """Trainable LoRA weights and residual of a checkpoint into a freshly wrapped PEFT model."""
+    """Trainable LoRA weights and residual of a checkpoint into a freshly wrapped PEFT model, strictly: a tensor the
+    model lacks, or an adapter or residual tensor the checkpoint lacks, is a one-line error."""
     from peft import set_peft_model_state_dict
 
-    set_peft_model_state_dict(model, load_file(ckpt / ADAPTER_WEIGHTS))
-    if (ckpt / CHECKPOINT_RESIDUAL).is_file():
-        load_residual_state_dict(model, load_file(ckpt / CHECKPOINT_RESIDUAL))
+    ckpt = Path(ckpt)
+    sd = load_file(checkpoint_adapter_file(ckpt))
+    result = set_peft_model_state_dict(model, sd)
+    missing = [k for k in result.missing_keys if "lora_" in k]
+    unexpected = list(result.unexpected_keys)
+    what = (f"{len(missing)} adapter tensor(s) missing (e.g. {missing[0]})" if missing else
+            f"{len(unexpected)} tensor(s) the model has no place for (e.g. {unexpected[0]})" if unexpected else None)
+    res_file = ckpt / (RESUME_RESIDUAL if (ckpt / RESUME_ADAPTER).is_file() else CHECKPOINT_RESIDUAL)
+    if what is None and res_file.is_file():
+        try:
+            load_residual_state_dict(model, load_file(res_file))
+        except (KeyError, AttributeError) as e:
+            what = f"its residual has no place in the model ({str(e).strip(chr(39))})"
+    if what is not None:
+        raise QloraGaError(f"checkpoint {ckpt} does not fit the model: {what}; resume with the run's own --model and "
+                           "--target-modules")
 
 
 # ------------------------------------------------------------------ loop
@@ -335,18 +455,36 @@ def _checkpointing(model, on: bool):
         getattr(model, f"{name}_disable")()
 
 
+def _follow_settings(optimizer, scheduler, s: TrainSettings) -> None:
+    """After loading a checkpoint's optimizer and scheduler: the peak lr and weight decay of ``s``, and the lr of
+    the current step on the schedule built for ``s`` (its warmup and length). Unchanged settings give the saved
+    values back bit for bit (the same formula the scheduler's own step uses)."""
+    scheduler.base_lrs = [s.lr] * len(optimizer.param_groups)
+    for group, fn in zip(optimizer.param_groups, scheduler.lr_lambdas):
+        group["initial_lr"] = s.lr
+        group["lr"] = s.lr * fn(scheduler.last_epoch)
+        group["weight_decay"] = s.weight_decay
+    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
+
+
 class NonFiniteLoss(QloraGaError):
     pass
 
 
 def train(model, tokenizer, train_data: list[dict], eval_data: list[dict], s: TrainSettings, out_dir: Path,
           *, start_step: int = 0, checkpoint: Path | None = None, compute_dtype: torch.dtype = torch.float32,
-          stop_after: int | None = None, progress: bool = True, reporter=None) -> dict:
+          stop_after: int | None = None, progress: bool = True, reporter=None, record: dict | None = None,
+          on_saved=None) -> dict:
     """Train the adapter for ``total_steps`` optimizer steps; return a summary dict.
 
     ``checkpoint``: resume its optimizer/scheduler/RNG state (weights must already be loaded).
     ``stop_after``: raise KeyboardInterrupt after that step's checkpoint (tests the Ctrl-C path).
     ``reporter``: also gets every metrics row (``metrics.make_reporter``, ``--report-to``); the caller closes it.
+    ``record``: written into every checkpoint's ``trainer_state.json`` (the run's settings, checked on resume).
+    ``on_saved``: called with each checkpoint's folder once it is complete (main process).
+
+    A resumed run continues the checkpoint's optimizer and schedule; a new peak lr, warmup, weight decay or
+    run length applies from the resumed step on (the schedule is rebuilt for them, not the one saved).
     """
     from transformers import get_cosine_schedule_with_warmup
 
@@ -364,9 +502,13 @@ def train(model, tokenizer, train_data: list[dict], eval_data: list[dict], s: Tr
         _checkpointing(model, True)
     if checkpoint is not None:
         # on the CPU first (a GPU checkpoint resumes anywhere); the optimizer moves its state to the parameters
-        st = torch.load(checkpoint / "state.pt", weights_only=False, map_location="cpu")
+        try:
+            st = torch.load(checkpoint / OPTIMIZER_STATE, weights_only=False, map_location="cpu")
+        except Exception as e:  # noqa: BLE001 - (find_checkpoint verified it; a file changed since)
+            raise QloraGaError(f"{checkpoint / OPTIMIZER_STATE} is unreadable ({type(e).__name__}): resume from an earlier checkpoint") from None
         optimizer.load_state_dict(st["optimizer"])
         scheduler.load_state_dict(st["scheduler"])
+        _follow_settings(optimizer, scheduler, s)
         rng = st["rng"] if isinstance(st["rng"], list) else [st["rng"]]  # one state per process that wrote it
         if len(rng) != world:
             raise QloraGaError(
@@ -442,7 +584,12 @@ def train(model, tokenizer, train_data: list[dict], eval_data: list[dict], s: Tr
             bar.set_postfix(loss=f"{loss_val:.4f}", lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
             bar.update(1)
             if (s.save_every and done % s.save_every == 0) or done == steps or (stop_after is not None and done == stop_after):
-                last_ckpt = save_checkpoint(model, optimizer, scheduler, done, out_dir, {"total_steps": steps, "lr": s.lr}, scaler)
+                last_ckpt = save_checkpoint(model, optimizer, scheduler, done, out_dir,
+                                            {"total_steps": steps, "lr": s.lr, "warmup": s.warmup,
+                                             "weight_decay": s.weight_decay, **(record or {})},
+                                            scaler, keep=s.save_total_limit)
+                if on_saved is not None and main_process:
+                    on_saved(last_ckpt)
             if stop_after is not None and done == stop_after and done < steps:
                 raise KeyboardInterrupt
             summary.update(final_loss=loss_val, **({"eval_loss": row["eval_loss"]} if "eval_loss" in row else {}))

@@ -365,7 +365,7 @@ def test_shipped_configs_content():
     c = parse_config(["--config", str(REPO / "configs" / "colab-t4.yaml")])
     assert (c.batch_size, c.grad_accum, c.max_length, c.init_samples) == (1, 16, 512, 32)
     c = parse_config(["--config", str(REPO / "configs" / "smollm2-gsm8k.yaml")])
-    assert c.model is None and c.dataset == "../shared/data/gsm8k/train.jsonl" and c.eval_fraction == 0.05
+    assert c.model is None and c.dataset == "openai/gsm8k:main" and c.eval_fraction == 0.05
     assert parse_config(["--config", str(REPO / "configs" / "default.yaml")]).model is None
 
 

@@ -81,12 +81,30 @@ def _nothing_left(what: str, n: int, n_empty: int, n_over: int, cfg: DataConfig)
                   "--format and the --prompt-column/--response-column/--text-column options")
 
 
-def build_data(tokenizer, cfg: DataConfig) -> TokenizedData:
-    """Load, format, tokenize (prompt-masked), cut to ``max_length``, shuffle by ``seed`` and split."""
+@dataclass
+class Records:
+    """The raw records of a run (training split, named eval split or None) and their resolved format."""
+
+    train: list[dict]
+    eval: list[dict] | None
+    format: str
+
+
+def load_checked_records(cfg: DataConfig) -> Records:
+    """Read the dataset and check its format and columns, without a tokenizer: called before the model loads,
+    so a wrong path, format or column is found in seconds, not after minutes of loading."""
     train_records, eval_records = load_records(cfg)
     columns = list(dict.fromkeys(k for r in train_records[:100] for k in r))
     fmt = _resolve_format(cfg, columns)
     _columns(cfg, fmt, columns)  # fail early with the columns found
+    return Records(train_records, eval_records, fmt)
+
+
+def build_data(tokenizer, cfg: DataConfig, records: Records | None = None) -> TokenizedData:
+    """Load (or take ``records``, from :func:`load_checked_records`), format, tokenize (prompt-masked), cut to
+    ``max_length``, shuffle by ``seed`` and split."""
+    records = records if records is not None else load_checked_records(cfg)
+    train_records, eval_records, fmt = records.train, records.eval, records.format
     stats = DataStats()
     examples, records, n_empty, n_over = _process(train_records, tokenizer, cfg, fmt, stats)
     if not examples:
