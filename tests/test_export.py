@@ -390,8 +390,8 @@ def test_export_overwrite_replaces_only_an_earlier_export_of_the_same_kind(train
     (out / "notes.txt").write_text("mine")
     capsys.readouterr()
     err = _refused(capsys, "--adapter", trained["plain"], "--out", out, "--overwrite")
-    assert err == (f"error: --out '{out}' holds an earlier adapter export and files qlora-ga did not write (notes.txt): "
-                   "move them away or choose another --out")
+    assert err == (f"error: --out '{out}' holds an earlier adapter export and other files that --overwrite would delete "
+                   "(notes.txt): move them away or choose another --out")
     assert (out / "notes.txt").read_text() == "mine" and export.read_metadata(out)["has_residual"] is True
     merged = tmp_path / "merged"
     for _ in range(2):  # written, then replaced

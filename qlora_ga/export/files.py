@@ -71,7 +71,7 @@ def read_metadata(adapter_dir) -> dict | None:
 #: the ``"format"`` of each export form's ``qlora_ga.json``: the marker of a folder an export wrote
 EXPORT_FORMATS = {"adapter": "qlora-ga-adapter", "merged": "qlora-ga-merged", "gguf": "qlora-ga-gguf"}
 EXPORT_NAMES = {"adapter": "adapter export", "merged": "merged-model export", "gguf": "GGUF export"}
-#: what each form writes besides tokenizer files (names, or patterns of names)
+#: what each form writes into its folder (names, or patterns of names)
 _EXPORT_FILES = {
     "adapter": (ADAPTER_CONFIG, ADAPTER_WEIGHTS, METADATA_FILE, "README.md", *TOKENIZER_FILES),
     "merged": ("config.json", "model.safetensors.index.json", GENERATION_CONFIG, METADATA_FILE, *TOKENIZER_FILES,
@@ -106,7 +106,7 @@ def _written_by(kind: str, folder: Path, name: str) -> bool:
         name == f if isinstance(f, str) else f.fullmatch(name) for f in _EXPORT_FILES[kind])
 
 
-def _what_is_in(folder: Path, names: list[str]) -> str:
+def _what_is_in(names: list[str]) -> str:
     """What a folder that no export wrote holds, in a few words."""
     run = [n for n in RUN_FILES if n in names]
     if run:
@@ -137,11 +137,11 @@ def check_out_dir(out, kind: str, overwrite: bool) -> None:
         return
     found = export_kind(out)
     if found is None:
-        raise QloraGaError(f"--out '{out}' holds {_what_is_in(out, names)}: choose another --out")
+        raise QloraGaError(f"--out '{out}' holds {_what_is_in(names)}: choose another --out")
     label = EXPORT_NAMES[found]
     strangers = [n for n in names if not _written_by(found, out, n)]
     if strangers:
-        raise QloraGaError(f"--out '{out}' holds an earlier {label} and files qlora-ga did not write "
+        raise QloraGaError(f"--out '{out}' holds an earlier {label} and other files that --overwrite would delete "
                            f"({_some(strangers)}): move them away or choose another --out")
     if found != kind:
         raise QloraGaError(f"--out '{out}' holds {_a(label)}, not {_a(EXPORT_NAMES[kind])}: choose another --out")
