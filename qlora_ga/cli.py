@@ -80,11 +80,12 @@ def check_output_dir(cfg: FinetuneConfig) -> Path:
     up = out
     while not up.exists() and up != up.parent:
         up = up.parent
-    if not up.is_dir():
+    if not up.is_dir():  # (mkdir would say only "Not a directory", after the gradient pass)
         raise QloraGaError(f"--output-dir '{out}' is under '{up}', which is a file: pass a folder")
-    if distributed.is_main():
-        _writable(out)
-        _recover(out)
+    with distributed.main_first():  # (its error, if any, is every process's; the others look once it is done)
+        if distributed.is_main():
+            _writable(out)
+            _recover(out)
     holds_run = out.is_dir() and any((out / m).exists() for m in RUN_MARKERS)
     if holds_run and not cfg.resume and not cfg.overwrite:
         raise QloraGaError(f"--output-dir '{out}' already holds a run: pass --resume to continue it, --overwrite to replace it, or another --output-dir")
@@ -92,12 +93,15 @@ def check_output_dir(cfg: FinetuneConfig) -> Path:
 
 
 def _writable(out: Path) -> None:
-    """Create ``out`` and write a file in it now, rather than find out after the gradient pass and training."""
+    """Write (and remove) a file in ``out``, or in the folder it would be created in, now: rather than find out
+    after the gradient pass and training. Nothing is left behind."""
     import tempfile
 
+    where = out
+    while not where.exists() and where != where.parent:
+        where = where.parent
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=out, prefix=".write-check-")
+        fd, probe = tempfile.mkstemp(dir=where, prefix=".write-check-")
         os.close(fd)
         os.unlink(probe)
     except OSError as e:

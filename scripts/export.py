@@ -14,6 +14,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from qlora_ga.log import quiet_libraries  # noqa: E402
+
+quiet_libraries()  # before bitsandbytes is imported: it warns at import about an offline hub kernel
 from qlora_ga.export.cli import main  # noqa: E402
 
 if __name__ == "__main__":

@@ -118,6 +118,12 @@ def test_bad_inputs_exit_2_with_one_line_via_subprocess(tiny_model_dir, tmp_path
     assert_clean_error(res.returncode, res.stderr, r"does not exist")
     res = run_cli(["--rank", "0", "--output-dir", str(tmp_path / "o")])
     assert_clean_error(res.returncode, res.stderr, r"rank")
+    assert len(res.stderr.strip().splitlines()) == 1, res.stderr  # nothing but the line (no library warnings)
+    res = subprocess.run([sys.executable, str(ROOT / "scripts" / "export.py"), "--adapter", str(tmp_path / "none"),
+                          "--out", str(tmp_path / "x")], capture_output=True, text=True, cwd=ROOT, timeout=300,
+                         env=dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1"))
+    assert_clean_error(res.returncode, res.stderr, r"does not exist")
+    assert len(res.stderr.strip().splitlines()) == 1, res.stderr
 
 
 def _write(path, text):

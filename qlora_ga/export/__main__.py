@@ -2,6 +2,9 @@
 
 import sys
 
-from .cli import main
+from ..log import quiet_libraries
+
+quiet_libraries()  # before bitsandbytes is imported (see scripts/export.py)
+from .cli import main  # noqa: E402
 
 sys.exit(main(prog="python -m qlora_ga.export"))
