@@ -241,3 +241,17 @@ def test_a_truncated_gguf_is_one_line(tmp_path, monkeypatch):
         part.write_bytes(f.read(200_000))  # an interrupted download
     with pytest.raises(QloraGaError, match=r"cannot read the GGUF file .*model.gguf"):
         resolve_model_source(str(part))
+
+
+def test_a_write_killed_midway_is_cleaned_up_by_the_next_write_of_the_same_folder(tmp_path):
+    from qlora_ga.fileio import atomic_dir
+
+    (tmp_path / ".merged.tmp-abcd1234").mkdir()  # a killed export's half-written folder
+    (tmp_path / ".merged.old-abcd1234").mkdir()  # the previous export, moved aside just before the kill
+    (tmp_path / ".merged.old-abcd1234" / "model.safetensors").write_text("previous")
+    (tmp_path / ".other.tmp-abcd1234").mkdir()  # another target's: not this write's business
+    with atomic_dir(tmp_path / "merged") as tmp:
+        assert (tmp_path / "merged" / "model.safetensors").read_text() == "previous"  # put back first
+        (tmp / "model.safetensors").write_text("new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.tmp-abcd1234", "merged"]
+    assert (tmp_path / "merged" / "model.safetensors").read_text() == "new"
