@@ -141,3 +141,35 @@ def random_examples(vocab: int = 384, n: int = 16, seed: int = 0) -> list[dict]:
         ids = torch.randint(3, vocab, (L,), generator=g).tolist()
         out.append({"input_ids": ids, "labels": [-100] * 2 + ids[2:]})
     return out
+
+
+def assert_close_rel(actual, expected, rel: float, what: str = "") -> float:
+    """Assert ``actual`` equals ``expected`` to within ``rel`` of the reference's scale; return that relative error.
+
+    ``err = max|actual - expected| / max|expected|`` (for a scalar, its ``|value|``): the largest deviation over
+    the largest magnitude of the reference, so a bound holds whatever the units and whichever CPU kernels (AVX2,
+    AVX-512, none) did the rounding. Tensors, Python numbers and lists of numbers; a non-finite difference fails.
+    With ``$QLORA_GA_MARGINS`` set, one JSON line per call (``test``, ``what``, ``err``, ``bound``) is appended to
+    that file, so every test's margin can be listed.
+    """
+    import json
+    import math
+    import os
+
+    def as64(x):
+        return x.detach().to("cpu", torch.float64) if isinstance(x, torch.Tensor) else torch.tensor(x, dtype=torch.float64)
+
+    a, e = as64(actual), as64(expected)
+    assert a.shape == e.shape, f"{what}: shape {tuple(a.shape)} != reference shape {tuple(e.shape)}"
+    diff = (a - e).abs()
+    abs_err = float(diff.max()) if diff.numel() else 0.0
+    scale = float(e.abs().max()) if e.numel() else 0.0
+    err = abs_err / max(scale, torch.finfo(torch.float64).tiny) if math.isfinite(abs_err) else math.inf
+    path = os.environ.get("QLORA_GA_MARGINS")
+    if path:
+        test = os.environ.get("PYTEST_CURRENT_TEST", "").rsplit(" (", 1)[0]
+        with open(path, "a") as f:
+            f.write(json.dumps({"test": test, "what": what, "err": err, "bound": rel}) + "\n")
+    assert err <= rel, (f"{what}: max|actual - expected| = {abs_err:.3g} is {err:.3g} of the reference's scale {scale:.3g}, "
+                        f"above the bound {rel:g} ({err / rel:.3g} x the bound)")
+    return err
