@@ -56,6 +56,7 @@ RUN_MARKERS = ("run_config.yaml", "metrics.jsonl", "checkpoints", "adapter", "in
 RUN_OUTPUTS = RUN_MARKERS + ("loss.png", "summary.json", "merged", "gguf", "tensorboard", "wandb", LR_SEARCH, RESUMES)
 #: where --overwrite keeps the previous run until the new one has saved its first checkpoint
 PREVIOUS_RUN = ".previous-run"
+SET_ASIDE_DONE = ".complete"  # in PREVIOUS_RUN once every output of the old run is in it
 
 #: the settings that decide a run's data order and adapters: a --resume must not change them
 RESUME_FIXED = ("model", "dataset", "format", "prompt_column", "response_column", "messages_column", "text_column",
@@ -111,14 +112,26 @@ def _writable(out: Path) -> None:
 def _recover(out: Path) -> None:
     """Clean up after a run that was killed: temporary files of unfinished writes, and a previous run that
     --overwrite set aside (back in place when the new run saved nothing, deleted when it did)."""
+    import re
+
     from .fileio import clean_stale
     from .train import CHECKPOINTS
 
-    for folder in (out, out / CHECKPOINTS, out / PREVIOUS_RUN, out / PREVIOUS_RUN / CHECKPOINTS):
-        for what in clean_stale(folder):
+    def run_output(name):  # only what a run writes there: other files in --output-dir are not the tool's
+        return name in RUN_OUTPUTS
+
+    def checkpoint(name):
+        return re.fullmatch(r"step-\d+", name) is not None
+
+    for folder, ours in ((out, run_output), (out / CHECKPOINTS, checkpoint), (out / PREVIOUS_RUN, run_output),
+                         (out / PREVIOUS_RUN / CHECKPOINTS, checkpoint)):
+        for what in clean_stale(folder, ours):
             _say(f"note: {what} in {folder} (left by an interrupted write)")
     if (out / PREVIOUS_RUN).is_dir():
-        if _saved_anything(out):
+        if not (out / PREVIOUS_RUN / SET_ASIDE_DONE).is_file():  # killed while setting it aside: nothing new yet
+            _restore_previous(out, complete=False)
+            _say(f"note: put back the run in {out} that an interrupted --overwrite was setting aside")
+        elif _saved_anything(out):
             shutil.rmtree(out / PREVIOUS_RUN)
             _say(f"note: removed the run that --overwrite replaced in {out} (its successor had saved a checkpoint)")
         else:
@@ -133,25 +146,28 @@ def _saved_anything(out: Path) -> bool:
 
 
 def _set_aside_previous(out: Path) -> bool:
-    """--overwrite: move the old run's outputs into ``out/.previous-run`` (same filesystem: renames)."""
+    """--overwrite: move the old run's outputs into ``out/.previous-run`` (same filesystem: renames), then mark
+    the move complete (a start after a kill before the mark puts everything back, see :func:`_recover`)."""
     present = [m for m in RUN_OUTPUTS if (out / m).exists()]
     if not present:
         return False
     (out / PREVIOUS_RUN).mkdir()
     for m in present:
         os.replace(out / m, out / PREVIOUS_RUN / m)
+    atomic_write(out / PREVIOUS_RUN / SET_ASIDE_DONE, "")
     return True
 
 
-def _restore_previous(out: Path) -> None:
-    """Undo :func:`_set_aside_previous`: the new run's outputs are removed and the old run's put back."""
+def _restore_previous(out: Path, complete: bool = True) -> None:
+    """Undo :func:`_set_aside_previous`: the new run's outputs are removed and the old run's put back. When the
+    set-aside did not complete, no new output exists yet: what is still in ``out`` is the old run's and stays."""
     prev = out / PREVIOUS_RUN
     for m in RUN_OUTPUTS:
-        if (prev / m).exists() or (out / m).exists():
-            p = out / m
-            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
-            if (prev / m).exists():
-                os.replace(prev / m, p)
+        p = out / m
+        if p.exists() and ((prev / m).exists() or complete):  # the old run's version wins
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+        if (prev / m).exists():
+            os.replace(prev / m, p)
     shutil.rmtree(prev)
 
 
@@ -206,11 +222,11 @@ def show_samples(model, tokenizer, prompts: list[list[int]], title: str, max_new
     return outs
 
 
-def run(cfg: FinetuneConfig) -> dict:
+def run(cfg: FinetuneConfig, argv: list[str] | None = None) -> dict:
     """The whole job for a parsed config: load -> estimate -> init -> train -> export. Returns a summary
-    (also written to ``summary.json``)."""
-    cfg = resolved(cfg)
-    device, out, ckpt, records = _check_run(cfg)
+    (also written to ``summary.json``). ``argv``: the command line it was parsed from; with ``--resume`` its
+    flags then override the run's own ``run_config.yaml`` (:func:`_resume_settings`)."""
+    cfg, device, out, ckpt, records = _check_run(cfg, argv)
     t_start = time.perf_counter()
     model, tok, data, targets = _load(cfg, device, records)
     record = _run_record(cfg, model, data, targets)
@@ -256,9 +272,10 @@ def _drop_previous(out: Path) -> None:
         shutil.rmtree(out / PREVIOUS_RUN)
 
 
-def _check_run(cfg: FinetuneConfig):
-    """Everything that can be checked before the model loads: device, output folder, exports, the dataset's
-    file, format and columns, the checkpoint to resume and the settings it was written with."""
+def _check_run(cfg: FinetuneConfig, argv: list[str] | None = None):
+    """Everything that can be checked before the model loads: device, output folder (cleaned up after a kill),
+    the settings (a resume's are its run's, :func:`_resume_settings`), exports, the dataset's file, format and
+    columns, the checkpoint to resume and the settings it was written with. Returns the resolved settings too."""
     from .data.build import load_checked_records
     from .methods import GRADIENT_METHODS
     from .train import find_checkpoint
@@ -266,6 +283,7 @@ def _check_run(cfg: FinetuneConfig):
     device = resolve_device(cfg)
     out = check_output_dir(cfg)
     distributed.barrier()  # every process has looked at --output-dir before the main one writes into it
+    cfg = resolved(_resume_settings(cfg, argv))
     if cfg.liger:
         from .kernels import check_liger
 
@@ -277,9 +295,11 @@ def _check_run(cfg: FinetuneConfig):
         # a gradient init leaves a residual in every target: a checkpoint without its file is not the run
         ckpt = find_checkpoint(out, cfg.resume, expect_residual=cfg.init in GRADIENT_METHODS, say=_say)
         _check_resume(cfg, ckpt)
+        if cfg.resume != "latest":  # (--resume alone takes the newest good one: what it skipped is damaged)
+            _check_no_newer(out, ckpt)
     with distributed.main_first():  # the main process fills the datasets cache first
         records = load_checked_records(cfg.data_config())
-    return device, out, ckpt, records
+    return cfg, device, out, ckpt, records
 
 
 def _schedule_changes(saved: dict, cfg: FinetuneConfig, data) -> dict:
@@ -294,6 +314,21 @@ def _schedule_changes(saved: dict, cfg: FinetuneConfig, data) -> dict:
         _say("resume: " + ", ".join(f"{k} {a:g} -> {b:g}" for k, (a, b) in changes.items())
              + " (applied from the resumed step on: the lr schedule is rebuilt for it)")
     return changes
+
+
+def _check_no_newer(out: Path, ckpt: Path) -> None:
+    """Resuming an earlier checkpoint of --output-dir would write a second timeline among the first one's newer
+    checkpoints (and a later --resume would take theirs): refused, naming them."""
+    from .train import CHECKPOINTS, checkpoint_folders, read_trainer_state
+
+    if ckpt.resolve().parent != (out / CHECKPOINTS).resolve():
+        return
+    step = read_trainer_state(ckpt)["step"]
+    newer = [p.name for s, p in checkpoint_folders(out / CHECKPOINTS) if s > step]
+    if newer:
+        raise QloraGaError(f"--output-dir {out} has checkpoints newer than {ckpt.name} ({', '.join(sorted(newer))}): "
+                           "continuing from it would mix two runs; resume the newest (--resume alone), move the newer "
+                           "ones away, or resume into another --output-dir")
 
 
 def _setting(cfg: FinetuneConfig, key: str):
@@ -315,9 +350,8 @@ def _run_record(cfg: FinetuneConfig, model, data, targets) -> dict:
     c = model.config
     shape = {k: getattr(c, k, None) for k in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size")}
     settings = {k: _setting(cfg, k) for k in RESUME_FIXED}
-    settings["target_modules"] = ",".join(targets)
     return {"settings": settings, "processes": distributed.world(), "model_shape": shape,
-            "data_fingerprint": h.hexdigest()[:16]}
+            "adapted_linears": ",".join(targets), "data_fingerprint": h.hexdigest()[:16]}
 
 
 def _check_resume(cfg: FinetuneConfig, ckpt: Path, record: dict | None = None) -> dict:
@@ -333,14 +367,14 @@ def _check_resume(cfg: FinetuneConfig, ckpt: Path, record: dict | None = None) -
         return {}
     redo = f"resume with the run's own settings (--config {ckpt.parents[1] / 'run_config.yaml'} --resume) or start a new run"
     if record is None:
-        now = {k: _setting(cfg, k) for k in RESUME_FIXED if k in saved and k != "target_modules"}
+        now = {k: _setting(cfg, k) for k in RESUME_FIXED if k in saved}
         diff = [f"{k} {saved[k]!r} -> {v!r}" for k, v in now.items() if saved[k] != v]
         if diff:
             raise QloraGaError(f"checkpoint {ckpt} was written with other settings ({'; '.join(diff)}): {redo}")
         return {}
     diff = []
-    if saved.get("target_modules") != record["settings"]["target_modules"]:
-        diff.append(f"adapted linears {saved.get('target_modules')!r} -> {record['settings']['target_modules']!r}")
+    if st.get("adapted_linears") and st["adapted_linears"] != record["adapted_linears"]:
+        diff.append(f"adapted linears {st['adapted_linears']!r} -> {record['adapted_linears']!r}")
     if st.get("model_shape") and st["model_shape"] != record["model_shape"]:
         diff.append(f"model {st['model_shape']} -> {record['model_shape']}")
     if st.get("data_fingerprint") and st["data_fingerprint"] != record["data_fingerprint"]:
@@ -511,9 +545,9 @@ def _write_run_files(cfg: FinetuneConfig, out: Path, ckpt, init_report, lr_searc
         if cfg.overwrite and not ckpt and out.is_dir():
             replacing = _set_aside_previous(out)
         out.mkdir(parents=True, exist_ok=True)
-        if ckpt is None:
-            save_yaml(cfg, out / "run_config.yaml")
-        else:
+        if ckpt is None or not (out / "run_config.yaml").is_file():  # (a checkpoint of another folder's run)
+            save_yaml(replace(cfg, resume=None), out / "run_config.yaml")
+        if ckpt is not None:
             from .train import read_trainer_state
 
             line = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "checkpoint": str(ckpt),
@@ -589,13 +623,32 @@ def main(argv: list[str] | None = None) -> int:
     return code
 
 
+def _resume_settings(cfg: FinetuneConfig, argv: list[str] | None) -> FinetuneConfig:
+    """``--resume``: the run's own ``run_config.yaml`` is the base and the command line's flags override it (as with
+    ``--config``), so a plain ``--resume`` continues the run as it was, not with the defaults of options left out."""
+    if not cfg.resume:
+        return cfg
+    if cfg.overwrite:
+        raise QloraGaError("--resume continues the run in --output-dir and --overwrite replaces it: pass one of them")
+    if cfg.config is not None or argv is None:  # the user's own base, or settings given whole (the Python API)
+        return cfg
+    ckpt = Path(cfg.resume)
+    run_dir = Path(cfg.output_dir) if cfg.resume == "latest" else ckpt.parents[1] if len(ckpt.parts) > 2 else None
+    saved = run_dir / "run_config.yaml" if run_dir is not None else None
+    if saved is None or not saved.is_file():
+        return cfg
+    _say(f"resume: the run's settings from {saved}, with the command line's flags over them")
+    merged = parse_config(["--config", str(saved), *argv, "--overwrite", "false"])
+    return replace(merged, config=None, overwrite=False, output_dir=cfg.output_dir, resume=cfg.resume)
+
+
 def _main(argv: list[str] | None) -> int:
     # (the launcher's RANK, from the environment: torch is not imported before the arguments are checked)
     main_process = os.environ.get("RANK", "0") == "0"
     where = f"process {os.environ.get('RANK', '0')}: " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
     try:
-        cfg = apply_demo_preset(parse_config(argv))
-        run(cfg)
+        argv = list(sys.argv[1:] if argv is None else argv)
+        run(apply_demo_preset(parse_config(argv)), argv)
         return 0
     except QloraGaError as e:
         if main_process:  # the same on every process

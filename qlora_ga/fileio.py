@@ -58,7 +58,7 @@ def atomic_dir(path: str | os.PathLike, *, keep_existing: bool = False) -> Itera
     except OSError as e:
         raise QloraGaError(f"cannot create the parent folder of '{out}': {e.strerror or e}") from None
     if not keep_existing:  # what an earlier, killed write of this folder left (a cache may be filled concurrently)
-        clean_stale(out.parent, name=out.name)
+        clean_stale(out.parent, lambda name: name == out.name)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     umask = os.umask(0)
     os.umask(umask)
@@ -114,15 +114,16 @@ def _fsync_path(p: Path) -> None:
         os.close(fd)
 
 
-_STALE_TMP = re.compile(r"^\.(?P<name>.+)\.(?:tmp-[A-Za-z0-9_]+|[A-Za-z0-9_]+\.tmp)$")  # atomic_dir's / atomic_write's
-_STALE_OLD = re.compile(r"^\.(?P<name>.+)\.old-[A-Za-z0-9_]+$")  # _swap_in's previous version
+# tempfile's names: 8 characters of [a-z0-9_] (mkdtemp / mkstemp)
+_STALE_TMP = re.compile(r"^\.(?P<name>.+)\.(?:tmp-[a-z0-9_]{8}|[a-z0-9_]{8}\.tmp)$")  # atomic_dir's / atomic_write's
+_STALE_OLD = re.compile(r"^\.(?P<name>.+)\.old-[a-z0-9_]{8}$")  # _swap_in's previous version
 
 
-def clean_stale(folder: str | os.PathLike, name: str | None = None) -> list[str]:
+def clean_stale(folder: str | os.PathLike, ours: Callable[[str], bool]) -> list[str]:
     """Remove what writes killed mid-way (SIGKILL, power loss) left in ``folder``: the temporary folders and files
     of :func:`atomic_dir` / :func:`atomic_write`. A previous version moved aside by a swap that never completed
-    is put back where it was. Only names of these two writers' patterns are touched (with ``name``: only those
-    of that target); returns what was done."""
+    is put back where it was. Only names of these two writers' patterns whose target the caller writes
+    (``ours(target name)``) are touched: anything else in ``folder`` is not the tool's. Returns what was done."""
     folder = Path(folder)
     done = []
     if not folder.is_dir():
@@ -130,7 +131,7 @@ def clean_stale(folder: str | os.PathLike, name: str | None = None) -> list[str]
     for p in sorted(folder.iterdir()):
         old, tmp = _STALE_OLD.match(p.name), _STALE_TMP.match(p.name)
         match = old or tmp
-        if name is not None and (match is None or match.group("name") != name):
+        if match is None or not ours(match.group("name")):
             continue
         if old and p.is_dir():
             target = folder / old.group("name")

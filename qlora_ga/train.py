@@ -270,19 +270,22 @@ def _write_checkpoint(tmp: Path, model, optimizer, scheduler, step: int, rngs: l
 
 
 def checkpoint_folders(root: Path) -> list[tuple[int, Path]]:
-    """``(step, folder)`` of every ``step-N`` under ``root`` that has a trainer state, newest first."""
+    """``(step, folder)`` of every ``step-N`` folder under ``root``, newest first (complete or not: a resume
+    verifies them, :func:`checkpoint_problem`)."""
     if not Path(root).is_dir():
         return []
     found = []
     for p in Path(root).glob("step-*"):
         step = p.name.split("-", 1)[1]
-        if step.isdigit() and (p / TRAINER_STATE).is_file():
+        if step.isdigit() and p.is_dir():
             found.append((int(step), p))
     return sorted(found, reverse=True)
 
 
 def read_trainer_state(ckpt: Path) -> dict:
     """A checkpoint's ``trainer_state.json`` (one-line error when it is not readable)."""
+    if not (Path(ckpt) / TRAINER_STATE).is_file():
+        raise QloraGaError(f"{Path(ckpt) / TRAINER_STATE} is missing: resume from an earlier checkpoint")
     try:
         st = json.loads((Path(ckpt) / TRAINER_STATE).read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -312,6 +315,8 @@ def checkpoint_problem(ckpt: Path, expect_residual: bool = False) -> str | None:
 
     Format 2 lists its files with their sizes; format 1 has none, so its required files are checked and
     ``expect_residual`` (the run's init puts a residual in every target) asks for its residual file."""
+    if not (ckpt / TRAINER_STATE).is_file():
+        return f"{TRAINER_STATE} is missing"
     try:
         st = read_trainer_state(ckpt)
     except QloraGaError as e:
@@ -525,6 +530,9 @@ def train(model, tokenizer, train_data: list[dict], eval_data: list[dict], s: Tr
     step_model = _data_parallel(model, device) if world > 1 else model
     model.train()
     last_ckpt = checkpoint
+    if start_step >= steps and main_process:
+        print(f"the run is at step {start_step}, the end of its {steps} steps: nothing to train (raise --max-steps "
+              "or --epochs to train on)", flush=True)
     bar = tqdm(total=steps, initial=start_step, desc="training", disable=not (progress and main_process), dynamic_ncols=True)
     summary = {"steps": steps, "start_step": start_step}
     if eval_data and checkpoint is None:  # where the held-out loss starts (the init's own value)
@@ -567,7 +575,13 @@ def train(model, tokenizer, train_data: list[dict], eval_data: list[dict], s: Tr
                 where = f"; the last good checkpoint is {last_ckpt}" if last_ckpt else ""
                 raise NonFiniteLoss(f"the gradient became {grad_norm} at step {step + 1}{where}: lower --lr, or check the data")
             lr = scheduler.get_last_lr()[0]
-            scaler.step(optimizer)
+            try:
+                scaler.step(optimizer)
+            except RuntimeError as e:  # e.g. an lr so large that Adam's step size overflows fp32
+                if "overflow" not in str(e):
+                    raise
+                where = f"; the last good checkpoint is {last_ckpt}" if last_ckpt else ""
+                raise NonFiniteLoss(f"the update overflowed at step {step + 1} (lr {lr:g}){where}: lower --lr") from None
             scaler.update()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)

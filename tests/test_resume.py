@@ -58,11 +58,17 @@ def test_resume_refuses_changed_settings_naming_each_key_and_value(stopped, tiny
     run, data = copy_run(stopped, tmp_path)
     before = (run / "metrics.jsonl").read_text()
     other_model = shutil.copytree(tiny_model_dir, tmp_path / "other-model")
-    code = main(run_args(other_model, run, data, "--resume", "--batch-size", "2", "--init", "gaussian"))
+    code = main(run_args(other_model, run, data, "--resume", "--batch-size", "2", "--init", "gaussian",
+                         "--target-modules", "q_proj,v_proj"))
     line = one_error_line(code, capsys.readouterr().err, r"other settings")
     for part in (f"model '{Path(tiny_model_dir).resolve()}' -> '{other_model.resolve()}'", "batch_size 4 -> 2",
-                 "init 'lora-ga' -> 'gaussian'", "run_config.yaml --resume"):
+                 "init 'lora-ga' -> 'gaussian'", "target_modules 'all-linear' -> 'q_proj,v_proj'", "run_config.yaml --resume"):
         assert part in line, line
+    # an earlier checkpoint of the same folder: a second timeline among the first one's checkpoints
+    code = main(run_args(tiny_model_dir, run, data, "--resume", str(run / "checkpoints" / "step-1")))
+    one_error_line(code, capsys.readouterr().err, r"checkpoints newer than step-1 \(step-2, step-3\).*mix two runs")
+    code = main(run_args(tiny_model_dir, run, data, "--resume", "--overwrite"))
+    one_error_line(code, capsys.readouterr().err, r"--resume .* --overwrite .*: pass one of them")
     # the same file name with other content: found from the tokenized data, after loading
     text = data.read_text()
     try:
@@ -79,7 +85,7 @@ def test_damaged_checkpoints_are_skipped_with_a_line_and_the_resume_stays_exact(
     run, data = copy_run(stopped, tmp_path)
     original = {r["step"]: r for r in read_metrics(run / "metrics.jsonl") if "loss" in r}
     ck = run / "checkpoints"
-    (ck / "step-3" / "trainer_state.json").write_text('{"step": 3, "files"')  # torn write
+    (ck / "step-3" / "trainer_state.json").unlink()
     (ck / "step-2" / "resume_residual.safetensors").unlink()  # the residual lost: rank r alone is another model
     state = ck / "step-1" / "state.pt"
     # an explicitly named damaged checkpoint is an error, not a fall-back
@@ -87,7 +93,7 @@ def test_damaged_checkpoints_are_skipped_with_a_line_and_the_resume_stays_exact(
     one_error_line(code, capsys.readouterr().err, r"step-2 is damaged \(resume_residual.safetensors is missing\)")
     assert main(run_args(tiny_model_dir, run, data, "--resume")) == 0
     out = capsys.readouterr().out
-    assert "checkpoint step-3 is damaged (" in out and "trying step-2" in out
+    assert "checkpoint step-3 is damaged (" in out and "trainer_state.json is missing): trying step-2" in out
     assert "checkpoint step-2 is damaged (resume_residual.safetensors is missing): trying step-1" in out
     assert "resuming from" in out and out.split("resuming from")[1].split()[0].endswith("step-1")
     rows = {r["step"]: r for r in read_metrics(run / "metrics.jsonl") if "loss" in r}
@@ -111,13 +117,15 @@ def test_resume_applies_a_new_lr_and_length_records_them_and_keeps_the_run_confi
     config_before = (run / "run_config.yaml").read_text()
     (run / "checkpoints" / ".step-9.tmp-abcd1234").mkdir()  # left by a killed checkpoint write
     (run / ".metrics.jsonl.abcd1234.tmp").write_text("{")
-    assert main(run_args(tiny_model_dir, run, data, "--resume")) == 0  # to the planned end (step 4: lr there is 0)
+    # a plain --resume: the run's own settings (run_config.yaml), not the defaults of the options left out
+    assert main(["--output-dir", str(run), "--resume"]) == 0  # to the planned end (step 4)
     assert not (run / "checkpoints" / ".step-9.tmp-abcd1234").exists() and not (run / ".metrics.jsonl.abcd1234.tmp").exists()
     # more steps at another lr: the schedule is rebuilt for both, not the old one run past its end
     assert main(run_args(tiny_model_dir, run, data, "--resume", "--lr", "1e-3", "--max-steps", "6",
                          "--save-total-limit", "2")) == 0
     assert "resume: lr 0.002 -> 0.001, total_steps 4 -> 6" in capsys.readouterr().out
     rows = {r["step"]: r for r in read_metrics(run / "metrics.jsonl") if "loss" in r}
+    assert rows[4]["lr"] == pytest.approx(2e-3 * cosine(3, num_warmup_steps=0, num_training_steps=4, num_cycles=0.5), rel=1e-12)
     for step in (5, 6):
         expected = 1e-3 * cosine(step - 1, num_warmup_steps=0, num_training_steps=6, num_cycles=0.5)
         assert expected > 0 and abs(rows[step]["lr"] - expected) <= 1e-12, (step, rows[step]["lr"], expected)
@@ -138,32 +146,41 @@ def test_resume_applies_a_new_lr_and_length_records_them_and_keeps_the_run_confi
         ref = pm(input_ids=ids).logits
     assert torch.equal(got, ref)
     assert (export_adapter(ckpt, tmp_path / "exported") / "adapter_config.json").is_file()
+    from qlora_ga.export.cli import main as export_main
+
+    before = (run / "adapter" / "adapter_model.safetensors").read_bytes()
+    assert export_main(["--adapter", str(ckpt), "--out", str(run / "adapter"), "--overwrite"]) == 2
+    assert "belongs to the training run" in capsys.readouterr().err
+    assert (run / "adapter" / "adapter_model.safetensors").read_bytes() == before
 
 
-def test_overwrite_keeps_the_old_run_until_the_new_one_has_saved(stopped, tiny_model_dir, tmp_path, capsys, monkeypatch):
-    from qlora_ga import cli
-    from qlora_ga.errors import QloraGaError
-
+def test_overwrite_keeps_the_old_run_until_the_new_one_has_saved(stopped, tiny_model_dir, tmp_path, capsys):
     run, data = copy_run(stopped, tmp_path)
     snapshot = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
 
-    def fail(*a, **k):
-        raise QloraGaError("the new run failed")
-
-    monkeypatch.setattr(cli, "_train", fail)
-    code = main(run_args(tiny_model_dir, run, data, "--overwrite", "--init", "gaussian"))
-    one_error_line(code, capsys.readouterr().err, "the new run failed")
+    # the new run fails at its first update (an lr so large that Adam's step overflows): the old run is back
+    code = main(run_args(tiny_model_dir, run, data, "--overwrite", "--init", "gaussian", "--lr", "1e38", "--max-steps", "1"))
+    one_error_line(code, capsys.readouterr().err, r"the update overflowed at step 1 \(lr 1e\+38\).*lower --lr")
     assert {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()} == snapshot  # all of it
-    monkeypatch.undo()
-    # killed while replacing (no checkpoint of the new run yet): the next start puts the old run back
+    # killed while replacing, before the new run saved: the next start puts the old run back
     (run / ".previous-run").mkdir()
-    for name in ("checkpoints", "metrics.jsonl"):
+    for name in ("checkpoints", "metrics.jsonl", "run_config.yaml", "init_report.json"):
         os.replace(run / name, run / ".previous-run" / name)
-    (run / "metrics.jsonl").write_text("{}\n")  # the new run's first line
-    assert main(run_args(tiny_model_dir, run, data, "--resume", "--max-steps", "3")) == 0
-    assert "put back the run" in capsys.readouterr().out
-    assert not (run / ".previous-run").exists()
-    assert [r.get("step") for r in read_metrics(run / "metrics.jsonl")] == [1, 2, 3]  # the old run's rows, not the new one's
+    (run / ".previous-run" / ".complete").write_text("")
+    (run / "metrics.jsonl").write_text("{}\n")  # the new run's first files
+    (run / "run_config.yaml").write_text("init: gaussian\n")
+    # ... and killed while setting it aside (run_config.yaml moved, the rest not yet): put back, nothing lost
+    def start():
+        assert main(run_args(tiny_model_dir, run, data, "--resume", "--max-steps", "3")) == 0
+        assert "put back the run" in capsys.readouterr().out
+        assert not (run / ".previous-run").exists()
+        assert {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != "resumes.jsonl"
+                and "adapter" != p.parent.name and p.name not in ("summary.json", "loss.png")} == snapshot
+
+    start()
+    (run / ".previous-run").mkdir()
+    os.replace(run / "run_config.yaml", run / ".previous-run" / "run_config.yaml")
+    start()
     # a new run that saves replaces the old one
     assert main(run_args(tiny_model_dir, run, data, "--overwrite", "--init", "gaussian", "--max-steps", "1")) == 0
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-1"]
@@ -219,6 +236,16 @@ def test_output_and_dataset_errors_come_before_the_model_loads(tiny_model_dir, t
     for extra, pattern in cases:
         code = main(["--model", str(tiny_model_dir), "--output-dir", str(tmp_path / "o"), *extra])
         one_error_line(code, capsys.readouterr().err, pattern)
+    # a start cleans what killed writes of the run left, and nothing else that looks like it
+    out = tmp_path / "o"
+    out.mkdir()
+    theirs = [".venv.old-2024abcd", ".notes.tmp-mine", ".data.jsonl.abcd1234.tmp", ".cfg.old-abcd1234"]
+    for name in theirs:
+        (out / name).mkdir()
+    (out / ".metrics.jsonl.abcd1234.tmp").write_text("{")  # ours: a killed metrics write
+    with pytest.raises(AssertionError, match="the model was loaded"):
+        main(["--model", str(tiny_model_dir), "--output-dir", str(out), "--dataset", str(data)])
+    assert sorted(p.name for p in out.iterdir()) == sorted(theirs)
 
 
 @pytest.mark.parametrize("config", sorted(p.name for p in (REPO / "configs").glob("*.yaml")))

@@ -135,6 +135,10 @@ def check_out_dir(out, kind: str, overwrite: bool) -> None:
     names = sorted(p.name for p in out.iterdir())
     if not names:
         return
+    parent = out.resolve().parent
+    if (parent / "run_config.yaml").is_file() or (parent / "checkpoints").is_dir():  # a run's adapter/, merged/, gguf/
+        raise QloraGaError(f"--out '{out}' belongs to the training run in '{parent}' (its {out.name}/): "
+                           "choose another --out")
     found = export_kind(out)
     if found is None:
         raise QloraGaError(f"--out '{out}' holds {_what_is_in(names)}: choose another --out")
