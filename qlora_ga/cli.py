@@ -62,7 +62,7 @@ SET_ASIDE_DONE = ".complete"  # in PREVIOUS_RUN once every output of the old run
 RESUME_FIXED = ("model", "dataset", "format", "prompt_column", "response_column", "messages_column", "text_column",
                 "max_length", "overlong", "n_builtin", "eval_split", "batch_size", "grad_accum", "seed",
                 "group_by_length", "init", "init_samples", "rank", "alpha", "gamma", "target_modules", "rank_allocation",
-                "lora_dropout", "compute_dtype", "optim")
+                "lora_dropout", "compute_dtype", "optim", "padding_free", "packing")
 #: the settings a --resume may change, applied from the resumed step on (lr, warmup and length rebuild the schedule)
 RESUME_APPLIED = ("lr", "warmup", "weight_decay", "max_steps", "epochs", "max_grad_norm")
 
@@ -229,6 +229,7 @@ def run(cfg: FinetuneConfig, argv: list[str] | None = None) -> dict:
     cfg, device, out, ckpt, records = _check_run(cfg, argv)
     t_start = time.perf_counter()
     model, tok, data, targets = _load(cfg, device, records)
+    flat = _padding_free(cfg, model)
     record = _run_record(cfg, model, data, targets)
     saved_schedule = _check_resume(cfg, ckpt, record) if ckpt is not None else {}
     lora_kw = dict(rank=cfg.rank, alpha=cfg.alpha, target_modules=targets, lora_dropout=cfg.lora_dropout,
@@ -238,7 +239,7 @@ def run(cfg: FinetuneConfig, argv: list[str] | None = None) -> dict:
     if ckpt is not None:
         pm, start_step, init_report = _resume_adapters(model, cfg, ckpt, out, lora_kw), _checkpoint_step(ckpt), None
     else:
-        pm, init_report = _estimate_and_init(model, tok, data, cfg, targets, lora_kw)
+        pm, init_report = _estimate_and_init(model, tok, data, cfg, targets, lora_kw, padding_free=flat)
         start_step = 0
     train_cfg, lr_search = _learning_rate(cfg, pm, tok, data, ckpt)  # --lr auto: the number
     changes = _schedule_changes(saved_schedule, train_cfg, data) if ckpt is not None else {}
@@ -248,7 +249,7 @@ def run(cfg: FinetuneConfig, argv: list[str] | None = None) -> dict:
         summary = {"output_dir": str(out), "init": cfg.init}
         if cfg.max_steps != 0:
             summary.update(_train(train_cfg, pm, tok, data, out, start_step, ckpt, record,
-                                  on_saved=(lambda _: _drop_previous(out)) if replacing else None))
+                                  on_saved=(lambda _: _drop_previous(out)) if replacing else None, padding_free=flat))
         if not distributed.is_main():  # the processes' adapters are the same: the main one writes it
             return summary
         _export(cfg, pm, out)
@@ -308,7 +309,7 @@ def _schedule_changes(saved: dict, cfg: FinetuneConfig, data) -> dict:
     from .train import total_steps
 
     now = {"lr": cfg.lr, "warmup": cfg.warmup, "weight_decay": cfg.weight_decay,
-           "total_steps": total_steps(len(data.train), cfg.train_settings(), distributed.world())}
+           "total_steps": total_steps(len(data.train), cfg.train_settings(), distributed.world(), data.train)}
     changes = {k: [saved[k], v] for k, v in now.items() if k in saved and saved[k] != v}
     if changes:
         _say("resume: " + ", ".join(f"{k} {a:g} -> {b:g}" for k, (a, b) in changes.items())
@@ -445,7 +446,23 @@ def _checkpoint_step(ckpt: Path) -> int:
     return read_trainer_state(ckpt)["step"]
 
 
-def _estimate_and_init(model, tok, data, cfg: FinetuneConfig, targets: list[str], lora_kw: dict):
+def _padding_free(cfg: FinetuneConfig, model) -> bool:
+    """Whether this model's micro-batches are flattened (--padding-free, --packing): decided per model by
+    ``data.padding_free_support`` and said in one line; --packing on a model without that support is refused."""
+    if not (cfg.padding_free or cfg.packing):
+        return False
+    from .data.packing import padding_free_support
+
+    ok, how = padding_free_support(model)
+    if cfg.packing and not ok:
+        raise QloraGaError(f"--packing needs attention that stays within each sequence, and here it does not: {how}; "
+                           "run without --packing")
+    what = "packing" if cfg.packing else "padding-free micro-batches"
+    _say(f"{what}: on ({how})" if ok else f"padding-free micro-batches: off, padded instead ({how})")
+    return ok
+
+
+def _estimate_and_init(model, tok, data, cfg: FinetuneConfig, targets: list[str], lora_kw: dict, padding_free: bool = False):
     """Steps 2 and 3: the gradient pass (for gradient inits or gradient rank allocation), then the adapters.
     Returns the PEFT model and the pass's report (None without a pass)."""
     from .data.batch import sample_batch
@@ -465,7 +482,7 @@ def _estimate_and_init(model, tok, data, cfg: FinetuneConfig, targets: list[str]
         factors = estimate_factors(
             model, sample, rank=cfg.rank, target_modules=targets, n_vectors=singular_vectors_needed(cfg.init, cfg.rank),
             reducer=factor_reducer(cfg.init, keep, cfg.gamma), micro_batch_size=cfg.init_micro_batch,
-            pad_token_id=tok.pad_token_id, report=report, progress=distributed.is_main(),
+            pad_token_id=tok.pad_token_id, padding_free=padding_free, report=report, progress=distributed.is_main(),
         )
         init_report = asdict(report)
         _say(f"gradient pass: {report.n_sequences} sequences, {report.n_label_tokens} label tokens, "
@@ -527,8 +544,10 @@ def _learning_rate(cfg: FinetuneConfig, pm, tok, data, ckpt) -> tuple[FinetuneCo
 
     s = replace(cfg, lr=None).train_settings()
     world = distributed.world()
-    first = [ex for mb in StepBatches(data.train, s, world=world).examples(0) for ex in mb]  # every process's
-    search = find_lr(pm, first, tok.pad_token_id, start=method_defaults(cfg.init)["lr"], steps=total_steps(len(data.train), s, world),
+    first = [ex for mb in StepBatches(data.train, s, world=world).examples(0)  # every process's
+             for ex in (sum(mb, []) if s.packing else mb)]  # (packing: a micro-batch is rows of examples)
+    search = find_lr(pm, first, tok.pad_token_id, start=method_defaults(cfg.init)["lr"],
+                     steps=total_steps(len(data.train), s, world, data.train),
                      batch_size=cfg.batch_size, compute_dtype=_compute_dtype(pm), gradient_checkpointing=s.gradient_checkpointing)
     lr = distributed.gather_objects(search.lr)[0]  # every process trains with the main process's lr
     _say(search.line())
@@ -562,8 +581,10 @@ def _write_run_files(cfg: FinetuneConfig, out: Path, ckpt, init_report, lr_searc
     return replacing
 
 
-def _train(cfg: FinetuneConfig, pm, tok, data, out: Path, start_step: int, ckpt, record: dict, on_saved=None) -> dict:
-    """Step 4: training, with the reporter (main process) and the loss plot."""
+def _train(cfg: FinetuneConfig, pm, tok, data, out: Path, start_step: int, ckpt, record: dict, on_saved=None,
+           padding_free: bool = False) -> dict:
+    """Step 4: training, with the reporter (main process) and the loss plot; ``padding_free``: the model's decision
+    (:func:`_padding_free`)."""
     from .metrics import make_reporter, plot_losses
     from .train import train
 
@@ -572,7 +593,8 @@ def _train(cfg: FinetuneConfig, pm, tok, data, out: Path, start_step: int, ckpt,
     reporter = (make_reporter(cfg.report_to, out, to_dict(cfg), resume_step=start_step if ckpt else None)
                 if distributed.is_main() else None)
     try:
-        result = train(pm, tok, data.train, data.eval, cfg.train_settings(), out, start_step=start_step, checkpoint=ckpt,
+        s = replace(cfg.train_settings(), padding_free=padding_free)
+        result = train(pm, tok, data.train, data.eval, s, out, start_step=start_step, checkpoint=ckpt,
                        compute_dtype=compute_dtype, stop_after=stop_after, progress=distributed.is_main(),
                        reporter=reporter, record=record, on_saved=on_saved)
     finally:

@@ -107,6 +107,12 @@ class FinetuneConfig:
     seed: int = _f(0, "random seed")
     no_gradient_checkpointing: bool = _f(False, "disable gradient checkpointing (faster, more memory)")
     group_by_length: bool = _f(False, "batch sequences of similar length together (less padding; the order stays seeded and resumable)")
+    padding_free: bool = _f(True, "flatten each micro-batch into one row without padding (position_ids restart per sequence; "
+                                  "same sequences, same loss), in training and the gradient pass, where the model's attention "
+                                  "supports it (checked per model; padded otherwise, the run says why); false: always pad")
+    packing: bool = _f(False, "pack whole sequences into rows of --max_length tokens (best-fit decreasing over a shuffled "
+                              "window; none split, attention within each); --batch_size then counts rows, so a step is a "
+                              "token budget of batch_size * grad_accum * max_length; refused for a model without that support")
     liger: bool = _f(False, "CUDA only: Liger Kernel's fused Triton kernels (RMSNorm, RoPE, SwiGLU, fused linear cross-entropy); needs pip install 'qlora-ga[liger]'")
     device: str | None = _f(None, "device ('cuda', 'cuda:1', 'cpu'); default: the current GPU, else CPU")
     compute_dtype: str = _f(

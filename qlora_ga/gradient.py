@@ -168,13 +168,19 @@ def svd_reducer(k: int, method: str = "lowrank", niter: int = 4, transform: Call
 # ------------------------------------------------------------------ batching
 
 
-def make_micro_batches(examples: Sequence[dict], micro_batch_size: int, pad_token_id: int = 0) -> list[dict]:
-    """Sort by length (dynamic padding) and pad on the right per micro-batch (:func:`qlora_ga.data.collate`).
+def make_micro_batches(examples: Sequence[dict], micro_batch_size: int, pad_token_id: int = 0,
+                       padding_free: bool = False) -> list[dict]:
+    """Sort by length (dynamic padding) and pad on the right per micro-batch (:func:`qlora_ga.data.collate`);
+    ``padding_free``: each micro-batch flattened into one row instead (:func:`qlora_ga.data.collate_padding_free`,
+    only for a model that supports it: :func:`qlora_ga.data.padding_free_support`).
 
     Examples are dicts with ``input_ids`` and ``labels`` (lists or 1-D tensors, labels -100 where no
     loss) and optionally ``attention_mask`` (0 = padding already present in the example).
     """
-    from .data import collate
+    from .data import collate, collate_padding_free
+
+    if padding_free:
+        collate = collate_padding_free  # noqa: F811 - same sequences per micro-batch, no padding
 
     if micro_batch_size < 1:
         raise QloraGaError(f"micro-batch size must be >= 1, got {micro_batch_size}")
@@ -387,6 +393,7 @@ def gradient_pass(
     target_modules: str | Sequence[str] = DEFAULT_TARGETS,
     micro_batch_size: int = 8,
     pad_token_id: int = 0,
+    padding_free: bool = False,
     state_device: str | None = None,
     state_budget_bytes: int | None = None,
     loss_chunk_bytes: int = 512 << 20,
@@ -399,11 +406,13 @@ def gradient_pass(
     ``reduce_fn`` gets each module's exact mean gradient G (fp32, m x n) once its block is done; G is
     freed right after. Module names are the model's own (e.g. ``model.layers.3.mlp.down_proj``).
     ``loss_chunk_bytes``: the loss head goes over label tokens in chunks of this many bytes of logits.
+    ``padding_free``: each micro-batch's sequences go through the model flattened into one row (the same G:
+    the same token losses; only for a model that :func:`qlora_ga.data.padding_free_support` accepts).
     """
     report = report if report is not None else PassReport()
     t0 = time.perf_counter()
     setup = _plan_pass(model, examples, target_modules, micro_batch_size, pad_token_id, state_device,
-                       state_budget_bytes, loss_chunk_bytes, report)
+                       state_budget_bytes, loss_chunk_bytes, report, padding_free)
     ledger, results = _GradLedger(), {}
     n_layers = len(setup.layers)
     with _frozen(model):
@@ -441,7 +450,7 @@ class _PassSetup:
 
 
 def _plan_pass(model, examples, target_modules, micro_batch_size, pad_token_id, state_device, state_budget_bytes,
-               loss_chunk_bytes, report: PassReport) -> _PassSetup:
+               loss_chunk_bytes, report: PassReport, padding_free: bool = False) -> _PassSetup:
     """Step 1, plan: the blocks' target linears, this process's micro-batches, the state store's place and stride."""
     if len(examples) == 0:
         raise QloraGaError("the gradient sample batch is empty: give --init-samples >= 1 and a non-empty dataset")
@@ -453,7 +462,7 @@ def _plan_pass(model, examples, target_modules, micro_batch_size, pad_token_id, 
     keep_4bit_trainable(model)
     device = next(p for p in layers.parameters()).device
     dtype = model.get_input_embeddings().weight.dtype
-    batches, (n_total, n_seq, padded_tokens) = _share_of_sample(examples, micro_batch_size, pad_token_id)
+    batches, (n_total, n_seq, padded_tokens) = _share_of_sample(examples, micro_batch_size, pad_token_id, padding_free)
     vocab = model.get_output_embeddings().weight.shape[0]
     chunk_tokens = max(1, loss_chunk_bytes // (vocab * (8 + torch.finfo(dtype).bits // 8)))
     plan = plan_pass_memory(model, batches, blocks, dtype, chunk_tokens)
@@ -468,16 +477,17 @@ def _plan_pass(model, examples, target_modules, micro_batch_size, pad_token_id, 
     return _PassSetup(layers_name, layers, blocks, device, batches, n_total, chunk_tokens, stride, pool)
 
 
-def _share_of_sample(examples, micro_batch_size: int, pad_token_id: int) -> tuple[list[dict], tuple[int, int, int]]:
+def _share_of_sample(examples, micro_batch_size: int, pad_token_id: int,
+                     padding_free: bool = False) -> tuple[list[dict], tuple[int, int, int]]:
     """This process's micro-batches (of its :func:`split_sample` share), and (label tokens, sequences, padded tokens)
     over all processes."""
     if micro_batch_size < 1:
         raise QloraGaError(f"micro-batch size must be >= 1, got {micro_batch_size}")
     _check_examples(examples)  # all of them, on every process: the same error everywhere
     share = split_sample(examples, distributed.world(), distributed.rank())
-    batches = make_micro_batches(share, micro_batch_size, pad_token_id)
+    batches = make_micro_batches(share, micro_batch_size, pad_token_id, padding_free)
     counts = tuple(int(v) for v in distributed.sum_values(
-        sum(count_label_tokens(b["labels"]) for b in batches), sum(len(b["input_ids"]) for b in batches),
+        sum(count_label_tokens(b["labels"]) for b in batches), len(share),
         sum(b["input_ids"].numel() for b in batches)))
     if counts[0] == 0:
         raise QloraGaError("the gradient sample batch has no label tokens (every token is masked): check the data format and prompt masking")

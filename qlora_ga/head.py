@@ -90,15 +90,24 @@ class ModelHead:
         """Forward one micro-batch through the decoder; return the last block's output (B, T, H).
 
         ``check``: run the whole model instead and compare its logits with :meth:`logits` (see module doc).
+        A padding-free batch (``position_ids``, no ``attention_mask``; :mod:`qlora_ga.data.packing`) goes in as it is.
         """
-        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        ids = batch["input_ids"].to(device)
+        if "attention_mask" in batch:
+            mask = batch["attention_mask"].to(device)
+            inputs = {"input_ids": ids, "attention_mask": mask}
+        else:  # flattened: transformers makes the attention block-diagonal from the restarting position_ids
+            mask = torch.ones_like(ids)
+            inputs = {"input_ids": ids, "position_ids": batch["position_ids"].to(device)}
         if not check:
-            self.decoder(input_ids=ids, attention_mask=mask, use_cache=False)
+            self.decoder(**inputs, use_cache=False)
             return self._last.pop()
         labels = batch["labels"][:, 1:]
         t = torch.unique((labels != IGNORE_INDEX).nonzero()[:, 1])[:CHECK_POSITIONS].to(device)
         kw = {"logits_to_keep": t} if self._keep_arg else {}
-        logits = self.model(input_ids=ids, attention_mask=mask, **self._extra, **kw).logits
+        # a flattened batch needs use_cache=False: with a cache transformers skips the packed-sequence mask
+        extra = {**self._extra, **({"use_cache": False} if "position_ids" in inputs else {})}
+        logits = self.model(**inputs, **extra, **kw).logits
         h = self._last.pop()
         if not self._keep_arg:
             logits = logits[:, t]

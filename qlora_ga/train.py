@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from . import distributed
 from .constants import ADAPTER_WEIGHTS, CHECKPOINT_RESIDUAL
 from .data.batch import collate, count_label_tokens
+from .data.packing import model_inputs
 from .errors import QloraGaError
 from .fileio import atomic_dir
 from .metrics import MetricsLogger
@@ -54,12 +55,20 @@ class TrainSettings:
     group_by_length: bool = False
     num_workers: int | None = None  # DataLoader workers; None: 2 on CUDA, 0 (main process) elsewhere
     save_total_limit: int | None = None  # keep only the newest N checkpoints; None: all
+    padding_free: bool = True  # micro-batches flattened into one row (position_ids restart per sequence) where the model supports it
+    packing: bool = False  # whole sequences packed into rows of max_length tokens (best-fit decreasing); batch_size counts rows
+    max_length: int = 512  # packing: tokens per row
 
 
-def total_steps(n_train: int, s: TrainSettings, world: int = 1) -> int:
-    """Optimizer steps of the run; each takes ``batch_size * grad_accum * world`` sequences (``world`` processes)."""
+def total_steps(n_train: int, s: TrainSettings, world: int = 1, train: list[dict] | None = None) -> int:
+    """Optimizer steps of the run; each takes ``batch_size * grad_accum * world`` sequences (``world`` processes),
+    or as many packed rows with ``s.packing`` (then ``train``, the examples, gives the first epoch's row count)."""
     if s.max_steps >= 0:
         return s.max_steps
+    if s.packing:
+        if train is None:
+            raise ValueError("total_steps() with packing needs the training examples")
+        n_train = len(StepBatches(train, s, world=world).packed_rows(0))
     per_epoch = math.ceil(n_train / (s.batch_size * s.grad_accum * world))
     return max(1, math.ceil(s.epochs * per_epoch))
 
@@ -147,36 +156,84 @@ class StepBatches(torch.utils.data.Dataset):
     ``DataLoader``, whose workers collate the next steps while the current one trains. With ``world``
     processes a step takes ``grad_accum * world`` micro-batches; process ``rank`` trains on every
     ``world``-th of them, and the step's label-token count (the loss's weight) is the whole step's.
+
+    ``flat``: each micro-batch is flattened into one row without padding (``data.packing``; only for a
+    model that supports it, see ``padding_free_support``). With ``s.packing`` a micro-batch is
+    ``batch_size`` rows of whole sequences, at most ``max_length`` tokens each: each epoch's seeded order
+    is packed (``data.packing.pack_order``) and step ``t`` takes rows ``t * batch_size * grad_accum * world``
+    onwards, counted over the epochs, so the order stays a pure function of (data, seed, step).
     """
 
-    def __init__(self, train: list[dict], s: TrainSettings, pad_token_id: int | None = None, rank: int = 0, world: int = 1):
-        self.train, self.s, self.pad, self.rank, self.world = train, s, pad_token_id, rank, world
-        self.lengths = [len(ex["input_ids"]) for ex in train] if s.group_by_length else None
+    def __init__(self, train: list[dict], s: TrainSettings, pad_token_id: int | None = None, rank: int = 0, world: int = 1,
+                 flat: bool = False):
+        self.train, self.s, self.pad, self.rank, self.world, self.flat = train, s, pad_token_id, rank, world, flat
+        self.lengths = [len(ex["input_ids"]) for ex in train] if s.group_by_length or s.packing else None
         self._orders: dict[int, list[int]] = {}
+        self._rows: dict[int, list[list[int]]] = {}  # packing: each epoch's rows (example indices)
+        self._row_counts: list[int] = []  # packing: rows of epochs 0, 1, ...
 
     def order(self, epoch: int) -> list[int]:
         if epoch not in self._orders:
             self._orders = {e: o for e, o in self._orders.items() if e >= epoch - 1}
-            self._orders[epoch] = epoch_order(len(self.train), self.s.seed, epoch, self.lengths,
+            self._orders[epoch] = epoch_order(len(self.train), self.s.seed, epoch,
+                                              self.lengths if self.s.group_by_length else None,
                                               LENGTH_GROUP_MICRO_BATCHES * self.s.batch_size)
         return self._orders[epoch]
 
+    def packed_rows(self, epoch: int) -> list[list[int]]:
+        """Packing: the rows of ``epoch`` (example indices; best-fit decreasing over windows of its order)."""
+        from .data.packing import pack_order
+
+        if epoch not in self._rows:
+            self._rows = {e: r for e, r in self._rows.items() if e >= epoch - 1}
+            self._rows[epoch] = pack_order(self.order(epoch), self.lengths, self.s.max_length, self.s.seed * 1_000_003 + epoch)
+        return self._rows[epoch]
+
+    def _row(self, k: int) -> list[dict]:
+        """Packing: global row ``k``, counted over the epochs."""
+        epoch = 0
+        while True:
+            if epoch == len(self._row_counts):
+                self._row_counts.append(len(self.packed_rows(epoch)))
+            if k < self._row_counts[epoch]:
+                return [self.train[i] for i in self.packed_rows(epoch)[k]]
+            k -= self._row_counts[epoch]
+            epoch += 1
+
     def examples(self, step: int) -> list[list[dict]]:
-        """All micro-batches of the step (every process's)."""
+        """All micro-batches of the step (every process's); with packing, each a list of rows (lists of examples)."""
         per_step = self.s.batch_size * self.s.grad_accum * self.world
+        if self.s.packing:
+            rows = [self._row(k) for k in range(step * per_step, (step + 1) * per_step)]
+            return [rows[j : j + self.s.batch_size] for j in range(0, per_step, self.s.batch_size)]
         out = []
         for k in range(step * per_step, (step + 1) * per_step):
             epoch, i = divmod(k, len(self.train))
             out.append(self.train[self.order(epoch)[i]])
         return [out[j : j + self.s.batch_size] for j in range(0, per_step, self.s.batch_size)]
 
+    def collate(self, mb: list) -> dict[str, torch.Tensor]:
+        """One micro-batch: packed rows, one padding-free row, or padded (as the settings and the model allow)."""
+        from .data.packing import collate_packed, collate_padding_free
+
+        if self.s.packing:
+            return collate_packed(mb, self.pad)
+        return collate_padding_free(mb, self.pad) if self.flat else collate(mb, self.pad)
+
     def __getitem__(self, step: int) -> dict:
-        every = [collate(mb, self.pad) for mb in self.examples(step)]  # (cheap, on the host) for the counts
+        examples = self.examples(step)
+        every = [self.collate(mb) for mb in examples]  # (cheap, on the host) for the counts
         mbs = every[self.rank :: self.world]
+        seqs = [ex for mb in examples for ex in (sum(mb, []) if self.s.packing else mb)]
         return {"micro_batches": mbs,
                 "label_tokens": [count_label_tokens(b["labels"]) for b in mbs],
                 "step_label_tokens": sum(count_label_tokens(b["labels"]) for b in every),  # the loss's weight
-                "input_tokens": sum(int(b["attention_mask"].sum()) for b in every)}
+                "input_tokens": sum(_real_tokens(ex) for ex in seqs),  # useful (non-pad) tokens
+                "computed_tokens": sum(b["input_ids"].numel() for b in every)}  # what the model runs, padding included
+
+
+def _real_tokens(ex: dict) -> int:
+    return int(sum(ex["attention_mask"])) if "attention_mask" in ex else len(ex["input_ids"])
 
 
 def micro_batches_for_step(train: list[dict], step: int, s: TrainSettings) -> list[list[dict]]:
@@ -184,12 +241,14 @@ def micro_batches_for_step(train: list[dict], step: int, s: TrainSettings) -> li
     return StepBatches(train, s).examples(step)
 
 
-def step_loader(train: list[dict], s: TrainSettings, pad_token_id: int, start_step: int, steps: int, device: torch.device):
+def step_loader(train: list[dict], s: TrainSettings, pad_token_id: int, start_step: int, steps: int, device: torch.device,
+                flat: bool = False):
     """Steps ``start_step .. steps-1`` through a ``DataLoader``: on CUDA two worker processes collate
-    ahead into pinned memory; on CPU the main process does it (workers would only compete for the cores)."""
+    ahead into pinned memory; on CPU the main process does it (workers would only compete for the cores).
+    ``flat``: padding-free micro-batches (see :class:`StepBatches`)."""
     cuda = device.type == "cuda"
     workers = s.num_workers if s.num_workers is not None else (min(2, os.cpu_count() or 1) if cuda else 0)
-    data = StepBatches(train, s, pad_token_id, distributed.rank(), distributed.world())
+    data = StepBatches(train, s, pad_token_id, distributed.rank(), distributed.world(), flat=flat)
     # its own generator: creating the iterator draws a seed, which must not move the global RNG (exact resume)
     return torch.utils.data.DataLoader(data, batch_size=None,
                                        sampler=range(start_step, steps), num_workers=workers, pin_memory=cuda,
@@ -415,18 +474,21 @@ def _mem(device: torch.device) -> float:
 
 
 @torch.no_grad()
-def evaluate_loss(model, examples: list[dict], batch_size: int, pad_token_id: int, device, dtype) -> float:
-    """Token-weighted mean loss over all label tokens of ``examples`` (split over the processes, if several)."""
+def evaluate_loss(model, examples: list[dict], batch_size: int, pad_token_id: int, device, dtype, flat: bool = False) -> float:
+    """Token-weighted mean loss over all label tokens of ``examples`` (split over the processes, if several).
+    ``flat``: padding-free batches (only for a model that supports them, see ``padding_free_support``)."""
+    from .data.packing import collate_padding_free, model_inputs
+
     was = model.training
     model.eval()
     total, n = torch.zeros((), dtype=torch.float64, device=device), 0
     for i in range(distributed.rank() * batch_size, len(examples), batch_size * distributed.world()):
-        b = collate(examples[i : i + batch_size], pad_token_id)
+        b = (collate_padding_free if flat else collate)(examples[i : i + batch_size], pad_token_id)
         k = count_label_tokens(b["labels"])  # on the host: no device sync per batch
         if k == 0:
             continue
         with _autocast(device, dtype):
-            loss = model(**{key: v.to(device) for key, v in b.items()}).loss
+            loss = model(**model_inputs({key: v.to(device) for key, v in b.items()})).loss
         total = total + loss.double() * k
         n += k
     model.train(was)
@@ -476,10 +538,27 @@ class NonFiniteLoss(QloraGaError):
     pass
 
 
+def _padding_free(model, s: TrainSettings, say=None) -> bool:
+    """Whether training flattens its micro-batches: ``s.padding_free`` or ``s.packing`` and the model supports it
+    (one line to ``say``). Packing on a model without that support is refused (its rows would attend across sequences)."""
+    from .data.packing import padding_free_support
+
+    if not (s.padding_free or s.packing):
+        return False
+    ok, how = padding_free_support(model)
+    if s.packing and not ok:
+        raise QloraGaError(f"--packing needs attention that stays within each sequence, and here it does not: {how}; "
+                           "run without --packing")
+    if say is not None:
+        what = "packing" if s.packing else "padding-free micro-batches"
+        say(f"{what}: on ({how})" if ok else f"padding-free micro-batches: off, padded instead ({how})")
+    return ok
+
+
 def train(model, tokenizer, train_data: list[dict], eval_data: list[dict], s: TrainSettings, out_dir: Path,
           *, start_step: int = 0, checkpoint: Path | None = None, compute_dtype: torch.dtype = torch.float32,
           stop_after: int | None = None, progress: bool = True, reporter=None, record: dict | None = None,
-          on_saved=None) -> dict:
+          on_saved=None, say=None) -> dict:
     """Train the adapter for ``total_steps`` optimizer steps; return a summary dict.
 
     ``checkpoint``: resume its optimizer/scheduler/RNG state (weights must already be loaded).
@@ -487,6 +566,11 @@ def train(model, tokenizer, train_data: list[dict], eval_data: list[dict], s: Tr
     ``reporter``: also gets every metrics row (``metrics.make_reporter``, ``--report-to``); the caller closes it.
     ``record``: written into every checkpoint's ``trainer_state.json`` (the run's settings, checked on resume).
     ``on_saved``: called with each checkpoint's folder once it is complete (main process).
+    ``say``: gets the padding-free decision (one line), if given.
+
+    ``s.padding_free`` flattens each micro-batch into one row where :func:`~qlora_ga.data.padding_free_support`
+    finds the model supports it (same sequences, same token-weighted loss; padded otherwise); ``s.packing``
+    needs that support and is refused without it.
 
     A resumed run continues the checkpoint's optimizer and schedule; a new peak lr, warmup, weight decay or
     run length applies from the resumed step on (the schedule is rebuilt for them, not the one saved).
@@ -498,7 +582,8 @@ def train(model, tokenizer, train_data: list[dict], eval_data: list[dict], s: Tr
     if not train_data:
         raise QloraGaError("no training examples: check the dataset")
     world = distributed.world()
-    steps = total_steps(len(train_data), s, world)
+    flat = _padding_free(model, s, say)
+    steps = total_steps(len(train_data), s, world, train_data)
     pad = tokenizer.pad_token_id
     optimizer = build_optimizer(model, s, device)
     scheduler = get_cosine_schedule_with_warmup(optimizer, warmup_steps(steps, s.warmup), steps)
@@ -534,13 +619,13 @@ def train(model, tokenizer, train_data: list[dict], eval_data: list[dict], s: Tr
         print(f"the run is at step {start_step}, the end of its {steps} steps: nothing to train (raise --max-steps "
               "or --epochs to train on)", flush=True)
     bar = tqdm(total=steps, initial=start_step, desc="training", disable=not (progress and main_process), dynamic_ncols=True)
-    summary = {"steps": steps, "start_step": start_step}
+    summary = {"steps": steps, "start_step": start_step, "padding_free": flat, "packing": s.packing}
     if eval_data and checkpoint is None:  # where the held-out loss starts (the init's own value)
-        summary["eval_loss_start"] = round(evaluate_loss(model, eval_data, s.batch_size, pad, device, compute_dtype), 6)
+        summary["eval_loss_start"] = round(evaluate_loss(model, eval_data, s.batch_size, pad, device, compute_dtype, flat), 6)
         if metrics:
             metrics.log(step=0, eval_loss=summary["eval_loss_start"])
         model.train()
-    loader = iter(step_loader(train_data, s, pad, start_step, steps, device))
+    loader = iter(step_loader(train_data, s, pad, start_step, steps, device, flat))
     try:
         for step in range(start_step, steps):
             t0 = time.perf_counter()
@@ -556,9 +641,10 @@ def train(model, tokenizer, train_data: list[dict], eval_data: list[dict], s: Tr
                 # several processes: their gradients are averaged once, on the last micro-batch
                 with _no_sync(step_model, i < n_mb - 1), _autocast(device, compute_dtype):
                     if k:
-                        loss = step_model(**b).loss * (k / n_tok)  # token-weighted over the whole optimizer step
+                        loss = step_model(**model_inputs(b)).loss * (k / n_tok)  # token-weighted over the whole optimizer step
                     else:  # no label token: a zero loss keeps this process in the processes' gradient average
-                        loss = step_model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.float().sum() * 0.0
+                        inputs = model_inputs({key: v for key, v in b.items() if key != "labels"})
+                        loss = step_model(**inputs).logits.float().sum() * 0.0
                     # x world: the average over processes of gradients whose weights already sum over all of them
                     scaler.scale(loss * world).backward()
                 loss_sum = loss_sum + loss.detach().double()
@@ -592,7 +678,7 @@ def train(model, tokenizer, train_data: list[dict], eval_data: list[dict], s: Tr
             if "d" in optimizer.param_groups[0]:  # prodigy: its step-size estimate (effective lr = d * lr)
                 row["d"] = float(optimizer.param_groups[0]["d"])
             if eval_data and ((s.eval_every and done % s.eval_every == 0) or done == steps):
-                row["eval_loss"] = round(evaluate_loss(model, eval_data, s.batch_size, pad, device, compute_dtype), 6)
+                row["eval_loss"] = round(evaluate_loss(model, eval_data, s.batch_size, pad, device, compute_dtype, flat), 6)
             if metrics and (done % s.log_every == 0 or done == steps or "eval_loss" in row):
                 metrics.log(**row)
             bar.set_postfix(loss=f"{loss_val:.4f}", lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")

@@ -58,6 +58,8 @@ NON_DEFAULT = {
     "seed": 7,
     "no_gradient_checkpointing": True,
     "group_by_length": True,
+    "padding_free": False,
+    "packing": True,
     "liger": True,
     "device": "cuda:1",
     "compute_dtype": "fp16",
