@@ -11,7 +11,7 @@ from qlora_ga.init import lora_layers
 from qlora_ga.metrics import read_metrics
 from qlora_ga.residual import (A0_NAME, B0_NAME, ResidualVariant, attach_residual, detach_residual, has_residual,
                                iter_residuals)
-from qlora_ga.testing import random_examples
+from qlora_ga.testing import assert_close_rel, random_examples
 from qlora_ga.train import TrainSettings, train
 
 
@@ -75,11 +75,10 @@ def test_five_training_steps_match_the_hook_implementation(tiny_model_dir, tmp_p
         weights[impl] = {n: p.detach().clone() for n, p in pm.named_parameters() if p.requires_grad}
         assert all(not p.requires_grad for n, p in pm.named_parameters() if "lora_" not in n)
     assert len(losses["variant"]) == 5 and losses["variant"][-1] < losses["variant"][0]
-    diff = max(abs(a - b) for a, b in zip(losses["variant"], losses["hooks"]))
-    print(f"5 steps, rank-2r variant vs hooks: max |dloss| = {diff:.1e}")
-    assert diff <= 1e-5, losses
+    err = assert_close_rel(losses["variant"], losses["hooks"], 1e-5, "losses")  # measured 2e-7
+    print(f"5 steps, rank-2r variant vs hooks: max |dloss| = {err:.1e} of the largest loss")
     for n, p in weights["variant"].items():
-        torch.testing.assert_close(p, weights["hooks"][n], rtol=1e-4, atol=1e-6)
+        assert_close_rel(p, weights["hooks"][n], 1e-4, "adapter weights")  # measured 8e-7 after 5 AdamW steps
 
 
 # ------------------------------------------------------------------ the variant on a plain (non-quantized) LoRA layer
@@ -117,16 +116,17 @@ def test_variant_equals_its_formula_in_value_and_gradient():
     y = pm(x)
     Ar, Br = A.detach().clone().requires_grad_(True), B.detach().clone().requires_grad_(True)
     ref = layer.base_layer(x) + s * (x @ Ar.T @ Br.T - x @ A0.T @ B0.T)
-    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    # bounds relative to the largest entry (fp32, 32-term sums: measured at most 6e-7)
+    assert_close_rel(y, ref, 1e-5, "output")
     w = torch.randn(y.shape, generator=g)
     (y * w).sum().backward()
     (ref * w).sum().backward()
-    torch.testing.assert_close(A.grad, Ar.grad, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(B.grad, Br.grad, rtol=1e-5, atol=1e-5)
+    assert_close_rel(A.grad, Ar.grad, 1e-5, "A.grad")
+    assert_close_rel(B.grad, Br.grad, 1e-5, "B.grad")
     assert getattr(layer, A0_NAME).grad is None and not getattr(layer, B0_NAME).requires_grad
     # PEFT's own merge includes the residual: merged weights compute the same function
     merged = pm.merge_and_unload()
-    torch.testing.assert_close(merged(x), ref.detach(), rtol=1e-5, atol=1e-5)
+    assert_close_rel(merged(x), ref, 1e-5, "merged output")
 
 
 def test_detach_gives_back_vanilla_lora():
