@@ -12,7 +12,7 @@ from qlora_ga.data import collate
 from qlora_ga.export import merge_export, save_adapter
 from qlora_ga.gradient import make_micro_batches, svd_reducer
 from qlora_ga.model import resolve_targets, unadapted_experts
-from qlora_ga.testing import FAMILIES, make_tiny_model, reference_gradients, train_steps
+from qlora_ga.testing import FAMILIES, assert_close_rel, make_tiny_model, reference_gradients, train_steps
 
 SEVEN = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ADAPTED = {"phi3": ("o_proj", "qkv_proj", "gate_up_proj", "down_proj"), "olmoe": SEVEN[:4], "qwen3_moe": SEVEN[:4]}
@@ -26,10 +26,6 @@ def make_examples(vocab, lengths=(5, 9, 13, 7, 20, 3, 11)):
         ids = torch.randint(3, vocab, (L,), generator=g).tolist()
         out.append({"input_ids": ids, "labels": [-100] * (L // 3) + ids[L // 3 :]})
     return out
-
-
-def rel(a, b):
-    return float(torch.linalg.norm(a - b) / torch.linalg.norm(b))
 
 
 @torch.no_grad()
@@ -56,14 +52,14 @@ def test_family_gradient_init_export_and_merge_are_exact(family, tmp_path):
     for mbs in (2, 5):
         G = gradient_pass(model, examples, lambda n, g: g.clone(), micro_batch_size=mbs, pad_token_id=tok.pad_token_id, progress=False)
         assert set(G) == set(ref)
-        worst = max(rel(G[n], ref[n]) for n in ref)
-        assert worst < 1e-4, (family, mbs, worst)
+        for n in ref:
+            assert_close_rel(G[n], ref[n], 1e-4, f"G, micro-batch {mbs}")  # measured 1.5e-6
 
     # 2. right after a lora-ga init the logits are the 4-bit model's
     before = logits(model, batch)
     factors = {n: svd_reducer(8)(n, g) for n, g in G.items()}  # what estimate_factors does with the same G
     pm = init_adapters(model, factors, method="lora-ga", rank=4, alpha=16)
-    assert float((logits(pm, batch) - before).abs().max()) <= 1e-5
+    assert_close_rel(logits(pm, batch), before, 1e-5, "logits at init")  # measured 0
 
     # 3. a few steps of training, then the vanilla-PEFT adapter and the merged export reproduce it
     train_steps(pm, collate(examples, tok.pad_token_id))
@@ -72,10 +68,10 @@ def test_family_gradient_init_export_and_merge_are_exact(family, tmp_path):
     save_adapter(pm, tmp_path / "adapter")
     base, _ = load_model(model_dir)
     reloaded = PeftModel.from_pretrained(base, tmp_path / "adapter")
-    assert float((logits(reloaded, batch) - trained).abs().max()) <= 1e-4
+    assert_close_rel(logits(reloaded, batch), trained, 1e-4, "vanilla PEFT reload logits")  # measured 5e-6 (gemma3)
     merge_export(tmp_path / "adapter", tmp_path / "merged", dtype="fp32", merge_base="dequantized")
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
-    assert float((logits(merged, batch) - trained).abs().max()) <= 1e-4
+    assert_close_rel(logits(merged, batch), trained, 1e-4, "merged fp32 logits")
 
 
 def test_a_head_the_pass_cannot_reproduce_stops_with_one_line(tiny_model_dir):
