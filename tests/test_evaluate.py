@@ -6,6 +6,7 @@ import math
 import pytest
 
 from qlora_ga import evaluate as ev
+from qlora_ga.testing import assert_close_rel
 
 EXAMPLES = [
     {"question": "Ava has 3 apples and buys 4 more. How many apples?", "answer": "3 + 4 = 7.\n#### 7"},
@@ -112,10 +113,11 @@ def test_loss_is_token_weighted_and_batch_independent(tiny_model_dir):
     model, tok = load_model(tiny_model_dir, quantize=False)
     l1, n1 = ev.held_out_loss(model, tok, EXAMPLES, batch_size=1)
     l5, n5 = ev.held_out_loss(model, tok, EXAMPLES, batch_size=5)
-    assert n1 == n5 > 0 and l1 == pytest.approx(l5, rel=1e-5)
+    assert n1 == n5 > 0
+    assert_close_rel(l1, l5, 1e-5, "loss, batch 1 vs 5")  # measured 1.9e-7
     # the token-weighted mean: sum of per-example (loss * tokens) over all tokens
     parts = [ev.held_out_loss(model, tok, [e]) for e in EXAMPLES]
-    assert l1 == pytest.approx(sum(l * n for l, n in parts) / sum(n for _, n in parts), rel=1e-5)
+    assert_close_rel(l1, sum(l * n for l, n in parts) / sum(n for _, n in parts), 1e-5, "loss vs token-weighted mean")
 
 
 def test_real_run_on_tiny_model(tiny_model_dir, data_file, tmp_path):
