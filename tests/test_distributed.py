@@ -3,12 +3,15 @@
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from qlora_ga.testing import assert_close_rel
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,14 +37,12 @@ def test_two_process_gradient_pass_equals_one_process(tiny_model_dir, tmp_path):
         assert set(two[0][k]) == set(two[1][k]) == set(one[k]) and len(one[k]) == 21
         assert all(torch.equal(two[0][k][n], two[1][k][n]) for n in one[k])
 
-    def worst(k):
-        return max(float(torch.linalg.norm(two[0][k][n] - one[k][n]) / torch.linalg.norm(one[k][n])) for n in one[k])
-
-    # G: the same sum in another order (measured 6.6e-8)
-    assert worst("G") < 1e-6
-    # LoRA-GA's B0 A0 pairs u_(r+i) with v_i, so it moves by |dG| / (gap between singular values):
-    # measured 1.2e-5 for a 7e-8 change of G on this model
-    assert worst("BA") < 1e-4
+    for n in one["G"]:
+        # G: the same sum in another order (measured 7e-7 of its largest entry)
+        assert_close_rel(two[0]["G"][n], one["G"][n], 1e-5, "G")
+        # LoRA-GA's B0 A0 pairs u_(r+i) with v_i, so it moves by |dG| / (gap between singular values):
+        # measured 1.6e-5 (without AVX) for that change of G on this model
+        assert_close_rel(two[0]["BA"][n], one["BA"][n], 1e-3, "B0 A0")
 
 
 # ------------------------------------------------------------------ training through the launcher
@@ -79,6 +80,10 @@ def runs(tiny_model_dir, tmp_path_factory):
     two = torchrun(2, FINETUNE, *finetune_args(tiny_model_dir, root / "two", *two_args))
     assert two.returncode == 0, two.stderr[-3000:]
     stopped = torchrun(2, FINETUNE, *finetune_args(tiny_model_dir, root / "part", *two_args), env={"QLORA_GA_STOP_AFTER": "2"})
+    # a newer checkpoint whose optimizer state was cut short: every process skips it for step 2
+    shutil.copytree(root / "part" / "checkpoints" / "step-2", root / "part" / "checkpoints" / "step-3")
+    state = root / "part" / "checkpoints" / "step-3" / "state.pt"
+    state.write_bytes(state.read_bytes()[:-10])
     resumed = torchrun(2, FINETUNE, *finetune_args(tiny_model_dir, root / "part", *two_args, "--resume"))
     return root, two, stopped, resumed
 
@@ -90,16 +95,22 @@ def test_two_processes_train_like_one_process_with_grad_accum(runs):
     a, b = _metrics(root / "one"), _metrics(root / "two")
     assert [r[0] for r in a] == [r[0] for r in b] == [0, 1, 2, 3, 4, 5]
     for (_, la, ea), (_, lb, eb) in zip(a, b):
-        assert (la is None) == (lb is None) and (la is None or abs(la - lb) <= 1e-5)
-        assert (ea is None) == (eb is None) and (ea is None or abs(ea - eb) <= 1e-5)
+        assert (la is None) == (lb is None) and (ea is None) == (eb is None)
+        if la is not None:
+            assert_close_rel(lb, la, 1e-5, "training loss")  # measured 0
+        if ea is not None:
+            assert_close_rel(eb, ea, 1e-5, "held-out loss")
     wa = load_file(root / "one" / "adapter" / "adapter_model.safetensors")
     wb = load_file(root / "two" / "adapter" / "adapter_model.safetensors")
-    assert set(wa) == set(wb) and max(float((wa[k] - wb[k]).abs().max()) for k in wa) <= 1e-5
+    assert set(wa) == set(wb)
+    for k in wa:
+        assert_close_rel(wb[k], wa[k], 1e-5, "adapter weights")  # measured 0
     # the main process alone wrote the run, and printed it
     assert two.stdout.count("adapter written to") == 1 and (root / "two" / "summary.json").is_file()
     # --lr auto: the same first-step sequences, so the same lr as one process (and every process trained with it)
     found = [json.loads((root / d / "lr_search.json").read_text()) for d in ("one", "two")]
-    assert found[0]["sequences"] == found[1]["sequences"] == 4 and found[0]["lr"] == pytest.approx(found[1]["lr"], rel=1e-3)
+    assert found[0]["sequences"] == found[1]["sequences"] == 4
+    assert_close_rel(found[1]["lr"], found[0]["lr"], 1e-3, "lr found")
     assert two.stdout.count("lr auto:") == 1
 
 
@@ -109,6 +120,8 @@ def test_killed_after_a_checkpoint_and_resumed_under_the_launcher(runs):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert _metrics(root / "part") == _metrics(root / "two")
     assert "found when the run started" in resumed.stdout  # the checkpoint's lr, no second search
+    assert resumed.stdout.count("checkpoint step-3 is damaged (state.pt has") == 1, resumed.stdout[-3000:]  # said once
+    assert "Traceback" not in resumed.stderr
 
 
 def test_bad_input_under_accelerate_launch_exits_2_from_every_process_with_one_line(tiny_model_dir, tmp_path):
