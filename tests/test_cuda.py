@@ -20,7 +20,7 @@ from qlora_ga import estimate_factors, gradient_pass, init_adapters, load_model
 from qlora_ga.data import collate
 from qlora_ga.gradient import make_micro_batches
 from qlora_ga.metrics import read_metrics
-from qlora_ga.testing import random_examples, reference_gradients
+from qlora_ga.testing import assert_close_rel, random_examples, reference_gradients
 from qlora_ga.train import TrainSettings, train
 
 pytestmark = pytest.mark.cuda
@@ -47,8 +47,8 @@ def test_gradient_pass_on_gpu_matches_fp32_autograd(tiny_model_dir, dtype):
     ex = random_examples()
     ref = reference_gradients(tiny_model_dir, model, make_micro_batches(ex, len(ex))[0])
     G = gradient_pass(model, ex, lambda n, g: g.cpu(), micro_batch_size=4, progress=False)
-    worst = max(float(torch.linalg.norm(G[n] - ref[n]) / torch.linalg.norm(ref[n])) for n in ref)
-    assert worst < 3e-2, worst  # 16-bit activations; fp32 accumulation of G
+    for n in ref:  # 16-bit activations; fp32 accumulation of G (bf16 on the CPU: 1.9e-2 of the largest entry)
+        assert_close_rel(G[n], ref[n], 3e-2, f"G, {dtype}")
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
@@ -65,7 +65,7 @@ def test_residual_keeps_the_function_under_autocast(tiny_model_dir, dtype):
     pm = init_adapters(model, factors, method="lora-ga", rank=4, alpha=16)
     with torch.no_grad(), _autocast(torch.device("cuda"), compute):
         after = pm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-    assert float((after - before).abs().max()) <= 1e-5  # the branch B A x - B0 A0 x is exactly zero
+    assert_close_rel(after, before, 1e-5, "logits at init")  # the branch B A x - B0 A0 x is exactly zero
 
 
 def test_paged_adamw_32bit_steps_like_adamw(tiny_model_dir):
@@ -93,7 +93,7 @@ def test_paged_adamw_32bit_steps_like_adamw(tiny_model_dir):
 
             assert isinstance(opt, bnb.optim.PagedAdamW32bit)
     for a, b in zip(*results):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+        assert_close_rel(a, b, 1e-4, "adapter weights")
 
 
 @pytest.mark.parametrize("optim", ["paged_adamw_32bit", "paged_adamw_8bit"])
@@ -167,7 +167,8 @@ def test_liger_keeps_the_init_exact_and_trains_like_the_eager_model(tiny_model_d
     assert res["model_type"] == "llama"
     assert res["eager"]["init_exact"] and res["liger"]["init_exact"]  # the residual is exact with Liger's kernels too
     # Liger's kernels are not bitwise eager's: the same function up to bf16 rounding
-    torch.testing.assert_close(torch.tensor(res["liger"]["base"]), torch.tensor(res["eager"]["base"]), rtol=0, atol=0.1)
+    # 3.5e-2 of the largest logit (about 2.9): the former 0.1 absolute (bf16 autocast alone moves them 1.5e-2 on the CPU)
+    assert_close_rel(torch.tensor(res["liger"]["base"]), torch.tensor(res["eager"]["base"]), 3.5e-2, "logits")
     el, ll = res["eager"]["losses"], res["liger"]["losses"]
     assert len(el) == len(ll) == 5 and ll[-1] < ll[0]
-    assert max(abs(a - b) for a, b in zip(el, ll)) <= 0.02 * max(el), (el, ll)
+    assert_close_rel(ll, el, 0.02, "losses")

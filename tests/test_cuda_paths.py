@@ -59,11 +59,12 @@ def test_fp16_gradient_pass_keeps_small_gradients_in_range(tmp_path, device):
     """fp16 compute over N >= 4096 label tokens, where the mean loss's (p - y) / N falls out of fp16's normal range.
 
     Reference: fp32 autograd of the model's own loss with the same (dequantized) 4-bit weights.
-    Before the summed-loss backward this gave 1.5e-2; now 1.8e-3.
+    Before the summed-loss backward this gave 1.5e-2 (in norm); now 1.9e-3 to 2.3e-3 of each gradient's largest
+    entry (AVX-512, no AVX, one thread: fp16 rounding, not summation order). The bound stays below that regression.
     """
     from qlora_ga import gradient_pass, load_model
     from qlora_ga.gradient import make_micro_batches
-    from qlora_ga.testing import make_tiny_model, reference_gradients
+    from qlora_ga.testing import assert_close_rel, make_tiny_model, reference_gradients
 
     model_dir = make_tiny_model(tmp_path, layers=2)
     g = torch.Generator().manual_seed(0)
@@ -76,8 +77,8 @@ def test_fp16_gradient_pass_keeps_small_gradients_in_range(tmp_path, device):
     fp16, _ = load_model(model_dir, device=device, compute_dtype="fp16")
     ref = reference_gradients(model_dir, fp16, make_micro_batches(examples, 16)[0])
     got = gradient_pass(fp16, examples, lambda n, g: g.cpu(), micro_batch_size=8, progress=False)
-    worst = max(float(torch.linalg.norm(got[n] - ref[n]) / torch.linalg.norm(ref[n])) for n in ref)
-    assert worst < 1e-2, worst
+    for n in ref:
+        assert_close_rel(got[n], ref[n], 1e-2, "G")
 
 
 # ------------------------------------------------------------------ fp16 training resumes exactly
