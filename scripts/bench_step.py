@@ -11,6 +11,16 @@ autocast on CUDA, gradient checkpointing, grad-norm clipping, the optimizer), in
 The median over rounds is reported per implementation, with the ratios; one JSON row per step and
 one summary row are appended to ``--out``. The residual on/off rows share one model (the residual is
 detached and re-attached between them), so they differ only in the residual.
+
+With ``--data FILE`` (real sequences, e.g. GSM8K) it compares instead how each micro-batch is laid out
+(issue 26), round-robin in the same way: qlora-ga's padded step, its padding-free step (the same
+sequences flattened into one row), its packed step (``--shape BxT``: B rows of T tokens, whole sequences,
+best-fit decreasing) and PEFT QLoRA's padded step (``prepare_model_for_kbit_training``). Round r gives the
+padded, padding-free and PEFT steps the same sequences (micro-batch r of the seeded order) and the packed
+step its r-th micro-batch of rows; the measure is **useful tokens/s** (the sequences' own tokens, no
+padding) per optimizer step, medians over rounds, with the ratios to the padded step and to PEFT's:
+
+    python scripts/bench_step.py --model SmolLM2.gguf --device cpu --data gsm8k/train.jsonl --shape 4x256 --rounds 6
 """
 
 from __future__ import annotations
@@ -35,6 +45,7 @@ from bench_memory import ModelFactory, parse_shapes, random_batch, random_exampl
 import torch  # noqa: E402
 
 IMPLS = ("qlora_ga", "qlora_ga_no_residual", "peft_qlora", "peft_qlora_no_prepare")
+LAYOUTS = ("padded", "padding_free", "packing", "peft_qlora_padded")
 
 
 def parse_args(argv=None):
@@ -50,6 +61,8 @@ def parse_args(argv=None):
     p.add_argument("--optim", default="paged_adamw_32bit", help="optimizer (qlora_ga.train.build_optimizer)")
     p.add_argument("--out", default="docs/benchmarks/step.jsonl", help="JSONL file the rows are appended to")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data", default=None, help="a dataset file (e.g. GSM8K's train.jsonl): compare padded / padding-free / "
+                                               "packed micro-batches of its sequences instead (see above)")
     args = p.parse_args(argv)
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -110,6 +123,116 @@ def build(factory: ModelFactory, args, device):
     return out
 
 
+def layout_batches(args, tok, rounds: int) -> dict[str, list[dict]]:
+    """Per layout, one collated micro-batch per round: padded, padding-free and PEFT's take the same sequences."""
+    from dataclasses import replace
+
+    from qlora_ga.config import FinetuneConfig
+    from qlora_ga.data.build import build_data
+    from qlora_ga.train import StepBatches, TrainSettings
+
+    b, t = args.shape
+    data = build_data(tok, FinetuneConfig(dataset=args.data, max_length=t, seed=args.seed).data_config())
+    s = TrainSettings(batch_size=b, grad_accum=1, seed=args.seed, max_length=t)
+    padded = StepBatches(data.train, s, tok.pad_token_id)
+    flat = StepBatches(data.train, s, tok.pad_token_id, flat=True)
+    packed = StepBatches(data.train, replace(s, packing=True), tok.pad_token_id)
+    out = {"padded": [], "padding_free": [], "packing": [], "useful": {}}
+    for r in range(rounds):
+        for name, sb in (("padded", padded), ("padding_free", flat), ("packing", packed)):
+            item = sb[r]
+            out[name].append(item["micro_batches"][0])
+            out["useful"].setdefault(name, []).append(item["input_tokens"])
+    out["peft_qlora_padded"] = out["padded"]
+    out["useful"]["peft_qlora_padded"] = out["useful"]["padded"]
+    return out
+
+
+def layout_step(model, optimizer, batch: dict, device, dtype) -> None:
+    """One optimizer step on one micro-batch, as ``qlora_ga.train.train`` runs it (``model_inputs``: a flattened
+    batch goes in with ``use_cache=False``)."""
+    from qlora_ga.data.packing import model_inputs
+    from qlora_ga.train import _autocast, trainable_parameters
+
+    batch = {k: v.to(device) for k, v in batch.items()}
+    with _autocast(device, dtype):
+        loss = model(**model_inputs(batch)).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(trainable_parameters(model), 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def main_layouts(args, factory, device, meta) -> int:
+    """``--data``: padded / padding-free / packed / PEFT padded, round-robin (see the module docstring)."""
+    from qlora_ga.data.packing import padding_free_support
+
+    dtype = factory.compute_dtype
+    impls = build(factory, args, device)
+    ours, ours_opt, _ = impls["qlora_ga"]
+    peft, peft_opt, _ = impls["peft_qlora"]
+    ok, how = padding_free_support(ours)
+    print(f"padding-free: {ok} ({how})", flush=True)
+    if not ok:
+        return 2
+    if args.model is None:
+        raise SystemExit("--data needs --model (the data is tokenized with its tokenizer)")
+    tok = _tokenizer(args.model)
+    batches = layout_batches(args, tok, args.rounds + args.warmup)
+    runner = {"padded": (ours, ours_opt), "padding_free": (ours, ours_opt), "packing": (ours, ours_opt),
+              "peft_qlora_padded": (peft, peft_opt)}
+    for name in LAYOUTS:  # warm-up rounds (untimed)
+        for r in range(args.warmup):
+            layout_step(*runner[name], batches[name][r], device, dtype)
+    tps, secs, peak = {n: [] for n in LAYOUTS}, {n: [] for n in LAYOUTS}, {n: [] for n in LAYOUTS}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    with open(args.out, "a", encoding="utf-8") as f:
+        for r in range(args.rounds):
+            k = args.warmup + r
+            for name in LAYOUTS[r % len(LAYOUTS):] + LAYOUTS[: r % len(LAYOUTS)]:  # rotate who goes first
+                batch = batches[name][k]
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                    base = torch.cuda.memory_allocated(device)
+                sync(device)
+                t0 = time.perf_counter()
+                layout_step(*runner[name], batch, device, dtype)
+                sync(device)
+                dt = time.perf_counter() - t0
+                useful = batches["useful"][name][k]
+                tps[name].append(useful / dt)
+                secs[name].append(dt)
+                row = {**meta, "part": "layout", "impl": name, "round": r, "seconds": round(dt, 4), "useful_tokens": useful,
+                       "computed_tokens": int(batch["input_ids"].numel()), "useful_tokens_per_s": round(useful / dt, 2)}
+                if device.type == "cuda":
+                    peak[name].append(torch.cuda.max_memory_allocated(device) - base)
+                    row["peak_step_bytes"] = peak[name][-1]
+                f.write(json.dumps(row) + "\n")
+        med = {n: statistics.median(v) for n, v in tps.items()}
+        useful = {n: sum(batches["useful"][n][args.warmup:]) for n in LAYOUTS}
+        computed = {n: sum(int(b["input_ids"].numel()) for b in batches[n][args.warmup:]) for n in LAYOUTS}
+        ratios = {f"{n}_over_padded": med[n] / med["padded"] for n in LAYOUTS} | \
+                 {f"{n}_over_peft_padded": med[n] / med["peft_qlora_padded"] for n in LAYOUTS}
+        f.write(json.dumps({**meta, "part": "layout_summary", "median_useful_tokens_per_s": {k: round(v, 2) for k, v in med.items()},
+                            "padding_fraction": {n: round(1 - useful[n] / computed[n], 4) for n in LAYOUTS},
+                            **({"median_peak_step_bytes": {n: int(statistics.median(v)) for n, v in peak.items()}} if peak["padded"] else {}),
+                            **{k: round(v, 4) for k, v in ratios.items()}}) + "\n")
+    print(f"\n{'layout':<20} {'useful tok/s':>12} {'min':>8} {'max':>8} {'padding':>8} {'vs padded':>10} {'vs PEFT':>8}")
+    for n in LAYOUTS:
+        print(f"{n:<20} {med[n]:>12.1f} {min(tps[n]):>8.1f} {max(tps[n]):>8.1f} {1 - useful[n] / computed[n]:>8.1%} "
+              f"{ratios[n + '_over_padded']:>9.3f}x {ratios[n + '_over_peft_padded']:>7.3f}x")
+    if peak["padded"]:
+        print("peak memory of a step above the model (MiB): " + ", ".join(f"{n} {statistics.median(v) / 2**20:.0f}" for n, v in peak.items()))
+    return 0
+
+
+def _tokenizer(model: str):
+    """The tokenizer of ``--model`` (a .gguf: its cached conversion, as ``load_model`` makes it)."""
+    from qlora_ga.model import load_tokenizer, resolve_model_source
+
+    return load_tokenizer(resolve_model_source(model))
+
+
 def main(argv=None) -> int:
     quiet()
     args = parse_args(argv)
@@ -118,6 +241,16 @@ def main(argv=None) -> int:
     device = as_device(args.device)
     torch.manual_seed(args.seed)
     factory = ModelFactory(args, device)
+    if args.data is not None:
+        b, t = args.shape
+        meta = {"bench": "step_layout", "model": factory.label, "data": Path(args.data).name, "device": device_name(device),
+                "device_type": device.type, "shape": f"{b}x{t}", "rank": args.rank, "optim": args.optim,
+                **{f"{k}_version": v for k, v in _versions().items()},
+                "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                "command": shlex.join([os.path.basename(sys.executable)] + sys.argv if argv is None else ["bench_step.py", *argv]),
+                "run_id": f"{int(time.time())}-{os.getpid()}", "threads": torch.get_num_threads()}
+        print(f"bench_step (layouts): {factory.label} on {meta['device']}, {b}x{t}, {args.rounds} rounds", flush=True)
+        return main_layouts(args, factory, device, meta)
     dtype = factory.compute_dtype
     impls = build(factory, args, device)
     b, t = args.shape
