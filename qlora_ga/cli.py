@@ -78,9 +78,9 @@ def check_output_dir(cfg: FinetuneConfig) -> Path:
     out = Path(cfg.output_dir)
     if out.exists() and not out.is_dir():
         raise QloraGaError(f"--output-dir '{out}' is a file: pass a folder")
-    up = out
-    while not up.exists() and up != up.parent:
-        up = up.parent
+    from .fileio import nearest_folder
+
+    up = nearest_folder(out)
     if not up.is_dir():  # (mkdir would say only "Not a directory", after the gradient pass)
         raise QloraGaError(f"--output-dir '{out}' is under '{up}', which is a file: pass a folder")
     with distributed.main_first():  # (its error, if any, is every process's; the others look once it is done)
@@ -96,15 +96,10 @@ def check_output_dir(cfg: FinetuneConfig) -> Path:
 def _writable(out: Path) -> None:
     """Write (and remove) a file in ``out``, or in the folder it would be created in, now: rather than find out
     after the gradient pass and training. Nothing is left behind."""
-    import tempfile
+    from .fileio import nearest_folder, probe_write
 
-    where = out
-    while not where.exists() and where != where.parent:
-        where = where.parent
     try:
-        fd, probe = tempfile.mkstemp(dir=where, prefix=".write-check-")
-        os.close(fd)
-        os.unlink(probe)
+        probe_write(nearest_folder(out))
     except OSError as e:
         raise QloraGaError(f"--output-dir '{out}' cannot be written ({e.strerror or e}): pass a folder you can write to") from None
 
@@ -229,7 +224,7 @@ def run(cfg: FinetuneConfig, argv: list[str] | None = None) -> dict:
     cfg, device, out, ckpt, records = _check_run(cfg, argv)
     t_start = time.perf_counter()
     model, tok, data, targets = _load(cfg, device, records)
-    flat = _padding_free(cfg, model)
+    flat = _padding_free(cfg, model)  # (decided once: the gradient pass and training take it)
     record = _run_record(cfg, model, data, targets)
     saved_schedule = _check_resume(cfg, ckpt, record) if ckpt is not None else {}
     lora_kw = dict(rank=cfg.rank, alpha=cfg.alpha, target_modules=targets, lora_dropout=cfg.lora_dropout,
@@ -449,17 +444,9 @@ def _checkpoint_step(ckpt: Path) -> int:
 def _padding_free(cfg: FinetuneConfig, model) -> bool:
     """Whether this model's micro-batches are flattened (--padding-free, --packing): decided per model by
     ``data.padding_free_support`` and said in one line; --packing on a model without that support is refused."""
-    if not (cfg.padding_free or cfg.packing):
-        return False
-    from .data.packing import padding_free_support
+    from .train import padding_free_decision
 
-    ok, how = padding_free_support(model)
-    if cfg.packing and not ok:
-        raise QloraGaError(f"--packing needs attention that stays within each sequence, and here it does not: {how}; "
-                           "run without --packing")
-    what = "packing" if cfg.packing else "padding-free micro-batches"
-    _say(f"{what}: on ({how})" if ok else f"padding-free micro-batches: off, padded instead ({how})")
-    return ok
+    return padding_free_decision(model, cfg.train_settings(), say=_say)
 
 
 def _estimate_and_init(model, tok, data, cfg: FinetuneConfig, targets: list[str], lora_kw: dict, padding_free: bool = False):
@@ -593,10 +580,9 @@ def _train(cfg: FinetuneConfig, pm, tok, data, out: Path, start_step: int, ckpt,
     reporter = (make_reporter(cfg.report_to, out, to_dict(cfg), resume_step=start_step if ckpt else None)
                 if distributed.is_main() else None)
     try:
-        s = replace(cfg.train_settings(), padding_free=padding_free)
-        result = train(pm, tok, data.train, data.eval, s, out, start_step=start_step, checkpoint=ckpt,
+        result = train(pm, tok, data.train, data.eval, cfg.train_settings(), out, start_step=start_step, checkpoint=ckpt,
                        compute_dtype=compute_dtype, stop_after=stop_after, progress=distributed.is_main(),
-                       reporter=reporter, record=record, on_saved=on_saved)
+                       reporter=reporter, record=record, on_saved=on_saved, flat=padding_free)
     finally:
         if reporter is not None:
             reporter.close()

@@ -24,7 +24,6 @@ import math
 import os
 import re
 import sys
-import tempfile
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
@@ -293,15 +292,13 @@ def check_report_path(out, data=None) -> Path:
             raise QloraGaError(f"--out '{out}' is the --data file: choose another --out")
         if not _is_report(p):
             raise QloraGaError(f"--out '{out}' exists and is not a report of evaluate.py: choose another --out")
-    folder = p.absolute().parent
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
+    from .fileio import nearest_folder, probe_write
+
+    folder = nearest_folder(p.absolute().parent)
     if not folder.is_dir():
         raise QloraGaError(f"cannot write the report to '{out}': '{folder}' is a file, not a folder: choose another --out")
     try:
-        fd, probe = tempfile.mkstemp(dir=folder, prefix=".evaluate-probe-")
-        os.close(fd)
-        os.unlink(probe)
+        probe_write(folder)
     except OSError as e:
         raise QloraGaError(f"cannot write the report to '{out}': {e.strerror or e} in '{folder}': choose another --out") from None
     return p

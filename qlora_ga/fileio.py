@@ -145,3 +145,18 @@ def clean_stale(folder: str | os.PathLike, ours: Callable[[str], bool]) -> list[
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
             done.append(f"removed {p.name}")
     return done
+
+
+def nearest_folder(path: str | os.PathLike) -> Path:
+    """``path`` itself if it exists, else its nearest existing parent (where ``path`` would be created)."""
+    where = Path(path).absolute()
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    return where
+
+
+def probe_write(folder: str | os.PathLike) -> None:
+    """Write a temporary file in ``folder`` and remove it: an ``OSError`` now rather than after hours of work."""
+    fd, probe = tempfile.mkstemp(dir=folder, prefix=".write-check-")
+    os.close(fd)
+    os.unlink(probe)

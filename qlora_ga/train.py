@@ -538,7 +538,7 @@ class NonFiniteLoss(QloraGaError):
     pass
 
 
-def _padding_free(model, s: TrainSettings, say=None) -> bool:
+def padding_free_decision(model, s: TrainSettings, say=None) -> bool:
     """Whether training flattens its micro-batches: ``s.padding_free`` or ``s.packing`` and the model supports it
     (one line to ``say``). Packing on a model without that support is refused (its rows would attend across sequences)."""
     from .data.packing import padding_free_support
@@ -558,7 +558,7 @@ def _padding_free(model, s: TrainSettings, say=None) -> bool:
 def train(model, tokenizer, train_data: list[dict], eval_data: list[dict], s: TrainSettings, out_dir: Path,
           *, start_step: int = 0, checkpoint: Path | None = None, compute_dtype: torch.dtype = torch.float32,
           stop_after: int | None = None, progress: bool = True, reporter=None, record: dict | None = None,
-          on_saved=None, say=None) -> dict:
+          on_saved=None, say=None, flat: bool | None = None) -> dict:
     """Train the adapter for ``total_steps`` optimizer steps; return a summary dict.
 
     ``checkpoint``: resume its optimizer/scheduler/RNG state (weights must already be loaded).
@@ -567,6 +567,7 @@ def train(model, tokenizer, train_data: list[dict], eval_data: list[dict], s: Tr
     ``record``: written into every checkpoint's ``trainer_state.json`` (the run's settings, checked on resume).
     ``on_saved``: called with each checkpoint's folder once it is complete (main process).
     ``say``: gets the padding-free decision (one line), if given.
+    ``flat``: that decision, when the caller made it already (:func:`padding_free_decision`; no second probe).
 
     ``s.padding_free`` flattens each micro-batch into one row where :func:`~qlora_ga.data.padding_free_support`
     finds the model supports it (same sequences, same token-weighted loss; padded otherwise); ``s.packing``
@@ -582,7 +583,7 @@ def train(model, tokenizer, train_data: list[dict], eval_data: list[dict], s: Tr
     if not train_data:
         raise QloraGaError("no training examples: check the dataset")
     world = distributed.world()
-    flat = _padding_free(model, s, say)
+    flat = padding_free_decision(model, s, say) if flat is None else flat
     steps = total_steps(len(train_data), s, world, train_data)
     pad = tokenizer.pad_token_id
     optimizer = build_optimizer(model, s, device)

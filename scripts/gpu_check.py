@@ -29,7 +29,7 @@ Stages (each in its own process, run in this order; ``--only`` picks some):
 ``--tiny``: a random 4-layer Llama in the benchmark and a random 3-layer Llama (generated arithmetic
 data) in the CLI, 4 steps, 4 evaluation examples: every code path in about a minute on a CPU.
 
-Everything lands in ``--out``, flat, five files (the device tool brings back 8 files, 16 MiB
+Everything lands in ``--out``, flat, five files (the transfer back takes at most 8 files, 16 MiB
 each): ``summary.md`` (verdicts and tables), ``summary.json``, ``memory.jsonl`` (bench_memory's rows),
 ``cli.jsonl`` (one row per CLI run, check and evaluation), ``logs.tar.gz`` (every stage's log and the
 runs' small files: metrics, configs, evaluation reports, pytest's JUnit XML). Models, checkpoints and

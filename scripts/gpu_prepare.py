@@ -3,7 +3,7 @@
 
     python scripts/gpu_prepare.py --gsm8k-dir ../shared/data/gsm8k
 
-The GPU machine (the device tool's) has a CUDA torch and transformers but no bitsandbytes, no package
+The GPU machine (offline, reached by transfers of limited size) has a CUDA torch and transformers but no bitsandbytes, no package
 registry, and takes at most 64 MiB of working tree per call. This writes three ignored folders in the
 repository root (see .gitignore) and checks that each call stays under that limit:
 
@@ -17,7 +17,7 @@ repository root (see .gitignore) and checks that each call stays under that limi
   file's SHA-256 and name, and the first ``--test-examples`` GSM8K test and ``--train-examples`` train
   records (never committed).
 
-It prints the sizes per call and the device-tool calls to make (``scripts/gpu_run.sh 1`` and ``2``).
+It prints the sizes per call and the two runs to make (``scripts/gpu_run.sh 1`` and ``2``).
 """
 
 from __future__ import annotations
@@ -184,9 +184,9 @@ def main(argv=None) -> int:
         f".gpu/b {size_of(b) / MIB:.1f} MiB")
     say(f"call 1 carries .whl + .gpu/a: {call1 / MIB:.1f} MiB; call 2 carries .gpu/b: {call2 / MIB:.1f} MiB "
         f"(limit {CALL_LIMIT_MIB:g} MiB each)")
-    say("device-tool calls, one right after the other (the machine stays warm ~30 s):")
-    say('  run(command="bash scripts/gpu_run.sh 1", carry=[".whl", ".gpu/a"], timeout_s=300)')
-    say('  run(command="bash scripts/gpu_run.sh 2", carry=[".gpu/b"], timeout_s=600)')
+    say("on the GPU machine, one right after the other (call 2 needs what call 1 left there):")
+    say("  call 1: the tree with .whl/ and .gpu/a/, then: bash scripts/gpu_run.sh 1   (~300 s)")
+    say("  call 2: the tree with .gpu/b/, then: bash scripts/gpu_run.sh 2   (~600 s)")
     return 0
 
 

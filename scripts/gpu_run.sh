@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# The two device-tool calls of the GPU check (docs/GPU.md), run on the GPU machine from the repository root
+# The two runs of the GPU check (docs/GPU.md), run on the GPU machine from the repository root
 # after `python scripts/gpu_prepare.py` here:
 #   1: install the carried wheels into .pydeps, join nothing yet, smoke-run gpu_check --tiny on the GPU (extra options passed on)
 #      (carry .whl and .gpu/a)
 #   2: join the GGUF, check its SHA-256, run the full gpu_check (carry .gpu/b; .pydeps and .gpu/a are
 #      still there if the machine stayed warm since call 1)
-# Results go to $OUT (the device tool brings back what is there); elsewhere to ./gpu-check-out.
+# Results go to $OUT (copied back afterwards); elsewhere to ./gpu-check-out.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/gpu-check-out}"

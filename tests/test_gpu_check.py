@@ -33,7 +33,7 @@ def test_gpu_check_tiny_cpu_end_to_end(tmp_path):
                            "--out", str(out), "--workdir", str(work)], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-3000:]}"
-    # flat, few files: what the device tool brings back (at most 8 files, no deeper than 2 folders)
+    # flat, few files: what the transfer back takes (at most 8 files, no deeper than 2 folders)
     files = sorted(p.name for p in out.iterdir())
     assert files == ["cli.jsonl", "logs.tar.gz", "memory.jsonl", "summary.json", "summary.md"]
     assert all(p.is_file() for p in out.iterdir())
