@@ -453,7 +453,7 @@ def _estimate_and_init(model, tok, data, cfg: FinetuneConfig, targets: list[str]
     """Steps 2 and 3: the gradient pass (for gradient inits or gradient rank allocation), then the adapters.
     Returns the PEFT model and the pass's report (None without a pass)."""
     from .data.batch import sample_batch
-    from .gradient import PassReport, estimate_factors
+    from .gradient import PassReport, describe_plan, estimate_factors
     from .init import factor_reducer, init_adapters, singular_vectors_needed
     from .methods import GRADIENT_METHODS
 
@@ -470,6 +470,7 @@ def _estimate_and_init(model, tok, data, cfg: FinetuneConfig, targets: list[str]
             model, sample, rank=cfg.rank, target_modules=targets, n_vectors=singular_vectors_needed(cfg.init, cfg.rank),
             reducer=factor_reducer(cfg.init, keep, cfg.gamma), micro_batch_size=cfg.init_micro_batch,
             pad_token_id=tok.pad_token_id, padding_free=padding_free, report=report, progress=distributed.is_main(),
+            on_plan=lambda r: _say(describe_plan(r, str(next(model.parameters()).device))),
         )
         init_report = asdict(report)
         _say(f"gradient pass: {report.n_sequences} sequences, {report.n_label_tokens} label tokens, "

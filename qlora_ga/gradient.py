@@ -75,6 +75,9 @@ class PassReport:
     state_bytes_per_layer: int = 0
     state_fixed_bytes: int = 0  # kept keyword arguments of the layers (masks, position embeddings), estimated
     reserve_bytes: int = 0  # compute-device memory kept free for the block backward and the loss head
+    train_floor_bytes: int = 0  # what a training step at the pass's largest micro-batch needs above the model, at least
+    recomputed_blocks: int = 0  # block forwards run once more because the store keeps every k-th layer only
+    store_copy_bytes: int = 0  # bytes between the compute device and a store elsewhere (pinned host memory)
     state_buffers: int = 0  # store buffers allocated (each reused once what it held is done)
     peak_live_grad_bytes: int = 0
     max_block_grad_bytes: int = 0
@@ -231,33 +234,58 @@ class StorePlan:
     per_layer: int  # one layer's hidden states over the whole sample (the dL/dh store is one more)
     fixed: int = 0  # the layers' keyword arguments kept for the backward (masks, position embeddings)
     reserve: int = 0  # compute-device memory the block backward and the loss head need beside the store
+    # what a training step at the pass's largest micro-batch needs above the model, at least (None: no yardstick)
+    train_floor: int | None = None
 
     def need(self, n_layers: int, k: int) -> int:
         """Stored every k-th layer + (k-1) recomputed ones for the segment being walked + the dL/dh store + fixed."""
         return (math.ceil(n_layers / k) + (k - 1) + 1) * self.per_layer + self.fixed
 
 
+#: host memory the state store leaves to everything else: this share of the available memory, at least HOST_MARGIN_MIN
+HOST_MARGIN = 0.2
+HOST_MARGIN_MIN = 2 << 30
+
+
+def host_store_budget(compute_device: torch.device, reserve: int = 0) -> int:
+    """Bytes of host memory the state store may take: the available memory less a margin (HOST_MARGIN of it, at
+    least HOST_MARGIN_MIN) and, when the host also computes, less the pass's working ``reserve``."""
+    free = _free_bytes(torch.device("cpu"))
+    return free - max(HOST_MARGIN_MIN, int(free * HOST_MARGIN)) - (reserve if compute_device.type == "cpu" else 0)
+
+
 def plan_state_store(n_layers: int, plan: StorePlan, compute_device: torch.device,
                      state_device: str | None = None, budget_bytes: int | None = None) -> tuple[torch.device, int]:
     """Choose where block inputs live and the stride k (keep every k-th layer's inputs).
 
-    Order of preference: all layers on the compute device; every k-th layer there (smallest k);
-    host memory (pinned on CUDA). On a GPU the budget is its free memory (allocator cache included)
-    less ``plan.reserve``; on the host half the available memory. ``state_device``/``budget_bytes``
-    override the choice.
+    Default on a GPU (``plan.train_floor`` set, no override): the pass's GPU peak stays within what a training
+    step at the same micro-batch needs, so the store goes to the GPU only if all of it fits
+    ``min(free, train_floor) - reserve``; else to pinned host memory at the smallest stride that fits
+    :func:`host_store_budget`; else back to the GPU at the smallest stride within that room. On the host
+    (a CPU run): :func:`host_store_budget`. ``state_device`` / ``budget_bytes`` override the choice (a budget
+    is for the store alone): the first device on which some k fits ``budget_bytes``, or the GPU's free
+    memory less the reserve, then the host.
     """
-    candidates = []
-    if state_device is not None:
-        candidates.append(torch.device(state_device))
-    else:
-        candidates.append(compute_device)
-        if compute_device.type != "cpu":
-            candidates.append(torch.device("cpu"))
+    host = torch.device("cpu")
+    if state_device is None and budget_bytes is None and compute_device.type != "cpu" and plan.train_floor is not None:
+        room = min(int(_free_bytes(compute_device) * 0.95), plan.train_floor) - plan.reserve
+        host_budget = host_store_budget(compute_device)
+        for dev, budget, strides in ((compute_device, room, (1,)), (host, host_budget, range(1, n_layers + 1)),
+                                     (compute_device, room, range(2, n_layers + 1))):
+            for k in strides:
+                if plan.need(n_layers, k) <= budget:
+                    return dev, k
+        raise QloraGaError(
+            f"the gradient sample's hidden states ({plan.per_layer / 2**20:.2f} MiB per layer) fit neither host memory "
+            f"({max(host_budget, 0) / 2**30:.1f} GiB free for them) nor the GPU beside the pass even with "
+            "recomputation: lower --init-samples or --max-length")
+    candidates = [torch.device(state_device)] if state_device is not None else \
+        [compute_device] + ([host] if compute_device.type != "cpu" else [])
     for dev in candidates:
         budget = budget_bytes
         if budget is None:
-            free = _free_bytes(dev)
-            budget = int(free * 0.95) - plan.reserve if dev.type == "cuda" else free // 2
+            budget = int(_free_bytes(dev) * 0.95) - plan.reserve if dev.type == "cuda" else \
+                host_store_budget(compute_device, plan.reserve)
         for k in range(1, n_layers + 1):
             if plan.need(n_layers, k) <= budget:
                 return dev, k
@@ -267,14 +295,31 @@ def plan_state_store(n_layers: int, plan: StorePlan, compute_device: torch.devic
     )
 
 
+def store_traffic(n_layers: int, plan: StorePlan, k: int) -> tuple[int, int]:
+    """(block forwards recomputed, bytes copied between the store and the compute device when they differ) of
+    a pass with stride ``k``: every stored layer input and every dL/dh goes out once and comes back once; a
+    stride recomputes the k-1 blocks after each stored one, from its stored start."""
+    kept = math.ceil(n_layers / k)
+    recomputed = n_layers - kept
+    copies = (2 * n_layers + 2 * n_layers + (kept if k > 1 else 0)) * plan.per_layer
+    return recomputed, copies
+
+
 def plan_pass_memory(model: nn.Module, batches: list[dict], blocks: list[dict], dtype: torch.dtype,
                      head_chunk_tokens: int) -> StorePlan:
-    """Bytes of the state store and of the compute-device reserve, from the real model and sample.
+    """Bytes of the state store, of the compute-device reserve and of a training step's floor, from the real
+    model and sample.
 
     Store: one layer's hidden states (padded tokens x hidden); the kept keyword arguments of every
     micro-batch (two B x T x T masks at most, e.g. sliding + full attention, and the rotary cos/sin).
     Reserve: the largest block's fp32 G, one micro-batch's activations through one block with grad,
-    and one chunk of the loss head (fp32 logits, their softmax gradient, the head's output).
+    and one chunk of the loss head (fp32 logits, their softmax gradient, the head's output; a chunk holds
+    one micro-batch's label tokens at most).
+    Training floor (a lower bound on what a gradient-checkpointed training step at the largest micro-batch
+    needs above the model): every layer's checkpointed input, one block's activations recomputed with grad
+    (the smallest set a decoder block saves: its norms' and projections' outputs, not the attention scores),
+    and the logits with the fp32 copy and log-softmax the loss keeps (a fused loss head such as Liger's
+    keeps less: the floor then overstates the step).
     """
     cfg = model.config
     elem = torch.finfo(dtype).bits // 8
@@ -288,9 +333,11 @@ def plan_pass_memory(model: nn.Module, batches: list[dict], blocks: list[dict], 
     B, T = max(shapes, key=lambda s: s[0] * s[1])
     block_work = B * T * (8 * hidden + 4 * inter) * elem + B * heads * T * T * elem
     vocab = model.get_output_embeddings().weight.shape[0]
-    head = head_chunk_tokens * vocab * (4 + 4 + elem)
+    head = min(head_chunk_tokens, B * T) * vocab * (4 + 4 + elem)  # the head goes over one micro-batch at a time
     grads = max(sum(m.out_features * m.in_features * 4 for m in blk.values()) for blk in blocks)
-    return StorePlan(per_layer=per_layer, fixed=fixed, reserve=grads + block_work + head)
+    n_layers = len(blocks)
+    train_floor = B * T * (n_layers * hidden * elem + (4 * hidden + 3 * inter) * elem + vocab * (elem + 8))
+    return StorePlan(per_layer=per_layer, fixed=fixed, reserve=grads + block_work + head, train_floor=train_floor)
 
 
 class _BufferPool:
@@ -399,6 +446,7 @@ def gradient_pass(
     loss_chunk_bytes: int = 512 << 20,
     progress: bool = True,
     report: PassReport | None = None,
+    on_plan: Callable[[PassReport], None] | None = None,
 ) -> dict[str, object]:
     """Run the serial gradient pass; return ``{module name: reduce_fn(name, G)}``.
 
@@ -408,11 +456,14 @@ def gradient_pass(
     ``loss_chunk_bytes``: the loss head goes over label tokens in chunks of this many bytes of logits.
     ``padding_free``: each micro-batch's sequences go through the model flattened into one row (the same G:
     the same token losses; only for a model that :func:`qlora_ga.data.padding_free_support` accepts).
+    ``on_plan``: called with the report once the store is planned, before the pass runs (see :func:`describe_plan`).
     """
     report = report if report is not None else PassReport()
     t0 = time.perf_counter()
     setup = _plan_pass(model, examples, target_modules, micro_batch_size, pad_token_id, state_device,
                        state_budget_bytes, loss_chunk_bytes, report, padding_free)
+    if on_plan is not None:
+        on_plan(report)
     ledger, results = _GradLedger(), {}
     n_layers = len(setup.layers)
     with _frozen(model):
@@ -472,9 +523,31 @@ def _plan_pass(model, examples, target_modules, micro_batch_size, pad_token_id, 
     report.n_blocks, report.state_device, report.state_stride = len(layers), str(store_dev), stride
     report.state_bytes_per_layer, report.state_fixed_bytes, report.reserve_bytes = plan.per_layer, plan.fixed, plan.reserve
     report.max_block_grad_bytes = max(sum(m.out_features * m.in_features * 4 for m in b.values()) for b in blocks)
+    report.train_floor_bytes = plan.train_floor or 0
+    report.recomputed_blocks, copies = store_traffic(len(layers), plan, stride)
+    report.store_copy_bytes = copies if store_dev.type != device.type else 0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     return _PassSetup(layers_name, layers, blocks, device, batches, n_total, chunk_tokens, stride, pool)
+
+
+def describe_plan(report: PassReport, compute_device: str) -> str:
+    """One line: where the state store is, its stride and size, what it costs, and the pass's working memory on the
+    compute device against a training step's floor."""
+    gib = 2**30
+    n, k = report.n_blocks, report.state_stride
+    size = (math.ceil(n / k) + (k - 1) + 1) * report.state_bytes_per_layer + report.state_fixed_bytes
+    where = "pinned host memory" if report.state_device == "cpu" and compute_device.startswith("cuda") else report.state_device
+    kept = "every layer's inputs" if k == 1 else f"every {k}th layer's inputs"
+    cost = [f"{report.recomputed_blocks} block forwards recomputed"] if report.recomputed_blocks else []
+    if report.store_copy_bytes:
+        cost.append(f"{report.store_copy_bytes / gib:.2f} GiB of copies to and from the GPU")
+    line = f"gradient pass plan: {kept} in {where} ({size / gib:.2f} GiB)" + (f", costs {' and '.join(cost)}" if cost else "")
+    if compute_device.startswith("cuda") and report.train_floor_bytes:
+        on_gpu = report.reserve_bytes + (size if report.state_device != "cpu" else 0)
+        line += (f"; on the GPU ~{on_gpu / gib:.2f} GiB above the model, a training step at the same micro-batch "
+                 f">= {report.train_floor_bytes / gib:.2f} GiB")
+    return line
 
 
 def _share_of_sample(examples, micro_batch_size: int, pad_token_id: int,

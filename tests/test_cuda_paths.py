@@ -160,6 +160,37 @@ def test_store_plan_counts_dl_dh_kwargs_and_the_real_reserve(monkeypatch):
     assert plan_state_store(4, StorePlan(per_layer=gib, fixed=gib), cuda, budget_bytes=6 * gib)[1] == 1
 
 
+def test_default_store_plan_keeps_the_init_within_a_training_step(monkeypatch):
+    from qlora_ga import gradient
+    from qlora_ga.gradient import StorePlan, host_store_budget, plan_state_store, store_traffic
+
+    gib = 1 << 30
+    free = {"cuda": 70 * gib, "cpu": 100 * gib}
+    monkeypatch.setattr(gradient, "_free_bytes", lambda dev: free[dev.type])
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+
+    def plan(floor):  # 32 layers: need(k) = (ceil(32 / k) + k) / 4 GiB + 1/4 GiB; need(1) = 8.75 GiB
+        return StorePlan(per_layer=gib // 4, fixed=gib // 4, reserve=2 * gib, train_floor=floor)
+
+    assert plan_state_store(32, plan(11 * gib), cuda) == (cuda, 1)  # a training step needs more: all on the GPU
+    assert plan_state_store(32, plan(10 * gib), cuda) == (cpu, 1)  # 70 GiB free, but the step needs < 2 + 8.75
+    assert host_store_budget(cuda) == 80 * gib and host_store_budget(cpu, 2 * gib) == 78 * gib  # 20 % margin
+    free["cpu"] = 6 * gib  # 4 GiB for the store (2 GiB margin): ceil(32 / k) + k <= 15 -> k = 3
+    assert plan_state_store(32, plan(5 * gib), cuda) == (cpu, 3)
+    free["cpu"] = 3 * gib  # no stride fits the host: back to the GPU, stride within floor - reserve = 4 GiB
+    assert plan_state_store(32, plan(6 * gib), cuda) == (cuda, 3)
+    with pytest.raises(QloraGaError, match="fit neither host memory"):
+        plan_state_store(32, plan(5 * gib), cuda)
+    free.update(cuda=8 * gib, cpu=100 * gib)  # the GPU's free memory caps it too: 7.6 - 2 < 8.75
+    assert plan_state_store(32, plan(20 * gib), cuda) == (cpu, 1)
+    # an explicit budget or device: as before (the store's own budget; the first device where some k fits)
+    assert plan_state_store(32, plan(5 * gib), cuda, budget_bytes=9 * gib) == (cuda, 1)
+    assert plan_state_store(32, plan(5 * gib), cuda, state_device="cuda:0")[0] == cuda
+    # what a plan costs: 2 x (inputs + dL/dh) per layer through the copies; a stride k recomputes n - ceil(n / k)
+    assert store_traffic(32, plan(0), 1) == (0, 128 * gib // 4)
+    assert store_traffic(32, plan(0), 4) == (24, (128 + 8) * gib // 4)
+
+
 def test_plan_reserve_grows_with_the_block_and_the_head(tiny_model_dir):
     from qlora_ga import load_model
     from qlora_ga.gradient import make_micro_batches, plan_pass_memory
@@ -169,10 +200,13 @@ def test_plan_reserve_grows_with_the_block_and_the_head(tiny_model_dir):
     batches = make_micro_batches([{"input_ids": [5] * 20, "labels": [5] * 20}] * 4, 2)
     blocks = [target_linears(layer, ("q_proj", "down_proj")) for layer in find_decoder_layers(model)[1]]
     small = plan_pass_memory(model, batches, blocks, torch.float32, head_chunk_tokens=16)
-    big_head = plan_pass_memory(model, batches, blocks, torch.float32, head_chunk_tokens=1024)
+    big_head = plan_pass_memory(model, batches, blocks, torch.float32, head_chunk_tokens=32)
+    # a chunk holds one micro-batch's label tokens at most (2 x 20 here)
+    assert plan_pass_memory(model, batches, blocks, torch.float32, head_chunk_tokens=1024).reserve == \
+        plan_pass_memory(model, batches, blocks, torch.float32, head_chunk_tokens=40).reserve
     all_blocks = [target_linears(layer) for layer in find_decoder_layers(model)[1]]
     big_block = plan_pass_memory(model, batches, all_blocks, torch.float32, head_chunk_tokens=16)
-    assert big_head.reserve - small.reserve == (1024 - 16) * len(tok) * (4 + 4 + 4)  # fp32 logits, grad, head output
+    assert big_head.reserve - small.reserve == (32 - 16) * len(tok) * (4 + 4 + 4)  # fp32 logits, grad, head output
     block_grads = sum(m.out_features * m.in_features * 4 for m in all_blocks[0].values())
     assert big_block.reserve - small.reserve == block_grads - (64 * 64 + 64 * 128) * 4
     assert small.per_layer == 2 * 2 * 20 * 64 * 4 and small.fixed > 0
