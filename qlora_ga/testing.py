@@ -65,8 +65,10 @@ FAMILIES = {
 
 
 def make_tiny_model(out_dir, *, family: str = "llama", layers: int = 3, hidden: int = 64, intermediate: int = 128,
-                    seed: int = 0, max_shard_size: str | None = None, tie_word_embeddings: bool = False) -> Path:
-    """Write a random model of ``family`` (:data:`FAMILIES`; hidden 64, 4 heads, 2 kv heads) and its tokenizer."""
+                    seed: int = 0, max_shard_size: str | None = None, tie_word_embeddings: bool = False,
+                    **config) -> Path:
+    """Write a random model of ``family`` (:data:`FAMILIES`; hidden 64, 4 heads, 2 kv heads) and its tokenizer;
+    ``config``: more settings of the family's config class (e.g. ``sliding_window=5``)."""
     import transformers
     from transformers import AutoModelForCausalLM
 
@@ -77,7 +79,7 @@ def make_tiny_model(out_dir, *, family: str = "llama", layers: int = 3, hidden: 
         "vocab_size": len(tok), "hidden_size": hidden, "intermediate_size": intermediate, "num_hidden_layers": layers,
         "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512,
         "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id,
-        "tie_word_embeddings": tie_word_embeddings, **extra,
+        "tie_word_embeddings": tie_word_embeddings, **extra, **config,
     })
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg)

@@ -17,7 +17,9 @@ and no sequence is ever split.
 
 **Which models** (:func:`padding_free_support`): the attention implementation must be one whose masks
 transformers builds from ``position_ids`` (or flash-attention's varlen path), and a probe on the model
-itself must give a sequence the same logits alone and after another sequence in the same row. A layer
+itself must give a sequence the same logits alone and after another sequence in the same row. A model on
+SDPA is then switched to :data:`~qlora_ga.attention.PACKED_SDPA` (one SDPA call per sequence instead of a
+dense row-long mask: ``qlora_ga/attention.py``), probed again, and kept on it when that probe agrees too. A layer
 that mixes tokens along the row whatever the mask (a convolution or state-space layer, an attention
 implementation without the packed mask) fails the probe and is refused, never guessed.
 """
@@ -28,11 +30,12 @@ import bisect
 
 import torch
 
+from ..attention import PACKED_SDPA, can_use_packed_sdpa, set_attention
 from ..constants import IGNORE_INDEX
 
 #: attention implementations whose masks transformers makes block-diagonal from restarting position_ids
 #: (masking_utils' packed-sequence detection), or whose kernels read the boundaries from them (flash varlen)
-PACKED_ATTENTION = ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3")
+PACKED_ATTENTION = ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3", PACKED_SDPA)
 #: layer types (``config.layer_types``) that attend; any other (``conv``, ``mamba``, ``linear_attention``, ...) mixes
 #: tokens along the row whatever the mask, so a model with one cannot be flattened
 ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention")
@@ -183,6 +186,13 @@ def padding_free_support(model) -> tuple[bool, str]:
     if not err <= tol:
         return False, (f"{name} ({impl} attention): a sequence's logits change when another sequence precedes it in a "
                        f"flattened row (relative difference {err:.2g}): its layers mix tokens across sequence boundaries")
+    if can_use_packed_sdpa(cfg):  # SDPA without the row's dense mask: one call per sequence (qlora_ga.attention)
+        set_attention(model, PACKED_SDPA)
+        err_packed = _probe(model)
+        if err_packed <= tol:
+            return True, (f"{name}, sdpa attention, one call per sequence ({PACKED_SDPA}; probe: {err_packed:.1g} "
+                          "relative difference)")
+        set_attention(model, impl)  # (not expected: the dense-mask path passed) keep transformers' own
     return True, f"{name}, {impl} attention: block-diagonal by position_ids (probe: {err:.1g} relative difference)"
 
 
