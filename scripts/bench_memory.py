@@ -78,6 +78,9 @@ LLAMA2_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, nu
                  num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096)
 TINY = dict(vocab_size=32000, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
             num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=4096)
+LLAMA2_70B = dict(vocab_size=32000, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                  num_attention_heads=64, num_key_value_heads=8, max_position_embeddings=4096)
+ARCHS = {"llama2-7b": LLAMA2_7B, "llama2-70b": LLAMA2_70B}
 FULL_DEFAULTS = dict(init_shapes="64x512,128x1024", train_shapes="1x1024,4x512,4x1024", warmup=2, steps=5)
 TINY_DEFAULTS = dict(init_shapes="4x64", train_shapes="1x64", warmup=1, steps=2)
 PARTS = ("init", "ref", "train", "peft", "residual", "liger")
@@ -90,6 +93,10 @@ PEFT_IMPLS = {"kbit": "peft_qlora", "none": "peft_qlora_no_prepare"}
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny", action="store_true", help="4-layer hidden-256 Llama instead of Llama-2-7B (CPU ok)")
+    p.add_argument("--arch", choices=tuple(ARCHS), default="llama2-7b", help="shape of the random Llama (default llama2-7b)")
+    p.add_argument("--layers", type=int, default=None, help="decoder layers of the random Llama (default: the --arch's own)")
+    p.add_argument("--gpu-memory-cap-gib", type=float, default=None,
+                   help="cap the process's GPU memory (torch.cuda.set_per_process_memory_fraction), e.g. 48 for a 48 GB card")
     p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda if available)")
     p.add_argument("--model", default=None, help="benchmark this checkpoint (hub id, folder, .gguf) instead of a random Llama")
     p.add_argument("--materialize", choices=("direct", "disk"), default="direct",
@@ -294,10 +301,13 @@ def say(msg: str):
 # ----------------------------------------------------------------------------- models
 
 
-def llama_config(tiny: bool, dtype: torch.dtype):
+def llama_config(tiny: bool, dtype: torch.dtype, arch: str = "llama2-7b", layers: int | None = None):
     from transformers import LlamaConfig
 
-    cfg = LlamaConfig(**(TINY if tiny else LLAMA2_7B), tie_word_embeddings=False, rms_norm_eps=1e-5,
+    shape = dict(TINY if tiny else ARCHS[arch])
+    if layers is not None:
+        shape["num_hidden_layers"] = layers
+    cfg = LlamaConfig(**shape, tie_word_embeddings=False, rms_norm_eps=1e-5,
                       bos_token_id=1, eos_token_id=2, pad_token_id=0)
     cfg.use_cache = False
     cfg.dtype = dtype
@@ -411,18 +421,26 @@ class ModelFactory:
         self.args, self.device = args, device
         self.compute_dtype = default_compute_dtype(device)
         self.ref_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        self.cfg = llama_config(args.tiny, self.compute_dtype)
+        arch, layers = getattr(args, "arch", "llama2-7b"), getattr(args, "layers", None)  # bench_step has neither
+        self.arch = arch
+        self.cfg = llama_config(args.tiny, self.compute_dtype, arch, layers)
         self.folder = None
         if args.model is None and args.materialize == "disk":
-            name = f"random-llama-{'tiny' if args.tiny else '7b'}-seed{args.seed}"
-            self.folder = save_random_llama(llama_config(args.tiny, torch.bfloat16), Path(args.workdir) / name, args.seed)
+            name = f"random-{'tiny' if args.tiny else arch}-{self.cfg.num_hidden_layers}l-seed{args.seed}"
+            self.folder = save_random_llama(llama_config(args.tiny, torch.bfloat16, arch, layers),
+                                            Path(args.workdir) / name, args.seed)
 
     @property
     def label(self) -> str:
         if self.args.model:
             return self.args.model
-        return ("random tiny Llama (4 layers, hidden 256)" if self.args.tiny else
-                "random Llama-2-7B architecture") + f" [{self.args.materialize}]"
+        if self.args.tiny:
+            what = f"random tiny Llama ({self.cfg.num_hidden_layers} layers, hidden 256)"
+        else:
+            full = ARCHS[self.arch]["num_hidden_layers"]
+            n = self.cfg.num_hidden_layers
+            what = f"random {self.arch} architecture" + (f" with {n} of its {full} layers" if n != full else "")
+        return what + f" [{self.args.materialize}]"
 
     @property
     def vocab_size(self) -> int:
@@ -520,7 +538,7 @@ def bench_train(rec: Recorder, impl: str, model, optimizer, shape, args, device,
 
 
 def phase_ours(rec: Recorder, factory: ModelFactory, args, device):
-    from qlora_ga.gradient import PassReport, estimate_factors, make_micro_batches
+    from qlora_ga.gradient import PassReport, describe_plan, estimate_factors, make_micro_batches
     from qlora_ga.init import init_adapters, lora_layers, singular_vectors_needed
     from qlora_ga.residual import attach_residual, detach_residual, has_residual
     from qlora_ga.train import TrainSettings, _checkpointing, build_optimizer
@@ -528,7 +546,8 @@ def phase_ours(rec: Recorder, factory: ModelFactory, args, device):
     dtype = factory.compute_dtype
     with Meter(device) as m:
         model = factory.quantized()
-    rec.add(part="model", variant="4bit", build_s=_r(m.seconds),
+    rec.add(part="model", variant="4bit", build_s=_r(m.seconds), model_bytes=int(model.get_memory_footprint()),
+            n_layers=int(model.config.num_hidden_layers), build_peak_rss_gib=_gib(m.peak_rss),
             gpu_bytes=int(torch.cuda.memory_allocated(device)) if device.type == "cuda" else None,
             gpu_gib=_gib(torch.cuda.memory_allocated(device)) if device.type == "cuda" else None)
     say(f"4-bit model ready in {m.seconds:.1f} s" + (f", {torch.cuda.memory_allocated(device) / GIB:.2f} GiB on the GPU"
@@ -562,7 +581,9 @@ def phase_ours(rec: Recorder, factory: ModelFactory, args, device):
                 pm = init_adapters(model, factors, method="lora-ga", rank=args.rank, alpha=args.alpha)
             row.update(m.fields(), estimate_s=_r(t1 - t0), init_adapters_s=_r(m.seconds - (t1 - t0)),
                        state_device=report.state_device, state_stride=report.state_stride,
-                       state_gib_per_layer=_gib(report.state_bytes_per_layer),
+                       state_gib_per_layer=_gib(report.state_bytes_per_layer), reserve_gib=_gib(report.reserve_bytes),
+                       train_floor_gib=_gib(report.train_floor_bytes), store_copy_gib=_gib(report.store_copy_bytes),
+                       recomputed_blocks=report.recomputed_blocks, plan=describe_plan(report, str(device)),
                        max_block_grad_gib=_gib(report.max_block_grad_bytes), sample_loss=_r(report.loss), oom=False)
             del factors
         except Exception as e:  # noqa: BLE001
@@ -570,8 +591,12 @@ def phase_ours(rec: Recorder, factory: ModelFactory, args, device):
                 raise
             free_memory(device)
             row.update(oom=True, error=str(e).splitlines()[0][:200])
+            if report.n_blocks:  # planned before it ran out: what the peak was to hold
+                row.update(plan=describe_plan(report, str(device)), reserve_gib=_gib(report.reserve_bytes),
+                           max_block_grad_gib=_gib(report.max_block_grad_bytes), state_device=report.state_device,
+                           state_stride=report.state_stride, state_gib_per_layer=_gib(report.state_bytes_per_layer))
             rec.add(**row)
-            say(f"  init {row['shape']}: OOM")
+            say(f"  init {row['shape']}: OOM" + (f" ({row['plan']})" if row.get("plan") else ""))
             continue
         # the yardstick: one checkpointed forward+backward over the same tokens, same micro-batch
         batches = make_micro_batches(examples, args.init_micro_batch, 0)
@@ -868,6 +893,10 @@ def main(argv=None) -> int:
         "command": shlex.join([os.path.basename(sys.executable)] + sys.argv if argv is None else ["bench_memory.py", *argv]),
         "run_id": f"{int(time.time())}-{os.getpid()}",
     }
+    if args.gpu_memory_cap_gib is not None and device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.gpu_memory_cap_gib * GIB / total), device)
+        meta["gpu_memory_cap_gib"] = args.gpu_memory_cap_gib
     factory = ModelFactory(args, device)
     meta["model"] = factory.label
     meta["rank"] = args.rank

