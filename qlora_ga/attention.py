@@ -60,21 +60,29 @@ def packed_sdpa_forward(module, query, key, value, attention_mask, dropout: floa
     """An ``AttentionInterface`` function: ``query`` ``[B, H, N, D]``, ``key``/``value`` ``[B, H_kv, N, D]``; returns
     ``([B, N, H, D], None)`` like transformers' ``sdpa_attention_forward``, to which everything but a
     mask-free, cache-free forward with ``position_ids`` goes."""
-    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     position_ids = kwargs.get("position_ids")
-    q_len, kv_len = query.shape[2], key.shape[2]
-    if attention_mask is not None or position_ids is None or q_len != kv_len or kwargs.get("position_bias") is not None:
+    if attention_mask is not None or position_ids is None or query.shape[2] != key.shape[2] \
+            or kwargs.get("position_bias") is not None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
     if kwargs.get("softcap") is not None:
         raise ValueError(f"{PACKED_SDPA} attention does not support softcap")
-    groups = getattr(module, "num_key_value_groups", 1)
+    window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
+    return _per_sequence(query, key, value, position_ids, getattr(module, "num_key_value_groups", 1), window,
+                         dropout, scaling), None
+
+
+@torch.compiler.disable  # the row's segments are read on the host: under --compile this stays eager (one graph break)
+def _per_sequence(query, key, value, position_ids, groups: int, window, dropout: float, scaling) -> torch.Tensor:
+    """One causal SDPA call per sequence of each row (``window``: a sliding window inside each); ``[B, N, H, D]``."""
+    from transformers.integrations.sdpa_attention import repeat_kv
+
     if groups > 1:
         key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     if position_ids.shape[0] != query.shape[0]:
         position_ids = position_ids.expand(query.shape[0], -1)
-    window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
     rows = []
     for b, segments in enumerate(_segments(position_ids)):
         parts = []
@@ -88,7 +96,7 @@ def packed_sdpa_forward(module, query, key, value, attention_mask, dropout: floa
                                                             is_causal=e - s > 1))
         rows.append(torch.cat(parts, dim=2) if len(parts) > 1 else parts[0])
     out = torch.cat(rows, dim=0) if len(rows) > 1 else rows[0]
-    return out.transpose(1, 2).contiguous(), None
+    return out.transpose(1, 2).contiguous()
 
 
 def packed_sdpa_mask(*args, attention_mask=None, **kwargs):

@@ -113,6 +113,8 @@ class FinetuneConfig:
     packing: bool = _f(False, "pack whole sequences into rows of --max_length tokens (best-fit decreasing over a shuffled "
                               "window; none split, attention within each); --batch_size then counts rows, so a step is a "
                               "token budget of batch_size * grad_accum * max_length; refused for a model without that support")
+    compile: bool = _f(False, "torch.compile each decoder block for training (compiled once per block shape on the first "
+                              "step; graph breaks and compile time reported; falls back to eager where it cannot compile)")
     liger: bool = _f(False, "CUDA only: Liger Kernel's fused Triton kernels (RMSNorm, RoPE, SwiGLU, fused linear cross-entropy); needs pip install 'qlora-ga[liger]'")
     device: str | None = _f(None, "device ('cuda', 'cuda:1', 'cpu'); default: the current GPU, else CPU")
     compute_dtype: str = _f(

@@ -9,6 +9,7 @@ optimizer, scheduler, RNG; the data position follows from the step).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -24,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from . import distributed
+from .compile import compile_stats, compiled
 from .constants import ADAPTER_WEIGHTS, CHECKPOINT_RESIDUAL
 from .data.batch import collate, count_label_tokens
 from .data.packing import model_inputs
@@ -58,6 +60,7 @@ class TrainSettings:
     padding_free: bool = True  # micro-batches flattened into one row (position_ids restart per sequence) where the model supports it
     packing: bool = False  # whole sequences packed into rows of max_length tokens (best-fit decreasing); batch_size counts rows
     max_length: int = 512  # packing: tokens per row
+    compile: bool = False  # torch.compile each decoder block (qlora_ga.compile)
 
 
 def total_steps(n_train: int, s: TrainSettings, world: int = 1, train: list[dict] | None = None) -> int:
@@ -538,6 +541,15 @@ class NonFiniteLoss(QloraGaError):
     pass
 
 
+def _say_compile(report, say, main_process: bool):
+    """After the first compiled step: the blocks, graphs, graph breaks and compile time, one line."""
+    line = compile_stats(report).line()
+    if say is not None:
+        say(line)
+    elif main_process:
+        tqdm.write(line)
+
+
 def padding_free_decision(model, s: TrainSettings, say=None) -> bool:
     """Whether training flattens its micro-batches: ``s.padding_free`` or ``s.packing`` and the model supports it
     (one line to ``say``). Packing on a model without that support is refused (its rows would attend across sequences)."""
@@ -627,6 +639,8 @@ def train(model, tokenizer, train_data: list[dict], eval_data: list[dict], s: Tr
             metrics.log(step=0, eval_loss=summary["eval_loss_start"])
         model.train()
     loader = iter(step_loader(train_data, s, pad, start_step, steps, device, flat))
+    stack = contextlib.ExitStack()  # --compile: the blocks compiled for the loop, eager again after it
+    compile_report = stack.enter_context(compiled(model, s.compile))
     try:
         for step in range(start_step, steps):
             t0 = time.perf_counter()
@@ -694,7 +708,12 @@ def train(model, tokenizer, train_data: list[dict], eval_data: list[dict], s: Tr
             if stop_after is not None and done == stop_after and done < steps:
                 raise KeyboardInterrupt
             summary.update(final_loss=loss_val, **({"eval_loss": row["eval_loss"]} if "eval_loss" in row else {}))
+            if compile_report is not None and step == start_step:
+                _say_compile(compile_report, say, main_process)
     finally:
+        stack.close()
+        if compile_report is not None:
+            summary["compile"] = compile_stats(compile_report).as_dict()
         loader = None  # stops the DataLoader's workers
         bar.close()
         if metrics:

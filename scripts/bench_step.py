@@ -63,6 +63,9 @@ def parse_args(argv=None):
     p.add_argument("--optim", default="paged_adamw_32bit", help="optimizer (qlora_ga.train.build_optimizer)")
     p.add_argument("--out", default="docs/benchmarks/step.jsonl", help="JSONL file the rows are appended to")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compile", action="store_true", help="add qlora_ga_compiled: the qlora_ga step with every decoder block "
+                   "torch.compile'd (qlora_ga.compile; the same model, toggled per step), its compile time and its "
+                   "difference from the eager step reported apart")
     p.add_argument("--data", default=None, help="a dataset file (e.g. GSM8K's train.jsonl): compare padded / padding-free / "
                                                "packed micro-batches of its sequences instead (see above)")
     args = p.parse_args(argv)
@@ -338,15 +341,18 @@ def main(argv=None) -> int:
             "command": shlex.join([os.path.basename(sys.executable)] + sys.argv if argv is None else ["bench_step.py", *argv]),
             "run_id": f"{int(time.time())}-{os.getpid()}", "threads": torch.get_num_threads()}
     print(f"bench_step: {factory.label} on {meta['device']}, {b}x{t}, {args.rounds} rounds", flush=True)
-    for name in IMPLS:
+    names = IMPLS + (("qlora_ga_compiled",) if args.compile else ())
+    if args.compile:
+        meta["compile"] = add_compiled(impls, batch, device, dtype)
+    for name in names:
         model, opt, setup = impls[name]
         setup()
         train_steps(model, opt, batch, device, dtype, args.warmup)
-    tps = {name: [] for name in IMPLS}
+    tps = {name: [] for name in names}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "a", encoding="utf-8") as f:
         for r in range(args.rounds):
-            for name in IMPLS[r % len(IMPLS):] + IMPLS[: r % len(IMPLS)]:  # rotate who goes first
+            for name in names[r % len(names):] + names[: r % len(names)]:  # rotate who goes first
                 model, opt, setup = impls[name]
                 setup()
                 sync(device)
@@ -359,15 +365,67 @@ def main(argv=None) -> int:
         ratios = {"residual_overhead": med["qlora_ga_no_residual"] / med["qlora_ga"] - 1,
                   "ours_over_peft": med["qlora_ga"] / med["peft_qlora"],
                   "ours_over_peft_no_prepare": med["qlora_ga"] / med["peft_qlora_no_prepare"]}
+        if args.compile:
+            ratios.update(compiled_over_eager=med["qlora_ga_compiled"] / med["qlora_ga"],
+                          compiled_over_eager_paired=statistics.median(c / e for c, e in zip(tps["qlora_ga_compiled"], tps["qlora_ga"])),
+                          compiled_over_peft=med["qlora_ga_compiled"] / med["peft_qlora"])
         f.write(json.dumps({**meta, "part": "summary", "median_tokens_per_s": {k: round(v, 2) for k, v in med.items()},
                             **{k: round(v, 4) for k, v in ratios.items()}}) + "\n")
     print(f"\n{'implementation':<24} {'median tok/s':>12} {'min':>8} {'max':>8}")
-    for name in IMPLS:
+    for name in names:
         print(f"{name:<24} {med[name]:>12.1f} {min(tps[name]):>8.1f} {max(tps[name]):>8.1f}")
     print(f"\nresidual overhead {100 * ratios['residual_overhead']:+.2f}% (target < 3%); ours / PEFT "
           f"{ratios['ours_over_peft']:.3f}x (prepare_model_for_kbit_training), {ratios['ours_over_peft_no_prepare']:.3f}x "
           f"(no prepare) (target >= 1.0x)")
+    if args.compile:
+        c = meta["compile"]
+        print(f"compiled / eager {ratios['compiled_over_eager']:.3f}x (per-round pairs {ratios['compiled_over_eager_paired']:.3f}x), "
+              f"compiled / PEFT {ratios['compiled_over_peft']:.3f}x; {c['graphs']} graph(s) compiled in {c['compile_s']} s "
+              f"(first step {c['first_step_s']} s), {c['graph_breaks']} graph break(s); loss and gradients against eager: "
+              f"{c['loss_rel_diff']:.2g} / {c['grad_rel_diff']:.2g} relative")
     return 0
+
+
+def add_compiled(impls: dict, batch: dict, device, dtype) -> dict:
+    """``impls["qlora_ga_compiled"]``: the qlora_ga model with its decoder blocks compiled (qlora_ga.compile), toggled
+    per step (``qlora_ga`` runs them eager). First, on ``batch``: one eager and one compiled forward + backward from
+    the same weights (the loss's and the gradients' relative differences), and the compile time."""
+    from qlora_ga.compile import _layers, compile_blocks, compile_stats, dynamo_settings
+    from qlora_ga.train import _autocast, trainable_parameters
+
+    model, opt, setup = impls["qlora_ga"]
+    layers = _layers(model)
+    report = compile_blocks(model)
+    fns = [layer._compiled_call_impl for layer in layers]
+
+    def toggle(on: bool):
+        def set_up():
+            setup()
+            for layer, fn in zip(layers, fns):
+                layer._compiled_call_impl = fn if on else None
+        return set_up
+
+    def loss_and_grads():
+        params = trainable_parameters(model)
+        with _autocast(device, dtype):
+            loss = model(**batch).loss
+        grads = torch.autograd.grad(loss, params)
+        return float(loss), torch.cat([g.flatten().float() for g in grads])
+
+    toggle(False)()
+    loss_e, grad_e = loss_and_grads()
+    toggle(True)()
+    sync(device)
+    t0 = time.perf_counter()
+    dynamo_settings().__enter__()  # for the rest of the process (recompiles in the timed rounds too)
+    loss_c, grad_c = loss_and_grads()  # compiles here
+    sync(device)
+    first = time.perf_counter() - t0
+    compile_stats(report)
+    impls["qlora_ga"] = (model, opt, toggle(False))
+    impls["qlora_ga_compiled"] = (model, opt, toggle(True))
+    return {**report.as_dict(), "first_step_s": round(first, 2), "loss_rel_diff": abs(loss_c - loss_e) / abs(loss_e),
+            "grad_rel_diff": float((grad_c - grad_e).abs().max() / grad_e.abs().max())}
 
 
 if __name__ == "__main__":
