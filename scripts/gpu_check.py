@@ -88,7 +88,7 @@ TINY = dict(budget_s=300, steps=4, save_every=2, eval_examples=4, max_new_tokens
             max_length=96, batch_size=2, grad_accum=1, init_samples=4, init_micro_batch=2, n_builtin=24,
             bench=["--tiny", "--init-shapes", "2x32", "--init-micro-batch", "2", "--train-shapes", "1x32",
                    "--warmup", "1", "--steps", "1"],
-            layouts=[("2x64", "2")],
+            layouts=[("2x64", "1")],
             big=["--tiny", "--layers", "2", "--init-shapes", "2x32", "--init-micro-batch", "2", "--train-shapes", "1x32",
                  "--warmup", "1", "--steps", "1"])
 BIG_CAP_GIB = 48.0  # the "big" stage's GPU memory cap: one 48 GB card

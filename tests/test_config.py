@@ -60,6 +60,7 @@ NON_DEFAULT = {
     "group_by_length": True,
     "padding_free": False,
     "packing": True,
+    "compile": True,
     "liger": True,
     "device": "cuda:1",
     "compute_dtype": "fp16",

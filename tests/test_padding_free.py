@@ -235,7 +235,7 @@ def test_cli_packing_resumes_exactly_and_says_the_decision(tiny_model_dir, tmp_p
     full, part = tmp_path / "full", tmp_path / "part"
     assert main(args(full)) == 0
     out = capsys.readouterr().out
-    assert "packing: on (LlamaForCausalLM, sdpa attention: block-diagonal by position_ids" in out
+    assert "packing: on (LlamaForCausalLM, sdpa attention, one call per sequence (qlora_ga_sdpa_packed" in out
     os.environ["QLORA_GA_STOP_AFTER"] = "1"
     try:
         assert main(args(part)) == 130
