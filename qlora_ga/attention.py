@@ -27,15 +27,17 @@ PACKED_SDPA = "qlora_ga_sdpa_packed"
 HANDLED_LAYER_TYPES = ("full_attention", "sliding_attention")
 
 _registered = False
-_last: tuple[torch.Tensor, list] | None = None  # (position_ids, its segments): every layer of a forward shares them
+# (position_ids, its version counter, its segments): every layer of a forward shares them; the version counter
+# catches a buffer refilled in place with another layout
+_last: tuple[torch.Tensor, int, list] | None = None
 
 
 def _segments(position_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
     """Per row, the ``(start, end)`` of each sequence: a new one starts wherever the position is not the previous
     one + 1 (as transformers' ``find_packed_sequence_indices`` reads a packed row)."""
     global _last
-    if _last is not None and _last[0] is position_ids:
-        return _last[1]
+    if _last is not None and _last[0] is position_ids and _last[1] == position_ids._version:
+        return _last[2]
     pos = position_ids.detach()
     starts = torch.ones_like(pos, dtype=torch.bool)
     starts[:, 1:] = pos[:, 1:] != pos[:, :-1] + 1
@@ -44,7 +46,7 @@ def _segments(position_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
     for row in starts.cpu().tolist():  # one host sync per forward (cached for the other layers)
         idx = [i for i, s in enumerate(row) if s] + [n]
         out.append(list(zip(idx[:-1], idx[1:])))
-    _last = (position_ids, out)
+    _last = (position_ids, position_ids._version, out)
     return out
 
 

@@ -57,6 +57,10 @@ def _layers(model):
     return find_decoder_layers(get() if callable(get) else model)[1]
 
 
+#: a child of a decoder block holding one of these is its attention module
+ATTENTION_PROJECTIONS = ("q_proj", "qkv_proj", "o_proj", "query_key_value", "c_attn", "Wqkv")
+
+
 def _targets(layer, per_sequence: bool) -> list:
     """What of a decoder block to compile: the block, or with per-sequence attention (a host-side cut of the row that
     dynamo cannot trace, and a graph break inside a gradient-checkpointed block stops dynamo for the whole block)
@@ -65,10 +69,12 @@ def _targets(layer, per_sequence: bool) -> list:
     if not per_sequence:
         return [layer]
     out = []
-    for name, child in layer.named_children():
-        if "attn" in name.lower() or "attention" in name.lower():
+    for child in layer.children():
+        if not any(True for _ in child.parameters()):
+            continue
+        if any(hasattr(child, proj) for proj in ATTENTION_PROJECTIONS):  # the attention module: its projections
             out += [m for m in child.children() if any(True for _ in m.parameters())]
-        elif any(True for _ in child.parameters()):
+        else:
             out.append(child)
     return out
 

@@ -538,7 +538,7 @@ def describe_plan(report: PassReport, compute_device: str) -> str:
     n, k = report.n_blocks, report.state_stride
     size = (math.ceil(n / k) + (k - 1) + 1) * report.state_bytes_per_layer + report.state_fixed_bytes
     where = "pinned host memory" if report.state_device == "cpu" and compute_device.startswith("cuda") else report.state_device
-    kept = "every layer's inputs" if k == 1 else f"every {k}th layer's inputs"
+    kept = "every layer's inputs" if k == 1 else f"the inputs of one layer in {k}"
     cost = [f"{report.recomputed_blocks} block forwards recomputed"] if report.recomputed_blocks else []
     if report.store_copy_bytes:
         cost.append(f"{report.store_copy_bytes / gib:.2f} GiB of copies to and from the GPU")

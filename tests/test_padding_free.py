@@ -83,6 +83,17 @@ def test_padding_free_training_and_gradient_pass_equal_the_padded_ones(family_di
     assert max(rel_err(w_f[k], w_p[k]) for k in w_p) <= 2.5e-4
 
 
+def test_packed_sdpa_segments_follow_the_position_ids_even_refilled_in_place():
+    """The row's cut is cached for the layers of one forward; a position buffer refilled in place is cut anew."""
+    from qlora_ga.attention import _segments
+
+    pos = torch.arange(12)[None].clone()
+    assert _segments(pos) == [[(0, 12)]] and _segments(pos) is _segments(pos)
+    pos[0, 6:] = torch.arange(6)
+    assert _segments(pos) == [[(0, 6), (6, 12)]]
+    assert _segments(torch.tensor([[0, 1, 0, 0, 1, 2], [0, 1, 2, 3, 0, 1]])) == [[(0, 2), (2, 3), (3, 6)], [(0, 4), (4, 6)]]
+
+
 def test_packed_sdpa_equals_the_dense_mask_with_a_sliding_window(tmp_path):
     """qlora_ga.attention's per-sequence SDPA against transformers' own dense block-diagonal mask on one flattened
     row, with a sliding window shorter than the sequences (Qwen2, window 5): the same logits and gradients."""
