@@ -9,8 +9,9 @@ checkpoint wraps the compiled block; see :func:`dynamo_settings`). The per-seque
 (:mod:`qlora_ga.attention`) cuts the row by ``position_ids`` on the host, which dynamo cannot trace, and a graph
 break inside a gradient-checkpointed block makes dynamo run the whole block eager: so on that attention
 each block's parts are compiled instead (its MLP, norms and attention projections), the attention core eager
-between them. What cannot compile falls back to eager (``torch._dynamo``'s ``suppress_errors``) with a
-warning, never a crash; the run reports the graph breaks, the graphs and the compile time.
+between them. What cannot compile falls back to eager (``torch._dynamo``'s ``suppress_errors``), never a
+crash; after the first step the run reports the graph breaks, the graphs and the compile time, or a warning
+line when nothing compiled.
 
 ``QLORA_GA_COMPILE_BACKEND`` picks the backend (default ``inductor``; the test suite uses ``aot_eager``,
 which traces the same graphs without generating code).
@@ -41,8 +42,11 @@ class CompileReport:
         return asdict(self)
 
     def line(self) -> str:
-        per_block = f", {self.graph_breaks / self.blocks:.2g} per block call" if self.blocks and self.graph_breaks else ""
         why = f" ({self.break_reasons[0]})" if self.break_reasons else ""
+        if not self.graphs:  # the backend failed (dynamo's suppress_errors says nothing) or every call broke the graph
+            return (f"warning: --compile compiled nothing with {self.backend}{why}: the blocks ran eager "
+                    f"(run without --compile, or set QLORA_GA_COMPILE_BACKEND to another backend)")
+        per_block = f", {self.graph_breaks / self.blocks:.2g} per block" if self.blocks and self.graph_breaks else ""
         what = f"{self.blocks} decoder blocks" if self.parts == "block" else f"{self.parts} of {self.blocks} decoder blocks"
         return (f"compile: {what} with {self.backend}, {self.graphs} graph(s) compiled in "
                 f"{self.compile_s:.1f} s, {self.graph_breaks} graph break(s){per_block}{why}")

@@ -188,10 +188,34 @@ def main_layouts(args, factory, device, meta) -> int:
     runner = {"padded": (ours, ours_opt), "padding_free": (ours, ours_opt), "padding_free_dense": (ours, ours_opt),
               "packing": (ours, ours_opt), "peft_qlora_padded": (peft, peft_opt)}
     packed_impl = _unwrapped(ours).config._attn_implementation
+    layouts = LAYOUTS
+    toggle = None
+    if args.compile:  # padding_free_compiled: the same flattened batches, the blocks' parts compiled (qlora_ga.compile)
+        from qlora_ga.compile import compile_blocks, compile_stats, dynamo_settings
+
+        layouts = LAYOUTS + ("padding_free_compiled",)
+        report = compile_blocks(ours)
+        compiled_mods = [(m, m._compiled_call_impl) for m in ours.modules() if m._compiled_call_impl is not None]
+        dynamo_settings().__enter__()  # for the rest of the process
+
+        def toggle(on: bool):
+            for m, fn in compiled_mods:
+                m._compiled_call_impl = fn if on else None
+
+        toggle(False)
+        runner["padding_free_compiled"] = (ours, ours_opt)
+        batches["padding_free_compiled"] = batches["padding_free"]
+        batches["useful"]["padding_free_compiled"] = batches["useful"]["padding_free"]
 
     def step(name, batch):
         """One step of layout ``name``; ``padding_free_dense``: the same flattened batch through transformers' own
         SDPA with its row-long block-diagonal mask (what padding-free ran before ``qlora_ga.attention``)."""
+        if name == "padding_free_compiled":
+            toggle(True)
+            try:
+                return layout_step(*runner[name], batch, device, dtype)
+            finally:
+                toggle(False)
         if name != "padding_free_dense":
             return layout_step(*runner[name], batch, device, dtype)
         from qlora_ga.attention import set_attention
@@ -202,18 +226,25 @@ def main_layouts(args, factory, device, meta) -> int:
         finally:
             set_attention(ours, packed_impl)
     flops = {}
-    for name in LAYOUTS:  # warm-up rounds (untimed); the first one also counts the step's floating-point operations
+    for name in layouts:  # warm-up rounds (untimed); the first one also counts the step's floating-point operations
+        if name == "padding_free_compiled":  # compiles (and once more, with dynamic shapes, on a second length)
+            t0 = time.perf_counter()
+            for r in range(min(2, len(batches[name]))):
+                step(name, batches[name][r])
+            meta["compile"] = {**compile_stats(report).as_dict(), "warmup_s": round(time.perf_counter() - t0, 1)}
+            flops[name] = flops["padding_free"]  # the same arithmetic (FlopCounterMode does not see compiled code)
+            continue
         for r in range(args.warmup):
             with _flop_counter() if r == 0 else contextlib.nullcontext() as fc:
                 step(name, batches[name][r])
             if r == 0:
                 flops[name] = fc.get_total_flops() / batches["useful"][name][r]
-    tps, secs, peak = {n: [] for n in LAYOUTS}, {n: [] for n in LAYOUTS}, {n: [] for n in LAYOUTS}
+    tps, secs, peak = {n: [] for n in layouts}, {n: [] for n in layouts}, {n: [] for n in layouts}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "a", encoding="utf-8") as f:
         for r in range(args.rounds):
             k = args.warmup + r
-            for name in LAYOUTS[r % len(LAYOUTS):] + LAYOUTS[: r % len(LAYOUTS)]:  # rotate who goes first
+            for name in layouts[r % len(layouts):] + layouts[: r % len(layouts)]:  # rotate who goes first
                 batch = batches[name][k]
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
@@ -239,13 +270,13 @@ def main_layouts(args, factory, device, meta) -> int:
                 f.write(json.dumps(row) + "\n")
         med = {n: statistics.median(v) for n, v in tps.items()}
         # the same round's steps ran closest in time: per-round ratios to the padded step carry the least drift
-        paired = {n: statistics.median(a / p for a, p in zip(tps[n], tps["padded"])) for n in LAYOUTS}
-        useful = {n: sum(batches["useful"][n][args.warmup:]) for n in LAYOUTS}
-        computed = {n: sum(int(b["input_ids"].numel()) for b in batches[n][args.warmup:]) for n in LAYOUTS}
-        ratios = {f"{n}_over_padded": med[n] / med["padded"] for n in LAYOUTS} | \
-                 {f"{n}_over_peft_padded": med[n] / med["peft_qlora_padded"] for n in LAYOUTS}
+        paired = {n: statistics.median(a / p for a, p in zip(tps[n], tps["padded"])) for n in layouts}
+        useful = {n: sum(batches["useful"][n][args.warmup:]) for n in layouts}
+        computed = {n: sum(int(b["input_ids"].numel()) for b in batches[n][args.warmup:]) for n in layouts}
+        ratios = {f"{n}_over_padded": med[n] / med["padded"] for n in layouts} | \
+                 {f"{n}_over_peft_padded": med[n] / med["peft_qlora_padded"] for n in layouts}
         f.write(json.dumps({**meta, "part": "layout_summary", "median_useful_tokens_per_s": {k: round(v, 2) for k, v in med.items()},
-                            "padding_fraction": {n: round(1 - useful[n] / computed[n], 4) for n in LAYOUTS},
+                            "padding_fraction": {n: round(1 - useful[n] / computed[n], 4) for n in layouts},
                             "median_paired_over_padded": {n: round(v, 4) for n, v in paired.items()},
                             "flops_per_useful_token": {n: round(v) for n, v in flops.items()},
                             **({"median_peak_step_bytes": {n: int(statistics.median(v)) for n, v in peak.items()},
@@ -255,10 +286,14 @@ def main_layouts(args, factory, device, meta) -> int:
                             **{k: round(v, 4) for k, v in ratios.items()}}) + "\n")
     print(f"\n{'layout':<20} {'useful tok/s':>12} {'min':>8} {'max':>8} {'padding':>8} {'vs padded':>10} {'paired':>8} "
           f"{'vs PEFT':>8} {'GFLOP/useful tok':>17}")
-    for n in LAYOUTS:
+    for n in layouts:
         print(f"{n:<20} {med[n]:>12.1f} {min(tps[n]):>8.1f} {max(tps[n]):>8.1f} {1 - useful[n] / computed[n]:>8.1%} "
               f"{ratios[n + '_over_padded']:>9.3f}x {paired[n]:>7.3f}x {ratios[n + '_over_peft_padded']:>7.3f}x "
               f"{flops[n] / 1e9:>17.3f}")
+    if "compile" in meta:
+        c = meta["compile"]
+        print(f"padding_free_compiled: {c['parts']}, {c['graphs']} graph(s) compiled in {c['compile_s']} s "
+              f"(its two warm-up steps {c['warmup_s']} s), {c['graph_breaks']} graph break(s)")
     if peak["padded"]:
         where = "GPU" if device.type == "cuda" else "host RSS"
         print(f"peak {where} memory of a step above what was resident before it (MiB, median / max): "

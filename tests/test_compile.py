@@ -48,7 +48,7 @@ def test_compiled_training_equals_eager_step_for_step(tiny_model_dir, factors, t
     assert all(layer._compiled_call_impl is None for layer in pm.get_base_model().model.layers)
 
 
-def test_a_backend_that_fails_falls_back_to_eager(tiny_model_dir, factors, tmp_path, monkeypatch):
+def test_a_backend_that_fails_falls_back_to_eager(tiny_model_dir, factors, tmp_path, monkeypatch, capsys):
     import torch._dynamo
 
     @torch._dynamo.register_backend(name="qlora_ga_test_broken")
@@ -59,4 +59,6 @@ def test_a_backend_that_fails_falls_back_to_eager(tiny_model_dir, factors, tmp_p
     eager, _, _ = _run(tiny_model_dir, factors, tmp_path, "eager", padding_free=False)
     comp, summary, _ = _run(tiny_model_dir, factors, tmp_path, "broken", padding_free=False, compile=True)
     assert comp == eager  # the same eager computation
-    assert summary["compile"]["backend"] == "qlora_ga_test_broken"
+    assert summary["compile"]["backend"] == "qlora_ga_test_broken" and summary["compile"]["graphs"] == 0
+    warning = [line for line in capsys.readouterr().out.splitlines() if "--compile" in line]
+    assert len(warning) == 1 and warning[0].startswith("warning: --compile compiled nothing with qlora_ga_test_broken")
