@@ -30,7 +30,11 @@ Stages (each in its own process, run in this order; ``--only`` picks some):
    The runs share one process (one import, one GGUF conversion); each writes its own log.
 3. ``tests``: ``QLORA_GA_TEST_CUDA=1 python -m pytest -m cuda`` on the test files holding ``cuda``
    marks (so a missing test-only package such as nbformat does not stop collection).
-4. ``big`` (only with ``--only``; minutes): the Llama-2-70B shape, all 80 layers built in NF4 with random
+4. ``step`` (only with ``--only``; minutes): ``scripts/bench_step.py --compile`` on the Llama-2-7B shape at
+   1x1024 and 4x1024, 30 round-robin rounds each: qlora-ga eager and ``--compile``d, without its residual,
+   PEFT QLoRA with and without ``prepare_model_for_kbit_training``; graph breaks, compile time, the
+   compiled step's difference from eager, tokens/s against the targets (``step.jsonl``).
+5. ``big`` (only with ``--only``; minutes): the Llama-2-70B shape, all 80 layers built in NF4 with random
    weights on the GPU, the process capped at 48 GB (``torch.cuda.set_per_process_memory_fraction``): the
    gradient init at 16x512 (micro-batch 8) with the default plan and 5 training steps at 1x1024, each
    peak and time, or what the peak held when it ran out (``memory-big.jsonl``).
@@ -38,9 +42,9 @@ Stages (each in its own process, run in this order; ``--only`` picks some):
 ``--tiny``: a random 4-layer Llama in the benchmark and a random 3-layer Llama (generated arithmetic
 data) in the CLI, 4 steps, 4 evaluation examples: every code path in about a minute on a CPU.
 
-Everything lands in ``--out``, flat, at most seven files (the transfer back takes at most 8 files, 16 MiB
+Everything lands in ``--out``, flat, at most eight files (the transfer back takes at most 8 files, 16 MiB
 each): ``summary.md`` (verdicts and tables), ``summary.json``, ``memory.jsonl`` (bench_memory's rows),
-``layouts.jsonl`` and ``memory-big.jsonl`` (when those stages ran),
+``layouts.jsonl``, ``step.jsonl`` and ``memory-big.jsonl`` (when those stages ran),
 ``cli.jsonl`` (one row per CLI run, check and evaluation), ``logs.tar.gz`` (every stage's log and the
 runs' small files: metrics, configs, evaluation reports, pytest's JUnit XML). Models, checkpoints and
 the merged export stay in ``--workdir`` (default: a new temporary folder). The summary is rewritten
@@ -73,15 +77,18 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ("env", "bench", "layouts", "cli", "tests", "big")
-DEFAULT_STAGES = ("env", "bench", "layouts", "cli", "tests")  # "big" (the 70B shape, minutes) only when asked for
+STAGES = ("env", "bench", "layouts", "cli", "tests", "step", "big")
+# "step" (>= 30 rounds with --compile, minutes) and "big" (the 70B shape, minutes) only when asked for
+DEFAULT_STAGES = ("env", "bench", "layouts", "cli", "tests")
 # time each later stage is guaranteed when an earlier one runs long (seconds)
-RESERVE = {"full": {"layouts": 60, "cli": 150, "tests": 60, "big": 240}, "tiny": {"layouts": 20, "cli": 40, "tests": 30, "big": 30}}
+RESERVE = {"full": {"layouts": 60, "cli": 150, "tests": 60, "step": 240, "big": 240},
+           "tiny": {"layouts": 20, "cli": 40, "tests": 30, "step": 30, "big": 30}}
 FULL = dict(budget_s=480, steps=30, save_every=10, eval_examples=64, max_new_tokens=256, eval_batch_size=64,
             max_length=256, batch_size=4, grad_accum=2, init_samples=32, init_micro_batch=8, n_builtin=400,
             bench=["--init-shapes", "64x512", "--ref-shapes", "64x512", "--train-shapes", "1x1024,4x512,4x1024",
                    "--init-micro-batch", "8", "--warmup", "2", "--steps", "5"],
             layouts=[("4x256", "10"), ("8x512", "10")],
+            step=[("1x1024", "30"), ("4x1024", "30")],
             big=["--arch", "llama2-70b", "--gpu-memory-cap-gib", "48", "--init-shapes", "16x512", "--init-micro-batch", "8",
                  "--train-shapes", "1x1024", "--warmup", "1", "--steps", "5"])
 TINY = dict(budget_s=300, steps=4, save_every=2, eval_examples=4, max_new_tokens=16, eval_batch_size=4,
@@ -89,6 +96,7 @@ TINY = dict(budget_s=300, steps=4, save_every=2, eval_examples=4, max_new_tokens
             bench=["--tiny", "--init-shapes", "2x32", "--init-micro-batch", "2", "--train-shapes", "1x32",
                    "--warmup", "1", "--steps", "1"],
             layouts=[("2x64", "1")],
+            step=[("1x32", "2")],
             big=["--tiny", "--layers", "2", "--init-shapes", "2x32", "--init-micro-batch", "2", "--train-shapes", "1x32",
                  "--warmup", "1", "--steps", "1"])
 BIG_CAP_GIB = 48.0  # the "big" stage's GPU memory cap: one 48 GB card
@@ -99,7 +107,8 @@ ANCHOR_REF_PEAK_GIB = 27.2  # official-style LoRA-GA estimation at 64x512
 RESUME_TOL = 1e-4
 PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets", "gguf", "liger-kernel",
             "safetensors", "tokenizers", "huggingface-hub", "triton")
-OUT_FILES = ("summary.md", "summary.json", "memory.jsonl", "memory-big.jsonl", "layouts.jsonl", "cli.jsonl", "logs.tar.gz")
+OUT_FILES = ("summary.md", "summary.json", "memory.jsonl", "memory-big.jsonl", "layouts.jsonl", "step.jsonl", "cli.jsonl",
+             "logs.tar.gz")
 
 
 # ----------------------------------------------------------------------------- arguments
@@ -404,6 +413,50 @@ def stage_big(args, work: Path, timeout: float) -> dict:
 
 
 LAYOUT_NAMES = ("padding_free", "packing")
+
+
+def stage_step(args, work: Path, timeout: float) -> dict:
+    """``scripts/bench_step.py --compile`` on the Llama-2-7B shape (random weights in NF4): qlora-ga eager, with
+    ``--compile`` (whole blocks, padded micro-batches), without its residual, and both PEFT QLoRA baselines,
+    round-robin, >= 30 timed rounds per shape; the compile time and the compiled step's difference from eager
+    reported apart (``step.jsonl``)."""
+    d = TINY if args.tiny else FULL
+    rows_path = work / "step.jsonl"
+    log = work / "logs" / "bench_step.log"
+    env = child_env(args, work)
+    if args.tiny:
+        env["QLORA_GA_COMPILE_BACKEND"] = "aot_eager"  # the smoke run checks the code path, not inductor's minutes
+    res, t0, checks = {"rc": 0, "timed_out": False}, time.perf_counter(), []
+    for shape, rounds in d["step"]:
+        r = run_process([sys.executable, str(ROOT / "scripts" / "bench_step.py"), *(["--tiny"] if args.tiny else []),
+                         "--device", args.device, "--shape", shape, "--rounds", rounds, "--warmup", "2", "--compile",
+                         "--optim", "paged_adamw_32bit" if args.device.startswith("cuda") else "adamw",
+                         "--out", str(rows_path)], log, timeout - (time.perf_counter() - t0), env, append=True)
+        if r["rc"] != 0:
+            res = r
+            checks.append(check_row("step", f"bench_step.py --compile {shape} ran to the end", "FAIL",
+                                     detail="timed out" if r["timed_out"] else f"exit {r['rc']}"))
+            break
+    res["wall_s"] = round(time.perf_counter() - t0, 1)
+    targets = {"1x1024": 1.2, "4x1024": 1.5}
+    for row in read_jsonl(rows_path):
+        if row.get("part") != "summary":
+            continue
+        c = row.get("compile", {})
+        shape = row["shape"]
+        checks.append(check_row("step", f"--compile: graph breaks per run [{shape}]", "PASS" if c.get("graph_breaks") == 0
+                                 else "MISS", c.get("graph_breaks"), f"{c.get('graphs')} graph(s), {c.get('compile_s')} s compiling"))
+        diff = c.get("grad_rel_diff")
+        checks.append(check_row("step", f"--compile equals eager (gradients, relative, <= 3e-2) [{shape}]",
+                                 "n/a" if diff is None else ("PASS" if diff <= 3e-2 else "MISS"), diff,
+                                 f"loss {c.get('loss_rel_diff')}" + ("; bf16" if args.device.startswith("cuda") else "")))
+        for key, label in (("compiled_over_eager", "compiled / eager"), ("compiled_over_peft", "compiled / PEFT QLoRA (prepare)")):
+            want = targets.get(shape) if key == "compiled_over_peft" else None
+            value = row.get(key)
+            verdict = "n/a" if value is None or want is None else ("PASS" if value >= want else "MISS")
+            checks.append(check_row("step", f"{label} tokens/s [{shape}]" + (f" (target >= {want}x)" if want else ""),
+                                     verdict, value, "medians over rounds"))
+    return {"stage": "step", **res, "log": log.name, "checks": checks}
 
 
 def stage_layouts(args, work: Path, timeout: float) -> dict:
@@ -749,7 +802,7 @@ def write_outputs(out: Path, work: Path, header: dict, stages: list[dict], final
                "stages": [{k: v for k, v in s.items() if k not in ("checks", "rows", "tables")} for s in stages]}
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
     (out / "summary.md").write_text(render_md(header, stages, checks, tally, final))
-    for name in ("memory.jsonl", "memory-big.jsonl", "layouts.jsonl"):
+    for name in ("memory.jsonl", "memory-big.jsonl", "layouts.jsonl", "step.jsonl"):
         if (work / name).is_file():
             shutil.copyfile(work / name, out / name)
     cli_rows = [r for s in stages if s["stage"] == "cli" for r in s.get("rows", [])]
@@ -848,7 +901,7 @@ def main(argv=None) -> int:
     reserve = RESERVE["tiny" if args.tiny else "full"]
     stages = []
     runners = {"env": stage_env, "bench": stage_bench, "layouts": stage_layouts, "cli": stage_cli, "tests": stage_tests,
-               "big": stage_big}
+               "step": stage_step, "big": stage_big}
     order = [s for s in STAGES if s in args.only]
     for i, name in enumerate(order):
         later = sum(reserve.get(s, 0) for s in order[i + 1:])

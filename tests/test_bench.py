@@ -58,22 +58,6 @@ def test_bench_memory_tiny_cpu(tmp_path):
     assert "== targets ==" in proc.stdout and ("PASS" in proc.stdout or "MISS" in proc.stdout)
 
 
-def test_bench_step_tiny_cpu(tmp_path):
-    out = tmp_path / "bench" / "step.jsonl"
-    proc = _run([str(ROOT / "scripts" / "bench_step.py"), "--tiny", "--device", "cpu", "--shape", "1x32", "--rounds", "1",
-                 "--warmup", "0", "--out", str(out)], tmp_path)
-    rows = _rows(out)
-    assert rows and all(META_KEYS <= set(r) for r in rows) and {r["bench"] for r in rows} == {"step"}
-    steps = [r for r in rows if r["part"] == "step"]
-    impls = ("qlora_ga", "qlora_ga_no_residual", "peft_qlora", "peft_qlora_no_prepare")
-    assert sorted((r["impl"], r["round"]) for r in steps) == sorted((i, k) for i in impls for k in range(1))
-    assert all(r["tokens_per_s"] > 0 for r in steps)
-    (summary,) = [r for r in rows if r["part"] == "summary"]
-    assert set(summary["median_tokens_per_s"]) == set(impls)
-    assert {"residual_overhead", "ours_over_peft", "ours_over_peft_no_prepare"} <= set(summary)
-    assert "residual overhead" in proc.stdout
-
-
 def _write_gsm8k(folder: Path):
     folder.mkdir(parents=True)
     rng = random.Random(0)

@@ -29,19 +29,19 @@ def test_gpu_check_tiny_cpu_end_to_end(tmp_path):
     out, work = tmp_path / "out", tmp_path / "work"
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--device", "cpu", "--only", "bench,layouts,cli,big",
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--device", "cpu", "--only", "bench,layouts,cli,step,big",
                            "--out", str(out), "--workdir", str(work)], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-3000:]}"
     # flat, few files: what the transfer back takes (at most 8 files, no deeper than 2 folders)
     files = sorted(p.name for p in out.iterdir())
-    assert files == ["cli.jsonl", "layouts.jsonl", "logs.tar.gz", "memory-big.jsonl", "memory.jsonl", "summary.json",
-                     "summary.md"]
+    assert files == ["cli.jsonl", "layouts.jsonl", "logs.tar.gz", "memory-big.jsonl", "memory.jsonl", "step.jsonl",
+                     "summary.json", "summary.md"]
     assert all(p.is_file() for p in out.iterdir())
 
     summary = json.loads((out / "summary.json").read_text())
     assert summary["finished"] is True and summary["tiny"] is True
-    assert [s["stage"] for s in summary["stages"]] == ["bench", "layouts", "cli", "big"]
+    assert [s["stage"] for s in summary["stages"]] == ["bench", "layouts", "cli", "step", "big"]
     checks = summary["checks"]
     # bench: bench_memory's own target rows, taken over one for one with its verdicts
     mem = [json.loads(line) for line in (out / "memory.jsonl").read_text().splitlines()]
@@ -67,6 +67,17 @@ def test_gpu_check_tiny_cpu_end_to_end(tmp_path):
     layouts = [c for c in checks if c["stage"] == "layouts"]
     assert [c["check"] for c in layouts] == [f"{n} useful tokens/s >= 1.25x padded [2x64]" for n in ("padding_free", "packing")]
     assert all(c["value"] == lay["median_paired_over_padded"][n] for c, n in zip(layouts, ("padding_free", "packing")))
+
+    # step: bench_step.py round-robin with --compile (aot_eager in the smoke run): every implementation every round
+    step = [json.loads(x) for x in (out / "step.jsonl").read_text().splitlines()]
+    impls = ("qlora_ga", "qlora_ga_no_residual", "peft_qlora", "peft_qlora_no_prepare", "qlora_ga_compiled")
+    assert sorted((r["impl"], r["round"]) for r in step if r["part"] == "step") == sorted((i, k) for i in impls for k in range(2))
+    (ssum,) = [r for r in step if r["part"] == "summary"]
+    assert set(ssum["median_tokens_per_s"]) == set(impls) and ssum["compile"]["backend"] == "aot_eager"
+    assert ssum["compile"]["graph_breaks"] == 0 and ssum["compile"]["grad_rel_diff"] <= 1e-5  # aot_eager: eager's ops
+    step_checks = {c["check"]: c for c in checks if c["stage"] == "step"}
+    assert step_checks["--compile: graph breaks per run [1x32]"]["verdict"] == "PASS"
+    assert step_checks["--compile equals eager (gradients, relative, <= 3e-2) [1x32]"]["verdict"] == "PASS"
 
     # big: the 70B stage's code path on a 2-layer tiny Llama: built, the init and a training step, no cap on the CPU
     big = [json.loads(x) for x in (out / "memory-big.jsonl").read_text().splitlines()]
