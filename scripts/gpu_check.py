@@ -426,18 +426,8 @@ def stage_step(args, work: Path, timeout: float) -> dict:
     env = child_env(args, work)
     if args.tiny:
         env["QLORA_GA_COMPILE_BACKEND"] = "aot_eager"  # the smoke run checks the code path, not inductor's minutes
-    res, t0, checks = {"rc": 0, "timed_out": False}, time.perf_counter(), []
-    for shape, rounds in d["step"]:
-        r = run_process([sys.executable, str(ROOT / "scripts" / "bench_step.py"), *(["--tiny"] if args.tiny else []),
-                         "--device", args.device, "--shape", shape, "--rounds", rounds, "--warmup", "2", "--compile",
-                         "--optim", "paged_adamw_32bit" if args.device.startswith("cuda") else "adamw",
-                         "--out", str(rows_path)], log, timeout - (time.perf_counter() - t0), env, append=True)
-        if r["rc"] != 0:
-            res = r
-            checks.append(check_row("step", f"bench_step.py --compile {shape} ran to the end", "FAIL",
-                                     detail="timed out" if r["timed_out"] else f"exit {r['rc']}"))
-            break
-    res["wall_s"] = round(time.perf_counter() - t0, 1)
+    res, checks = _bench_step_runs(args, "step", d["step"], [*(["--tiny"] if args.tiny else []), "--warmup", "2", "--compile"],
+                                   rows_path, log, timeout, env)
     targets = {"1x1024": 1.2, "4x1024": 1.5}
     for row in read_jsonl(rows_path):
         if row.get("part") != "summary":
@@ -475,20 +465,8 @@ def stage_layouts(args, work: Path, timeout: float) -> dict:
         run_process([sys.executable, "-c", make, str(work), "tiny" if args.tiny else "real"], log, 120, env)
         model = str(work / "layouts-model") if args.tiny else model
         data = data or str(work / "layouts-data.jsonl")
-    cmd_model = ["--model", model] if model else ["--model", _default_model()]
-    res, t0 = {"rc": 0, "timed_out": False}, time.perf_counter()
-    checks = []
-    for shape, rounds in d["layouts"]:
-        left = timeout - (time.perf_counter() - t0)
-        r = run_process([sys.executable, str(ROOT / "scripts" / "bench_step.py"), *cmd_model, "--device", args.device,
-                         "--data", data, "--shape", shape, "--rounds", rounds, "--optim", "paged_adamw_32bit"
-                         if args.device.startswith("cuda") else "adamw", "--out", str(rows_path)], log, left, env, append=True)
-        if r["rc"] != 0:
-            res = r
-            checks.append(check_row("layouts", f"bench_step.py --data {shape} ran to the end", "FAIL",
-                                     detail="timed out" if r["timed_out"] else f"exit {r['rc']}"))
-            break
-    res["wall_s"] = round(time.perf_counter() - t0, 1)
+    res, checks = _bench_step_runs(args, "layouts", d["layouts"], ["--model", model or _default_model(), "--data", data],
+                                   rows_path, log, timeout, env)
     for row in read_jsonl(rows_path):
         if row.get("part") != "layout_summary":
             continue
@@ -502,6 +480,26 @@ def stage_layouts(args, work: Path, timeout: float) -> dict:
                                      f"median of per-round ratios; vs PEFT padded "
                                      f"{row.get(name + '_over_peft_padded')}x" + ("; peak memory above padded's" if more else "")))
     return {"stage": "layouts", **res, "log": log.name, "checks": checks}
+
+
+def _bench_step_runs(args, stage: str, shapes, extra: list[str], rows_path: Path, log: Path, timeout: float,
+                     env: dict) -> tuple[dict, list]:
+    """``scripts/bench_step.py`` once per ``(shape, rounds)`` with ``extra`` arguments, its rows into ``rows_path``,
+    within ``timeout`` in all; stops at the first run that fails (a FAIL check)."""
+    res, t0, checks = {"rc": 0, "timed_out": False}, time.perf_counter(), []
+    optim = "paged_adamw_32bit" if args.device.startswith("cuda") else "adamw"
+    for shape, rounds in shapes:
+        r = run_process([sys.executable, str(ROOT / "scripts" / "bench_step.py"), *extra, "--device", args.device,
+                         "--shape", shape, "--rounds", rounds, "--optim", optim, "--out", str(rows_path)],
+                        log, timeout - (time.perf_counter() - t0), env, append=True)
+        if r["rc"] != 0:
+            res = r
+            checks.append(check_row(stage, f"bench_step.py {' '.join(a for a in extra if a.startswith('--'))} {shape} "
+                                           "ran to the end", "FAIL",
+                                    detail="timed out" if r["timed_out"] else f"exit {r['rc']}"))
+            break
+    res["wall_s"] = round(time.perf_counter() - t0, 1)
+    return res, checks
 
 
 def _default_model() -> str:
