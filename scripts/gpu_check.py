@@ -18,7 +18,7 @@ Stages (each in its own process, run in this order; ``--only`` picks some):
    ``prepare_model_for_kbit_training`` (paged AdamW 32-bit), and qlora-ga with Liger Kernel when
    ``liger-kernel`` is importable. Its own PASS/MISS target rows are taken over as they are (among them:
    init peak <= PEFT QLoRA's training peak at the init's micro-batch).
-   ``layouts``: ``scripts/bench_step.py --data`` on ``--model`` and ``--train-data`` (generated arithmetic
+   ``layouts`` (only with ``--only``): ``scripts/bench_step.py --data`` on ``--model`` and ``--train-data`` (generated arithmetic
    data without it): padded / padding-free / packed / PEFT padded micro-batches at 4x256 and 8x512,
    round-robin, useful tokens/s and each step's peak memory (``layouts.jsonl``).
 2. ``cli``: the fine-tuning command (``qlora_ga.cli.main``, the body of ``scripts/finetune.py``) on
@@ -78,8 +78,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("env", "bench", "layouts", "cli", "tests", "step", "big")
-# "step" (>= 30 rounds with --compile, minutes) and "big" (the 70B shape, minutes) only when asked for
-DEFAULT_STAGES = ("env", "bench", "layouts", "cli", "tests")
+# the default run stays within 8 minutes on an H100 (measured 444 s); "layouts" (~1-2 min), "step" (>= 30 rounds
+# with --compile, minutes) and "big" (the 70B shape, minutes) are calls of their own, asked for with --only
+DEFAULT_STAGES = ("env", "bench", "cli", "tests")
 # time each later stage is guaranteed when an earlier one runs long (seconds)
 RESERVE = {"full": {"layouts": 60, "cli": 150, "tests": 60, "step": 240, "big": 240},
            "tiny": {"layouts": 20, "cli": 40, "tests": 30, "step": 30, "big": 30}}
