@@ -537,12 +537,14 @@ def describe_plan(report: PassReport, compute_device: str) -> str:
     gib = 2**30
     n, k = report.n_blocks, report.state_stride
     size = (math.ceil(n / k) + (k - 1) + 1) * report.state_bytes_per_layer + report.state_fixed_bytes
-    where = "pinned host memory" if report.state_device == "cpu" and compute_device.startswith("cuda") else report.state_device
+    on_host = report.state_device == "cpu"
+    where = ("pinned host memory" if compute_device.startswith("cuda") else "host memory") if on_host else \
+        f"GPU memory of {report.state_device}"
     kept = "every layer's inputs" if k == 1 else f"the inputs of one layer in {k}"
-    cost = [f"{report.recomputed_blocks} block forwards recomputed"] if report.recomputed_blocks else []
+    cost = [f"{report.recomputed_blocks} recomputed block forwards"] if report.recomputed_blocks else []
     if report.store_copy_bytes:
         cost.append(f"{report.store_copy_bytes / gib:.2f} GiB of copies to and from the GPU")
-    line = f"gradient pass plan: {kept} in {where} ({size / gib:.2f} GiB)" + (f", costs {' and '.join(cost)}" if cost else "")
+    line = f"gradient pass plan: {kept} in {where} ({size / gib:.2f} GiB)" + (f", at the cost of {' and '.join(cost)}" if cost else "")
     if compute_device.startswith("cuda") and report.train_floor_bytes:
         on_gpu = report.reserve_bytes + (size if report.state_device != "cpu" else 0)
         line += (f"; on the GPU ~{on_gpu / gib:.2f} GiB above the model, a training step at the same micro-batch "

@@ -57,7 +57,7 @@ def test_gpu_check_tiny_cpu_end_to_end(tmp_path):
     assert "--optim paged_adamw_32bit" in cmd and "--peft-prepare both" in cmd
     assert "--state-budget-gib" not in cmd  # the pass's own plan, as a user gets it
     (init,) = [r for r in mem if r["part"] == "init"]
-    assert init["plan"].startswith("gradient pass plan: every layer's inputs in cpu")
+    assert init["plan"].startswith("gradient pass plan: every layer's inputs in host memory")
 
     # layouts: bench_step --data on the tiny model and generated data, one verdict per layout and shape
     (lay,) = [r for r in (json.loads(x) for x in (out / "layouts.jsonl").read_text().splitlines()) if r["part"] == "layout_summary"]
