@@ -49,6 +49,9 @@ def test_gradient_pass_on_gpu_matches_fp32_autograd(tiny_model_dir, dtype):
     G = gradient_pass(model, ex, lambda n, g: g.cpu(), micro_batch_size=4, progress=False)
     for n in ref:  # 16-bit activations; fp32 accumulation of G (bf16 on the CPU: 1.9e-2 of the largest entry)
         assert_close_rel(G[n], ref[n], 3e-2, f"G, {dtype}")
+    from qlora_ga import gradient
+
+    assert gradient._MM_OUT_FP32, "the 16-bit GEMM with fp32 output fell back to fp32 casts"
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
