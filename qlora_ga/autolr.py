@@ -40,6 +40,9 @@ from .errors import QloraGaError
 
 #: lr = LR_FACTOR * eta* (measured: RESULTS.md section 8.1)
 LR_FACTOR = 1.8
+#: the rule's version, recorded with every search: 2 = LR_FACTOR x eta* at any run length (1 also shrank the lr for
+#: runs longer than 50 steps by (50 / steps) ** 0.39; dropped after the 100-step check, RESULTS.md section 8.1)
+RULE_VERSION = 2
 #: Adam's epsilon (torch and bitsandbytes default)
 ADAM_EPS = 1e-8
 #: most loss evaluations of the search (2**MAX_POINTS spans ~6 decades of eta from the start)
@@ -65,6 +68,7 @@ class LrSearch:
     points: list[list[float]] = field(default_factory=list)  # [eta, loss] evaluated, in order
     seconds: float = 0.0
     loss_scale: float = 1.0  # the probe's backward ran on the summed loss times this (< 1 after an fp16 overflow)
+    rule_version: int = RULE_VERSION  # which rule found it (RULE_VERSION)
 
     def as_dict(self) -> dict:
         return asdict(self)

@@ -98,6 +98,7 @@ def test_cli_lr_auto_trains_with_the_found_lr_and_resumes_with_it(tiny_model_dir
     search = json.loads((full / "lr_search.json").read_text())
     assert search["lr"] > 0 and search["lr"] == pytest.approx(LR_FACTOR * search["eta"], rel=1e-3)
     assert search["sequences"] == 8  # the first optimizer step's: batch 4 x grad-accum 2
+    assert search["rule_version"] == 2 and search["seconds"] > 0 and len(search["points"]) >= 3
     rows = [r for r in read_metrics(full / "metrics.jsonl") if r["step"]]
     assert rows[0]["lr"] == search["lr"]  # no warmup: step 1 trains at the peak lr, the one found
     state = json.loads((full / "checkpoints" / "step-4" / "trainer_state.json").read_text())
