@@ -51,12 +51,24 @@ def test_gpu_check_tiny_cpu_end_to_end(tmp_path):
     for t, c in zip(targets, bench):
         assert c["check"] == f"{t['target']} [{t['shape']}]"
         assert c["verdict"] == ("PASS" if t["passed"] else "MISS") and c["value"] == t["value"]
-    assert {r["impl"] for r in mem if r["part"] == "train"} >= {"qlora_ga", "qlora_ga_no_residual", "peft_qlora",
-                                                                "peft_qlora_no_prepare"}
+    meta_keys = {"bench", "device", "torch_version", "bitsandbytes_version", "transformers_version", "peft_version",
+                 "date", "command", "run_id", "model"}
+    assert all(meta_keys <= set(r) for r in mem) and {r["bench"] for r in mem} == {"memory"}
+    (init,) = [r for r in mem if r["part"] == "init"]
+    assert init["shape"] == "2x32" and init["wall_s"] > 0 and init["peak_rss_gib"] > 0
+    assert {"estimate_s", "fwdbwd_s", "init_over_fwdbwd", "state_device", "reserve_gib", "train_floor_gib"} <= set(init)
+    (ref,) = [r for r in mem if r["part"] == "ref_init"]
+    assert ref["oom"] is False and ref["wall_s"] > 0
+    train = {(r["impl"], r["shape"]) for r in mem if r["part"] == "train"}
+    assert {("qlora_ga", "1x32"), ("qlora_ga_no_residual", "1x32"), ("peft_qlora", "1x32"), ("peft_qlora", "2x32"),
+            ("peft_qlora_no_prepare", "1x32")} <= train  # PEFT also at the init's micro-batch, for the memory target
+    assert not any(impl == "qlora_ga_liger" for impl, _ in train)  # Liger: CUDA only
+    assert all(r["tokens_per_s"] > 0 and {"step_s", "peak_rss_gib", "loss"} <= set(r) for r in mem if r["part"] == "train")
+    assert all(isinstance(t["passed"], bool) for t in targets)
+    assert sum("PEFT QLoRA" in t["target"] and "tokens/s" in t["target"] for t in targets) == 2  # both PEFT baselines
     cmd = mem[0]["command"]
     assert "--optim paged_adamw_32bit" in cmd and "--peft-prepare both" in cmd
     assert "--state-budget-gib" not in cmd  # the pass's own plan, as a user gets it
-    (init,) = [r for r in mem if r["part"] == "init"]
     assert init["plan"].startswith("gradient pass plan: every layer's inputs in host memory")
 
     # layouts: bench_step --data on the tiny model and generated data, one verdict per layout and shape
