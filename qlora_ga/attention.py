@@ -10,7 +10,8 @@ them; this does the same with plain SDPA, so it works on every device: the row i
 
 It is registered with transformers as the attention implementation :data:`PACKED_SDPA` (an
 ``AttentionInterface`` function and an ``AttentionMaskInterface`` mask function) and used in place of
-``"sdpa"`` by :func:`use_packed_sdpa` for a run that flattens its micro-batches. Batches with a 2-D
+``"sdpa"`` (:func:`set_attention`, from ``qlora_ga.data.padding_free_support``) for a run that flattens its
+micro-batches. Batches with a 2-D
 ``attention_mask`` (padded batches, generation) and decoding steps go through transformers' own SDPA path
 unchanged, so the same model serves both. A layer's sliding window (Qwen2, Mistral) is applied inside each
 sequence; families whose attention needs more than causality and a window (chunked attention, soft-capping,
@@ -135,8 +136,9 @@ def can_use_packed_sdpa(config) -> bool:
 def set_attention(model, name: str) -> str:
     """Switch ``model`` (a PEFT wrapper or the transformers model) to attention implementation ``name``; returns the
     one it had. Every sub-config that names an implementation is switched (multimodal wrappers keep one per part)."""
-    get = getattr(model, "get_base_model", None)
-    base = get() if callable(get) else model
+    from .model import unwrap
+
+    base = unwrap(model)
     old = base.config._attn_implementation
     if name == PACKED_SDPA:
         register()

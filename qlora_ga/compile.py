@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .model import find_decoder_layers
+from .model import find_decoder_layers, unwrap
 
 
 @dataclass
@@ -57,8 +57,7 @@ def backend() -> str:
 
 
 def _layers(model):
-    get = getattr(model, "get_base_model", None)
-    return find_decoder_layers(get() if callable(get) else model)[1]
+    return find_decoder_layers(unwrap(model))[1]
 
 
 #: a child of a decoder block holding one of these is its attention module
@@ -94,8 +93,7 @@ def compile_blocks(model) -> CompileReport:
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     layers = _layers(model)
-    get = getattr(model, "get_base_model", None)
-    per_sequence = (get() if callable(get) else model).config._attn_implementation == PACKED_SDPA
+    per_sequence = unwrap(model).config._attn_implementation == PACKED_SDPA
     name = backend()
     for layer in layers:
         for target in _targets(layer, per_sequence):
@@ -114,6 +112,18 @@ def compile_stats(report: CompileReport) -> CompileReport:
     report.graphs = int(counters.get("stats", {}).get("unique_graphs", 0))
     report.compile_s = round(sum(sum(v) for k, v in compilation_time_metrics.items() if "compile_inner" in k), 2)
     return report
+
+
+def compiled_switch(model):
+    """After :func:`compile_blocks`: a function turning the compiled forwards on (True) or off (False), so that one
+    model can be timed both ways (``scripts/bench_step.py --compile``)."""
+    mods = [(m, m._compiled_call_impl) for m in unwrap(model).modules() if m._compiled_call_impl is not None]
+
+    def switch(on: bool):
+        for m, fn in mods:
+            m._compiled_call_impl = fn if on else None
+
+    return switch
 
 
 def uncompile_blocks(model):

@@ -536,7 +536,7 @@ def describe_plan(report: PassReport, compute_device: str) -> str:
     compute device against a training step's floor."""
     gib = 2**30
     n, k = report.n_blocks, report.state_stride
-    size = (math.ceil(n / k) + (k - 1) + 1) * report.state_bytes_per_layer + report.state_fixed_bytes
+    size = StorePlan(report.state_bytes_per_layer, report.state_fixed_bytes).need(n, k)
     on_host = report.state_device == "cpu"
     where = ("pinned host memory" if compute_device.startswith("cuda") else "host memory") if on_host else \
         f"GPU memory of {report.state_device}"

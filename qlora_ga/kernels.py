@@ -38,7 +38,9 @@ def apply_liger(model, device) -> str:
     check_liger(device)
     from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    from .model import unwrap
+
+    base = unwrap(model)
     model_type = getattr(base.config, "model_type", None)
     fn = MODEL_TYPE_TO_APPLY_LIGER_FN.get(model_type)
     if fn is None:

@@ -242,6 +242,12 @@ def broken_weight_file(source: str) -> Path | None:
 LAYER_LISTS = ("layers", "h", "blocks", "block")  # where families keep their decoder blocks
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The transformers model under a PEFT wrapper (or ``model`` itself)."""
+    get = getattr(model, "get_base_model", None)
+    return get() if callable(get) else model
+
+
 def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """``(qualified name, decoder blocks)`` from the model's own structure (``get_decoder().layers`` or its equivalent)."""
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model

@@ -187,21 +187,18 @@ def main_layouts(args, factory, device, meta) -> int:
     batches = layout_batches(args, tok, args.rounds + args.warmup)
     runner = {"padded": (ours, ours_opt), "padding_free": (ours, ours_opt), "padding_free_dense": (ours, ours_opt),
               "packing": (ours, ours_opt), "peft_qlora_padded": (peft, peft_opt)}
-    packed_impl = _unwrapped(ours).config._attn_implementation
+    from qlora_ga.model import unwrap
+
+    packed_impl = unwrap(ours).config._attn_implementation
     layouts = LAYOUTS
     toggle = None
     if args.compile:  # padding_free_compiled: the same flattened batches, the blocks' parts compiled (qlora_ga.compile)
-        from qlora_ga.compile import compile_blocks, compile_stats, dynamo_settings
+        from qlora_ga.compile import compile_blocks, compile_stats, compiled_switch, dynamo_settings
 
         layouts = LAYOUTS + ("padding_free_compiled",)
         report = compile_blocks(ours)
-        compiled_mods = [(m, m._compiled_call_impl) for m in ours.modules() if m._compiled_call_impl is not None]
+        toggle = compiled_switch(ours)
         dynamo_settings().__enter__()  # for the rest of the process
-
-        def toggle(on: bool):
-            for m, fn in compiled_mods:
-                m._compiled_call_impl = fn if on else None
-
         toggle(False)
         runner["padding_free_compiled"] = (ours, ours_opt)
         batches["padding_free_compiled"] = batches["padding_free"]
@@ -299,11 +296,6 @@ def main_layouts(args, factory, device, meta) -> int:
         print(f"peak {where} memory of a step above what was resident before it (MiB, median / max): "
               + ", ".join(f"{n} {statistics.median(v) / 2**20:.0f} / {max(v) / 2**20:.0f}" for n, v in peak.items()))
     return 0
-
-
-def _unwrapped(model):
-    get = getattr(model, "get_base_model", None)
-    return get() if callable(get) else model
 
 
 def _flop_counter():
@@ -425,19 +417,17 @@ def add_compiled(impls: dict, batch: dict, device, dtype) -> dict:
     """``impls["qlora_ga_compiled"]``: the qlora_ga model with its decoder blocks compiled (qlora_ga.compile), toggled
     per step (``qlora_ga`` runs them eager). First, on ``batch``: one eager and one compiled forward + backward from
     the same weights (the loss's and the gradients' relative differences), and the compile time."""
-    from qlora_ga.compile import _layers, compile_blocks, compile_stats, dynamo_settings
+    from qlora_ga.compile import compile_blocks, compile_stats, compiled_switch, dynamo_settings
     from qlora_ga.train import _autocast, trainable_parameters
 
     model, opt, setup = impls["qlora_ga"]
-    layers = _layers(model)
     report = compile_blocks(model)
-    fns = [layer._compiled_call_impl for layer in layers]
+    switch = compiled_switch(model)
 
     def toggle(on: bool):
         def set_up():
             setup()
-            for layer, fn in zip(layers, fns):
-                layer._compiled_call_impl = fn if on else None
+            switch(on)
         return set_up
 
     def loss_and_grads():

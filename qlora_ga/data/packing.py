@@ -32,6 +32,7 @@ import torch
 
 from ..attention import PACKED_SDPA, can_use_packed_sdpa, set_attention
 from ..constants import IGNORE_INDEX
+from ..model import unwrap
 
 #: attention implementations whose masks transformers makes block-diagonal from restarting position_ids
 #: (masking_utils' packed-sequence detection), or whose kernels read the boundaries from them (flash varlen)
@@ -155,18 +156,12 @@ def pack_order(order: list[int], lengths: list[int], capacity: int, seed: int, w
 # ------------------------------------------------------------------ which models
 
 
-def _unwrapped(model):
-    """The transformers model under a PEFT wrapper (or the model itself)."""
-    get = getattr(model, "get_base_model", None)
-    return get() if callable(get) else model
-
-
 def padding_free_support(model) -> tuple[bool, str]:
     """``(True, how)`` where sequences flattened into one row keep their own attention in ``model``, else
     ``(False, why)``: the attention implementation must build its mask from ``position_ids``
     (:data:`PACKED_ATTENTION`), and a probe must find a sequence's logits the same alone and after another
     sequence in the row (:data:`PROBE_TOL`); layers that are not attention (:data:`ATTENTION_LAYER_TYPES`) are refused."""
-    base = _unwrapped(model)
+    base = unwrap(model)
     cfg = base.config
     name = type(base).__name__
     impl = getattr(cfg, "_attn_implementation", None)
@@ -199,7 +194,7 @@ def padding_free_support(model) -> tuple[bool, str]:
 @torch.no_grad()
 def _probe(model) -> float:
     """max |logits of sequence b after sequence a in one row - logits of b alone| / max |logits of b alone|."""
-    base = _unwrapped(model)
+    base = unwrap(model)
     device = base.get_input_embeddings().weight.device
     vocab = base.get_input_embeddings().weight.shape[0]
     g = torch.Generator().manual_seed(0)

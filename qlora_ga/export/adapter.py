@@ -36,6 +36,7 @@ import torch
 from ..constants import ADAPTER_WEIGHTS, PEFT_PREFIX
 from ..errors import QloraGaError
 from ..fileio import atomic_dir
+from ..model import unwrap
 from .files import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS_BIN,
@@ -250,7 +251,7 @@ def save_adapter(peft_model, out_dir, *, adapter_name: str = "default", metadata
         if adapter_name in getattr(layer, "lora_A", {}):
             residuals[module_key(name)] = (a0.detach().cpu(), b0.detach().cpu())
 
-    base_model = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
+    base_model = unwrap(peft_model)
     # the name the user gave (hub id, folder or .gguf file), portable across machines; the merge resolves it again
     source = (getattr(base_model, "qlora_ga_name", None) or getattr(base_model, "qlora_ga_source", None)
               or config.base_model_name_or_path)
