@@ -115,6 +115,8 @@ class FinetuneConfig:
                               "token budget of batch_size * grad_accum * max_length; refused for a model without that support")
     compile: bool = _f(False, "torch.compile each decoder block for training (compiled once per block shape on the first "
                               "step; graph breaks and compile time reported; falls back to eager where it cannot compile)")
+    fused_lora: bool = _f(False, "each 4-bit LoRA linear (with its residual) as one autograd op with a hand-derived backward "
+                                 "(the same forward bits; gradients within rounding of PEFT's); PEFT's forward where it does not apply")
     liger: bool = _f(False, "CUDA only: Liger Kernel's fused Triton kernels (RMSNorm, RoPE, SwiGLU, fused linear cross-entropy); needs pip install 'qlora-ga[liger]'")
     device: str | None = _f(None, "device ('cuda', 'cuda:1', 'cpu'); default: the current GPU, else CPU")
     compute_dtype: str = _f(

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .compile import compile_stats, compiled
+from .fused import fused
 from .constants import ADAPTER_WEIGHTS, CHECKPOINT_RESIDUAL
 from .data.batch import collate, count_label_tokens
 from .data.packing import model_inputs
@@ -61,6 +62,7 @@ class TrainSettings:
     packing: bool = False  # whole sequences packed into rows of max_length tokens (best-fit decreasing); batch_size counts rows
     max_length: int = 512  # packing: tokens per row
     compile: bool = False  # torch.compile each decoder block (qlora_ga.compile)
+    fused_lora: bool = False  # each 4-bit LoRA linear as one autograd Function (qlora_ga.fused)
 
 
 def total_steps(n_train: int, s: TrainSettings, world: int = 1, train: list[dict] | None = None) -> int:
@@ -640,6 +642,7 @@ def train(model, tokenizer, train_data: list[dict], eval_data: list[dict], s: Tr
         model.train()
     loader = iter(step_loader(train_data, s, pad, start_step, steps, device, flat))
     stack = contextlib.ExitStack()  # --compile: the blocks compiled for the loop, eager again after it
+    stack.enter_context(fused(model, s.fused_lora))  # (before compiling: the compiled blocks trace the fused forward)
     compile_report = stack.enter_context(compiled(model, s.compile))
     try:
         for step in range(start_step, steps):

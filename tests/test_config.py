@@ -61,6 +61,7 @@ NON_DEFAULT = {
     "padding_free": False,
     "packing": True,
     "compile": True,
+    "fused_lora": True,
     "liger": True,
     "device": "cuda:1",
     "compute_dtype": "fp16",

@@ -1,0 +1,182 @@
+"""``--fused-lora``: each 4-bit LoRA linear as one autograd Function with a hand-derived backward.
+
+PEFT computes a 4-bit LoRA linear as several autograd nodes: bitsandbytes' 4-bit matmul, a defensive clone of
+its output, then the adapter branch (for qlora-ga's residual variant, :mod:`qlora_ga.residual`: two
+subtractions, two concatenations, a scaling, a matmul and an addmm, each a node of its own with its own
+backward). :class:`FusedLoRA4bit` computes the same output,
+
+    y = base(x) + h Bs^T,   h = x Acat^T,   Acat = [A; A - A0],   Bs = s [B - B0, B0]
+
+(vanilla LoRA: ``Acat = A``, ``Bs = s B``), with one node whose backward is written out:
+
+    gh = gy Bs                                   (N x 2r)
+    gx = gy W + gh Acat                          (W dequantized again, as bitsandbytes' own backward does)
+    gA = (gh[:, :r] + gh[:, r:])^T x             (one r x n product: A appears in both halves of Acat)
+    gB = s gy^T h[:, :r]                         (B appears in the first half of Bs only)
+
+It saves what bitsandbytes and the variant saved between them (x, the 2r-wide h, the small Acat and Bs) and
+nothing of output size. The forward is the variant's to the bit (the same bitsandbytes op for ``base(x)``, the
+same addmm); the gradients are the same sums in another order (within 1e-6 relative in fp32; exact zeros in the
+residual's halves at init, as in the variant).
+
+It applies where it computes exactly what PEFT would: a bitsandbytes ``Linear4bit`` base with a frozen bias,
+one active adapter that is plain LoRA or the residual variant, no dropout while training, and one dtype for the
+input, the adapter's compute and the base's compute (fp32 on CPU; under bf16/fp16 autocast, a model loaded in
+that dtype). Any other call (another adapter kind, adapters disabled or merged, mixed-batch adapter names,
+mismatched dtypes) runs PEFT's own forward, call by call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import types
+
+import torch
+from torch import nn
+
+from .residual import A0_NAME, B0_NAME, ResidualVariant
+
+
+class FusedLoRA4bit(torch.autograd.Function):
+    """``base(x) + s (B A - B0 A0) x`` for a 2-D ``x`` (module docstring); A0/B0 None for vanilla LoRA."""
+
+    @staticmethod
+    def forward(ctx, x, A, B, A0, B0, scaling: float, base: nn.Module):
+        import bitsandbytes as bnb
+
+        weight = base.weight
+        dt = x.dtype
+        A, B = A.to(dt), B.to(dt)
+        if A0 is not None:
+            A0, B0 = A0.to(dt), B0.to(dt)
+            Acat = torch.cat([A, A - A0])
+            Bs = torch.cat([B - B0, B0], dim=1) * scaling
+        else:
+            Acat, Bs = A, B * scaling
+        bias = None if base.bias is None else base.bias.to(dt)
+        y = bnb.matmul_4bit(x, weight, bias=bias, quant_state=weight.quant_state)  # (no grad here: one 4-bit gemm)
+        h = x @ Acat.t()
+        if A0 is not None:
+            y = torch.addmm(y, h, Bs.t())  # the variant's one addmm
+        else:
+            y = y + (h @ B.t()) * scaling  # PEFT's lora_B(lora_A(x)) * s, added
+        ctx.save_for_backward(x, h, Acat, Bs if A0 is not None else B)
+        ctx.base, ctx.scaling, ctx.rank, ctx.residual = base, scaling, A.shape[0], A0 is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        """The products autograd forms for PEFT's nodes, in its order, so the gradients are the same bits."""
+        import bitsandbytes.functional as bf
+
+        x, h, Acat, Bm = ctx.saved_tensors
+        r, s = ctx.rank, ctx.scaling
+        gy = gy.to(x.dtype)
+        if ctx.residual:
+            gh = gy @ Bm  # Bm = Bs = s [B - B0, B0]: N x 2r
+            gB = (gy.t() @ h)[:, :r] * s if ctx.needs_input_grad[2] else None
+        else:
+            gys = gy * s
+            gh = gys @ Bm  # Bm = B: N x r
+            gB = gys.t() @ h if ctx.needs_input_grad[2] else None
+        gA = None
+        if ctx.needs_input_grad[1]:
+            gAcat = gh.t() @ x
+            gA = gAcat[:r] + gAcat[r:] if ctx.residual else gAcat
+        gx = None
+        if ctx.needs_input_grad[0]:
+            weight = ctx.base.weight
+            gx = gy @ bf.dequantize_4bit(weight, weight.quant_state).to(gy.dtype)
+            gx = gx + gh @ Acat
+        return gx, gA, gB, None, None, None, None
+
+
+def _fusable(layer, x: torch.Tensor, args, kwargs) -> tuple | None:
+    """``(adapter, A0, B0)`` when the fused Function computes what PEFT would for this call, else None."""
+    import bitsandbytes as bnb
+
+    if args or kwargs or layer.disable_adapters or layer.merged or x.numel() == 0:
+        return None
+    active = [a for a in layer.active_adapters if a in layer.lora_A]
+    if len(active) != 1:
+        return None
+    (name,) = active
+    variant = layer.lora_variant.get(name)
+    if variant is not None and not isinstance(variant, ResidualVariant):
+        return None
+    base = layer.get_base_layer()
+    if type(base) is not bnb.nn.Linear4bit or getattr(base.weight, "quant_state", None) is None:
+        return None
+    if base.bias is not None and base.bias.requires_grad:
+        return None
+    lora_A, lora_B = layer.lora_A[name], layer.lora_B[name]
+    if lora_B.bias is not None or (layer.training and not isinstance(layer.lora_dropout[name], nn.Identity)):
+        return None
+    if getattr(base.weight.quant_state, "packing_format_for_cpu", False):
+        return None  # bitsandbytes' CPU inference layout (set by an eval-mode forward): its own path
+    dt = x.dtype
+    if torch.is_autocast_enabled(x.device.type):
+        if torch.get_autocast_dtype(x.device.type) != dt:
+            return None
+    elif lora_A.weight.dtype != dt or lora_B.weight.dtype != dt:
+        return None  # PEFT would cast x to the adapter's dtype and back
+    if base.compute_dtype is not None and base.compute_dtype != dt:
+        return None
+    if variant is None:
+        return name, None, None
+    A0, B0 = getattr(layer, A0_NAME), getattr(layer, B0_NAME)
+    return (name, A0, B0) if A0.dtype == dt else None
+
+
+def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """The fused forward of one PEFT 4-bit LoRA layer, or PEFT's own where it does not apply (module docstring)."""
+    how = _fusable(self, x, args, kwargs)
+    if how is None:
+        return type(self).forward(self, x, *args, **kwargs)
+    name, A0, B0 = how
+    base = self.get_base_layer()
+    if not base.compute_type_is_set:  # what bitsandbytes' forward does on its first call
+        base.set_compute_type(x)
+        base.compute_type_is_set = True
+    y = FusedLoRA4bit.apply(x.reshape(-1, x.shape[-1]), self.lora_A[name].weight, self.lora_B[name].weight,
+                            A0, B0, self.scaling[name], base)
+    return y.view(*x.shape[:-1], y.shape[-1])
+
+
+def _lora_4bit_layers(model) -> list:
+    from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
+
+    return [m for m in model.modules() if isinstance(m, LoraLinear4bit)]
+
+
+def fuse_lora(model) -> int:
+    """Route every PEFT 4-bit LoRA layer of ``model`` through :class:`FusedLoRA4bit`; returns how many."""
+    layers = _lora_4bit_layers(model)
+    for layer in layers:
+        layer.forward = types.MethodType(_fused_forward, layer)
+    return len(layers)
+
+
+def unfuse_lora(model) -> None:
+    """PEFT's own forward again."""
+    for layer in _lora_4bit_layers(model):
+        layer.__dict__.pop("forward", None)
+
+
+def is_fused(layer) -> bool:
+    fwd = layer.__dict__.get("forward")
+    return fwd is not None and getattr(fwd, "__func__", None) is _fused_forward
+
+
+@contextlib.contextmanager
+def fused(model, enabled: bool):
+    """Inside: ``model``'s 4-bit LoRA layers fused (when ``enabled``); yields how many (0 when not enabled).
+    PEFT's forward again on leaving (evaluation after training, export, generation)."""
+    if not enabled:
+        yield 0
+        return
+    n = fuse_lora(model)
+    try:
+        yield n
+    finally:
+        unfuse_lora(model)
