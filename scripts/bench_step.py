@@ -66,6 +66,12 @@ def parse_args(argv=None):
     p.add_argument("--compile", action="store_true", help="add qlora_ga_compiled: the qlora_ga step with every decoder block "
                    "torch.compile'd (qlora_ga.compile; the same model, toggled per step), its compile time and its "
                    "difference from the eager step reported apart")
+    p.add_argument("--fused", action="store_true", help="add qlora_ga_fused: the qlora_ga step with --fused-lora (qlora_ga.fused; "
+                   "the same model, toggled per step), and with --compile also qlora_ga_fused_compiled")
+    p.add_argument("--liger", action="store_true", help="CUDA only: add qlora_ga_liger, a second qlora-ga model with Liger "
+                   "Kernel's kernels (its module-level RoPE swapped in for that row's steps only)")
+    p.add_argument("--profile", action="store_true", help="after the rounds: torch.profiler tables (top 15 ops by self device "
+                   "time and by count) of one qlora_ga training step and of the gradient pass per decoder block")
     p.add_argument("--data", default=None, help="a dataset file (e.g. GSM8K's train.jsonl): compare padded / padding-free / "
                                                "packed micro-batches of its sequences instead (see above)")
     args = p.parse_args(argv)
@@ -75,6 +81,14 @@ def parse_args(argv=None):
         p.error(f"--device {args.device}: no CUDA GPU is available (use --device cpu)")
     if args.rounds < 1 or args.warmup < 0:
         p.error("--rounds must be >= 1 and --warmup >= 0")
+    if args.liger:
+        from qlora_ga.errors import QloraGaError
+        from qlora_ga.kernels import check_liger
+
+        try:
+            check_liger(args.device)
+        except QloraGaError as e:
+            p.error(str(e))
     # the factory's knobs that this script does not expose
     args.materialize, args.workdir, args.init_shapes, args.train_shapes = "direct", "./.bench", [], []
     (args.shape,) = parse_shapes(args.shape)
@@ -85,6 +99,7 @@ def build(factory: ModelFactory, args, device):
     """``{impl: (model, optimizer, set-up before its step)}`` for the four implementations."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
+    from qlora_ga.fused import fuse_lora, unfuse_lora
     from qlora_ga.gradient import estimate_factors
     from qlora_ga.init import init_adapters, lora_layers, singular_vectors_needed
     from qlora_ga.model import resolve_targets
@@ -103,17 +118,22 @@ def build(factory: ModelFactory, args, device):
     ours = init_adapters(model, factors, method="lora-ga", rank=args.rank, alpha=args.alpha)
     residuals = [(layer, layer.qlora_ga_A0, layer.qlora_ga_B0) for layer in lora_layers(ours).values() if has_residual(layer)]
 
-    def with_residual(on: bool):
+    def with_residual(on: bool, fused: bool = False):
         def setup():
             for layer, a0, b0 in residuals:
                 if on and not has_residual(layer):
                     attach_residual(layer, a0, b0, dtype=a0.dtype)
                 elif not on and has_residual(layer):
                     detach_residual(layer)
+            (fuse_lora if fused else unfuse_lora)(ours)
         return setup
 
     opt = optimizer(ours, 5e-5)
     out = {"qlora_ga": (ours, opt, with_residual(True)), "qlora_ga_no_residual": (ours, opt, with_residual(False))}
+    if args.fused:
+        out["qlora_ga_fused"] = (ours, opt, with_residual(True, fused=True))
+    if args.liger:
+        out["qlora_ga_liger"] = liger_model(factory, args, device, optimizer)
     for impl, prepare in (("peft_qlora", True), ("peft_qlora_no_prepare", False)):
         m = factory.quantized()
         if prepare:
@@ -127,6 +147,42 @@ def build(factory: ModelFactory, args, device):
         pm.train()
     return out
 
+
+def liger_model(factory, args, device, optimizer):
+    """``(model, optimizer, set-up)``: a qlora-ga model with Liger Kernel's kernels (``qlora_ga.kernels``). Liger
+    patches the instance, and RoPE in the transformers module of the family (for every model in the process): the
+    set-up swaps Liger's module-level functions in for this row's steps, and the row after it swaps them out."""
+    import importlib
+
+    from qlora_ga.gradient import estimate_factors
+    from qlora_ga.init import init_adapters, singular_vectors_needed
+    from qlora_ga.kernels import apply_liger
+
+    model = factory.quantized()
+    module = importlib.import_module(type(model).__module__)  # e.g. transformers.models.llama.modeling_llama
+    before = dict(vars(module))
+    apply_liger(model, device)
+    patched = {k: v for k, v in vars(module).items() if before.get(k) is not v}
+    original = {k: before[k] for k in patched if k in before}
+    for k, v in original.items():  # the other rows run transformers' own functions
+        setattr(module, k, v)
+    factors = estimate_factors(model, random_examples(2, 64, factory.vocab_size, args.seed), rank=args.rank,
+                               n_vectors=singular_vectors_needed("lora-ga", args.rank), progress=False)
+    pm = init_adapters(model, factors, method="lora-ga", rank=args.rank, alpha=args.alpha)
+
+    def setup():
+        for k, v in patched.items():
+            setattr(module, k, v)
+
+    def teardown():
+        for k, v in original.items():
+            setattr(module, k, v)
+
+    LIGER_TEARDOWN.append(teardown)
+    return pm, optimizer(pm, 5e-5), setup
+
+
+LIGER_TEARDOWN: list = []  # run before every other row's set-up (undoes the module-level patches of the liger row)
 
 def layout_batches(args, tok, rounds: int) -> dict[str, list[dict]]:
     """Per layout, one collated micro-batch per round: padded, padding-free and PEFT's take the same sequences."""
@@ -362,15 +418,21 @@ def main(argv=None) -> int:
     b, t = args.shape
     batch = random_batch(b, t, factory.vocab_size, args.seed + 1, device)
     meta = {"bench": "step", "model": factory.label, "device": device_name(device), "device_type": device.type,
-            "shape": f"{b}x{t}", "rank": args.rank, "optim": args.optim,
+            "shape": f"{b}x{t}", "rank": args.rank, "optim": args.optim, "rounds": args.rounds, "warmup": args.warmup,
             **{f"{k}_version": v for k, v in _versions().items()},
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "command": shlex.join([os.path.basename(sys.executable)] + sys.argv if argv is None else ["bench_step.py", *argv]),
             "run_id": f"{int(time.time())}-{os.getpid()}", "threads": torch.get_num_threads()}
     print(f"bench_step: {factory.label} on {meta['device']}, {b}x{t}, {args.rounds} rounds", flush=True)
-    names = IMPLS + (("qlora_ga_compiled",) if args.compile else ())
+    names = IMPLS + (("qlora_ga_compiled",) if args.compile else ()) + (("qlora_ga_fused",) if args.fused else ()) \
+        + (("qlora_ga_fused_compiled",) if args.fused and args.compile else ()) + (("qlora_ga_liger",) if args.liger else ())
+    if args.fused:
+        meta["fused"] = fused_difference(impls, batch, device, dtype)
     if args.compile:
-        meta["compile"] = add_compiled(impls, batch, device, dtype)
+        meta["compile"] = add_compiled(impls, batch, device, dtype, fused=args.fused)
+    for name, (model, opt, setup) in list(impls.items()):
+        if name != "qlora_ga_liger":
+            impls[name] = (model, opt, _after_liger(setup))
     for name in names:
         model, opt, setup = impls[name]
         setup()
@@ -389,68 +451,155 @@ def main(argv=None) -> int:
                 tps[name].append(b * t / (time.perf_counter() - t0))
                 f.write(json.dumps({**meta, "part": "step", "impl": name, "round": r, "tokens_per_s": round(tps[name][-1], 2)}) + "\n")
         med = {name: statistics.median(v) for name, v in tps.items()}
+        quartiles = {name: [round(q, 2) for q in statistics.quantiles(v, n=4)] if len(v) > 1 else [round(v[0], 2)] * 3
+                     for name, v in tps.items()}
         ratios = {"residual_overhead": med["qlora_ga_no_residual"] / med["qlora_ga"] - 1,
                   "ours_over_peft": med["qlora_ga"] / med["peft_qlora"],
                   "ours_over_peft_no_prepare": med["qlora_ga"] / med["peft_qlora_no_prepare"]}
-        if args.compile:
-            ratios.update(compiled_over_eager=med["qlora_ga_compiled"] / med["qlora_ga"],
-                          compiled_over_eager_paired=statistics.median(c / e for c, e in zip(tps["qlora_ga_compiled"], tps["qlora_ga"])),
-                          compiled_over_peft=med["qlora_ga_compiled"] / med["peft_qlora"])
+        for name in names[len(IMPLS):]:  # qlora_ga_compiled -> compiled_over_*, qlora_ga_fused -> fused_over_*, ...
+            key = name.removeprefix("qlora_ga_")
+            ratios.update({f"{key}_over_eager": med[name] / med["qlora_ga"],
+                           f"{key}_over_eager_paired": statistics.median(c / e for c, e in zip(tps[name], tps["qlora_ga"])),
+                           f"{key}_over_peft": med[name] / med["peft_qlora"],
+                           f"{key}_over_peft_no_prepare": med[name] / med["peft_qlora_no_prepare"]})
+        profile = profile_tables(impls, batch, device, dtype, factory) if args.profile else None
         f.write(json.dumps({**meta, "part": "summary", "median_tokens_per_s": {k: round(v, 2) for k, v in med.items()},
-                            **{k: round(v, 4) for k, v in ratios.items()}}) + "\n")
-    print(f"\n{'implementation':<24} {'median tok/s':>12} {'min':>8} {'max':>8}")
+                            "quartiles_tokens_per_s": quartiles, **{k: round(v, 4) for k, v in ratios.items()},
+                            **({"profile": profile} if profile else {})}) + "\n")
+    print(f"\n{'implementation':<24} {'median tok/s':>12} {'p25':>8} {'p75':>8} {'min':>8} {'max':>8} {'vs eager':>9} "
+          f"{'vs PEFT':>8} {'vs PEFT (no prepare)':>21}")
     for name in names:
-        print(f"{name:<24} {med[name]:>12.1f} {min(tps[name]):>8.1f} {max(tps[name]):>8.1f}")
+        print(f"{name:<24} {med[name]:>12.1f} {quartiles[name][0]:>8.1f} {quartiles[name][2]:>8.1f} {min(tps[name]):>8.1f} "
+              f"{max(tps[name]):>8.1f} {med[name] / med['qlora_ga']:>8.3f}x {med[name] / med['peft_qlora']:>7.3f}x "
+              f"{med[name] / med['peft_qlora_no_prepare']:>20.3f}x")
     print(f"\nresidual overhead {100 * ratios['residual_overhead']:+.2f}% (target < 3%); ours / PEFT "
           f"{ratios['ours_over_peft']:.3f}x (prepare_model_for_kbit_training), {ratios['ours_over_peft_no_prepare']:.3f}x "
           f"(no prepare) (target >= 1.0x)")
+    for name in names[len(IMPLS):]:
+        key = name.removeprefix("qlora_ga_")
+        print(f"{key} / eager {ratios[key + '_over_eager']:.3f}x (per-round pairs {ratios[key + '_over_eager_paired']:.3f}x), "
+              f"{key} / PEFT {ratios[key + '_over_peft']:.3f}x")
     if args.compile:
         c = meta["compile"]
-        print(f"compiled / eager {ratios['compiled_over_eager']:.3f}x (per-round pairs {ratios['compiled_over_eager_paired']:.3f}x), "
-              f"compiled / PEFT {ratios['compiled_over_peft']:.3f}x; {c['graphs']} graph(s) compiled in {c['compile_s']} s "
-              f"(first step {c['first_step_s']} s), {c['graph_breaks']} graph break(s); loss and gradients against eager: "
+        print(f"compile: {c['graphs']} graph(s) compiled in {c['compile_s']} s (first step {c['first_step_s']} s), "
+              f"{c['graph_breaks']} graph break(s); loss and gradients against eager: "
               f"{c['loss_rel_diff']:.2g} / {c['grad_rel_diff']:.2g} relative")
+    if args.fused:
+        fd = meta["fused"]
+        print(f"fused: {fd['layers']} LoRA linears; loss and gradients against PEFT's forward: "
+              f"{fd['loss_rel_diff']:.2g} / {fd['grad_rel_diff']:.2g} relative")
+    if profile:
+        for title, table in profile.items():
+            print(f"\n{title}\n{table}")
     return 0
 
 
-def add_compiled(impls: dict, batch: dict, device, dtype) -> dict:
-    """``impls["qlora_ga_compiled"]``: the qlora_ga model with its decoder blocks compiled (qlora_ga.compile), toggled
-    per step (``qlora_ga`` runs them eager). First, on ``batch``: one eager and one compiled forward + backward from
-    the same weights (the loss's and the gradients' relative differences), and the compile time."""
-    from qlora_ga.compile import compile_blocks, compile_stats, compiled_switch, dynamo_settings
+def _loss_and_grads(model, batch, device, dtype):
     from qlora_ga.train import _autocast, trainable_parameters
+
+    params = trainable_parameters(model)
+    with _autocast(device, dtype):
+        loss = model(**batch).loss
+    grads = torch.autograd.grad(loss, params)
+    return float(loss), torch.cat([g.flatten().float() for g in grads])
+
+
+def _rel(a, b) -> float:
+    return float((a - b).abs().max() / b.abs().max()) if isinstance(a, torch.Tensor) else abs(a - b) / abs(b)
+
+
+def fused_difference(impls: dict, batch: dict, device, dtype) -> dict:
+    """The fused step's loss and gradients against PEFT's forward, from the same weights (before any timed step)."""
+    from qlora_ga.fused import _lora_4bit_layers
+
+    model, _, eager = impls["qlora_ga"]
+    _, _, fused = impls["qlora_ga_fused"]
+    eager()
+    loss_e, grad_e = _loss_and_grads(model, batch, device, dtype)
+    fused()
+    loss_f, grad_f = _loss_and_grads(model, batch, device, dtype)
+    eager()
+    return {"layers": len(_lora_4bit_layers(model)), "loss_rel_diff": _rel(loss_f, loss_e), "grad_rel_diff": _rel(grad_f, grad_e)}
+
+
+def _after_liger(setup):
+    """``setup`` preceded by undoing the liger row's module-level patches (see :func:`liger_model`)."""
+    def run():
+        for undo in LIGER_TEARDOWN:
+            undo()
+        setup()
+    return run
+
+
+def add_compiled(impls: dict, batch: dict, device, dtype, fused: bool = False) -> dict:
+    """``impls["qlora_ga_compiled"]`` (and with ``fused``, ``qlora_ga_fused_compiled``): the qlora_ga model with its
+    decoder blocks compiled (qlora_ga.compile), toggled per step (``qlora_ga`` runs them eager). First, on ``batch``:
+    one eager and one compiled forward + backward from the same weights (the loss's and the gradients' relative
+    differences), and the compile time."""
+    from qlora_ga.compile import compile_blocks, compile_stats, compiled_switch, dynamo_settings
 
     model, opt, setup = impls["qlora_ga"]
     report = compile_blocks(model)
     switch = compiled_switch(model)
 
-    def toggle(on: bool):
+    def toggle(on: bool, base=setup):
         def set_up():
-            setup()
+            base()
             switch(on)
         return set_up
 
-    def loss_and_grads():
-        params = trainable_parameters(model)
-        with _autocast(device, dtype):
-            loss = model(**batch).loss
-        grads = torch.autograd.grad(loss, params)
-        return float(loss), torch.cat([g.flatten().float() for g in grads])
-
     toggle(False)()
-    loss_e, grad_e = loss_and_grads()
+    loss_e, grad_e = _loss_and_grads(model, batch, device, dtype)
     toggle(True)()
     sync(device)
     t0 = time.perf_counter()
     dynamo_settings().__enter__()  # for the rest of the process (recompiles in the timed rounds too)
-    loss_c, grad_c = loss_and_grads()  # compiles here
+    loss_c, grad_c = _loss_and_grads(model, batch, device, dtype)  # compiles here
     sync(device)
     first = time.perf_counter() - t0
     compile_stats(report)
     impls["qlora_ga"] = (model, opt, toggle(False))
     impls["qlora_ga_compiled"] = (model, opt, toggle(True))
-    return {**report.as_dict(), "first_step_s": round(first, 2), "loss_rel_diff": abs(loss_c - loss_e) / abs(loss_e),
-            "grad_rel_diff": float((grad_c - grad_e).abs().max() / grad_e.abs().max())}
+    if fused:
+        impls["qlora_ga_fused_compiled"] = (model, opt, toggle(True, impls["qlora_ga_fused"][2]))
+        impls["qlora_ga_fused"] = (model, opt, toggle(False, impls["qlora_ga_fused"][2]))
+    return {**report.as_dict(), "first_step_s": round(first, 2), "loss_rel_diff": _rel(loss_c, loss_e),
+            "grad_rel_diff": _rel(grad_c, grad_e)}
+
+
+def profile_tables(impls: dict, batch: dict, device, dtype, factory) -> dict:
+    """``{title: table}``: torch.profiler's top 15 ops by self device time (CPU time on a CPU) and by call count, for
+    one qlora_ga training step (eager) and for the gradient pass over the step's batch (a fresh 4-bit model; its
+    totals over all decoder blocks, which run the same ops)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from qlora_ga.gradient import estimate_factors
+    from qlora_ga.init import singular_vectors_needed
+    from qlora_ga.model import find_decoder_layers, unwrap
+
+    model, opt, setup = impls["qlora_ga"]
+    setup()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    out = {}
+    with profile(activities=activities) as prof:
+        train_steps(model, opt, batch, device, dtype, 1)
+        sync(device)
+    out["one training step (qlora_ga eager), by self time"] = prof.key_averages().table(sort_by=key, row_limit=15)
+    out["one training step (qlora_ga eager), by count"] = prof.key_averages().table(sort_by="count", row_limit=15)
+    base = factory.quantized()
+    blocks = len(find_decoder_layers(unwrap(base))[1])
+    b, t = batch["input_ids"].shape
+    examples = [{"input_ids": ids, "labels": ids} for ids in batch["input_ids"].tolist()]
+    with profile(activities=activities) as prof:
+        estimate_factors(base, examples, rank=8, n_vectors=singular_vectors_needed("lora-ga", 8), micro_batch_size=b,
+                         progress=False)
+        sync(device)
+    title = f"gradient pass over {b}x{t} tokens (totals over its {blocks} decoder blocks: / {blocks} for one)"
+    out[title + ", by self time"] = prof.key_averages().table(sort_by=key, row_limit=15)
+    out[title + ", by count"] = prof.key_averages().table(sort_by="count", row_limit=15)
+    del base
+    return out
 
 
 if __name__ == "__main__":

@@ -30,10 +30,12 @@ Stages (each in its own process, run in this order; ``--only`` picks some):
    The runs share one process (one import, one GGUF conversion); each writes its own log.
 3. ``tests``: ``QLORA_GA_TEST_CUDA=1 python -m pytest -m cuda`` on the test files holding ``cuda``
    marks (so a missing test-only package such as nbformat does not stop collection).
-4. ``step`` (only with ``--only``; minutes): ``scripts/bench_step.py --compile`` on the Llama-2-7B shape at
-   1x1024 and 4x1024, 30 round-robin rounds each: qlora-ga eager and ``--compile``d, without its residual,
-   PEFT QLoRA with and without ``prepare_model_for_kbit_training``; graph breaks, compile time, the
-   compiled step's difference from eager, tokens/s against the targets (``step.jsonl``).
+4. ``step`` (only with ``--only``; minutes): ``scripts/bench_step.py --compile --fused --profile`` on the Llama-2-7B
+   shape at 1x1024 and 4x1024, 30 round-robin rounds each: qlora-ga eager, ``--compile``d, ``--fused-lora``, both,
+   without its residual, with Liger Kernel when ``liger-kernel`` is importable, PEFT QLoRA with and without
+   ``prepare_model_for_kbit_training``; graph breaks, compile time, the compiled and fused steps' differences
+   from eager, tokens/s against the targets (``step.jsonl``), and torch.profiler's top ops (by self GPU time and
+   by count) for one training step and for the gradient pass (in ``summary.md``).
 5. ``big`` (only with ``--only``; minutes): the Llama-2-70B shape, all 80 layers built in NF4 with random
    weights on the GPU, the process capped at 48 GB (``torch.cuda.set_per_process_memory_fraction``): the
    gradient init at 16x512 (micro-batch 8) with the default plan and 5 training steps at 1x1024, each
@@ -427,27 +429,37 @@ def stage_step(args, work: Path, timeout: float) -> dict:
     env = child_env(args, work)
     if args.tiny:
         env["QLORA_GA_COMPILE_BACKEND"] = "aot_eager"  # the smoke run checks the code path, not inductor's minutes
-    res, checks = _bench_step_runs(args, "step", d["step"], [*(["--tiny"] if args.tiny else []), "--warmup", "2", "--compile"],
+    import importlib.util
+
+    liger = args.device.startswith("cuda") and importlib.util.find_spec("liger_kernel") is not None
+    res, checks = _bench_step_runs(args, "step", d["step"], [*(["--tiny"] if args.tiny else []), "--warmup", "2", "--compile",
+                                                            "--fused", "--profile", *(["--liger"] if liger else [])],
                                    rows_path, log, timeout, env)
     targets = {"1x1024": 1.2, "4x1024": 1.5}
+    profiles = {}
     for row in read_jsonl(rows_path):
         if row.get("part") != "summary":
             continue
         c = row.get("compile", {})
         shape = row["shape"]
+        profiles.update({f"{title} [{shape}]": table for title, table in (row.get("profile") or {}).items()})
         checks.append(check_row("step", f"--compile: graph breaks per run [{shape}]", "PASS" if c.get("graph_breaks") == 0
                                  else "MISS", c.get("graph_breaks"), f"{c.get('graphs')} graph(s), {c.get('compile_s')} s compiling"))
-        diff = c.get("grad_rel_diff")
-        checks.append(check_row("step", f"--compile equals eager (gradients, relative, <= 3e-2) [{shape}]",
-                                 "n/a" if diff is None else ("PASS" if diff <= 3e-2 else "MISS"), diff,
-                                 f"loss {c.get('loss_rel_diff')}" + ("; bf16" if args.device.startswith("cuda") else "")))
-        for key, label in (("compiled_over_eager", "compiled / eager"), ("compiled_over_peft", "compiled / PEFT QLoRA (prepare)")):
-            want = targets.get(shape) if key == "compiled_over_peft" else None
-            value = row.get(key)
-            verdict = "n/a" if value is None or want is None else ("PASS" if value >= want else "MISS")
-            checks.append(check_row("step", f"{label} tokens/s [{shape}]" + (f" (target >= {want}x)" if want else ""),
-                                     verdict, value, "medians over rounds"))
-    return {"stage": "step", **res, "log": log.name, "checks": checks}
+        bf16 = "; bf16" if args.device.startswith("cuda") else ""
+        for what, diff, loss in (("--compile", c.get("grad_rel_diff"), c.get("loss_rel_diff")),
+                                 ("--fused-lora", row.get("fused", {}).get("grad_rel_diff"), row.get("fused", {}).get("loss_rel_diff"))):
+            checks.append(check_row("step", f"{what} equals eager (gradients, relative, <= 3e-2) [{shape}]",
+                                     "n/a" if diff is None else ("PASS" if diff <= 3e-2 else "MISS"), diff, f"loss {loss}{bf16}"))
+        for key in ("compiled", "fused", "fused_compiled", "liger"):
+            for over, label in (("eager", "eager"), ("peft", "PEFT QLoRA (prepare)")):
+                value = row.get(f"{key}_over_{over}")
+                if value is None:
+                    continue
+                want = targets.get(shape) if over == "peft" else None
+                verdict = "n/a" if want is None else ("PASS" if value >= want else "MISS")
+                checks.append(check_row("step", f"{key} / {label} tokens/s [{shape}]" + (f" (target >= {want}x)" if want else ""),
+                                         verdict, value, f"medians over {row.get('rounds', '?')} rounds, quartiles in step.jsonl"))
+    return {"stage": "step", **res, "log": log.name, "checks": checks, "tables": profiles}
 
 
 def stage_layouts(args, work: Path, timeout: float) -> dict:
@@ -846,6 +858,10 @@ def render_md(header: dict, stages: list[dict], checks: list[dict], tally: dict,
         val = "" if c["value"] is None else f": {_v(c['value'], '.4g') if isinstance(c['value'], float) else c['value']}"
         lines.append(f"- [{c['verdict']}] {c['stage']}: {c['check']}{val}" + (f" ({c['detail']})" if c["detail"] else ""))
     for s in stages:
+        if s["stage"] == "step" and s.get("tables"):
+            lines += ["", "## torch.profiler (bench_step.py --profile)"]
+            for title, table in s["tables"].items():
+                lines += ["", f"### {title}", "", "```", table.strip(), "```"]
         if s["stage"] == "bench":
             lines += ["", "## 1. bench_memory (its own tables)", "", "```", s.get("tables") or "(no tables: see logs)", "```"]
             if s.get("anchors"):

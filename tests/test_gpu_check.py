@@ -80,9 +80,10 @@ def test_gpu_check_tiny_cpu_end_to_end(tmp_path):
     assert [c["check"] for c in layouts] == [f"{n} useful tokens/s >= 1.25x padded [2x64]" for n in ("padding_free", "packing")]
     assert all(c["value"] == lay["median_paired_over_padded"][n] for c, n in zip(layouts, ("padding_free", "packing")))
 
-    # step: bench_step.py round-robin with --compile (aot_eager in the smoke run): every implementation every round
+    # step: bench_step.py round-robin with --compile --fused (aot_eager in the smoke run): every implementation every round
     step = [json.loads(x) for x in (out / "step.jsonl").read_text().splitlines()]
-    impls = ("qlora_ga", "qlora_ga_no_residual", "peft_qlora", "peft_qlora_no_prepare", "qlora_ga_compiled")
+    impls = ("qlora_ga", "qlora_ga_no_residual", "peft_qlora", "peft_qlora_no_prepare", "qlora_ga_compiled", "qlora_ga_fused",
+             "qlora_ga_fused_compiled")
     assert sorted((r["impl"], r["round"]) for r in step if r["part"] == "step") == sorted((i, k) for i in impls for k in range(2))
     (ssum,) = [r for r in step if r["part"] == "summary"]
     assert set(ssum["median_tokens_per_s"]) == set(impls) and ssum["compile"]["backend"] == "aot_eager"
@@ -90,6 +91,11 @@ def test_gpu_check_tiny_cpu_end_to_end(tmp_path):
     step_checks = {c["check"]: c for c in checks if c["stage"] == "step"}
     assert step_checks["--compile: graph breaks per run [1x32]"]["verdict"] == "PASS"
     assert step_checks["--compile equals eager (gradients, relative, <= 3e-2) [1x32]"]["verdict"] == "PASS"
+    assert step_checks["--fused-lora equals eager (gradients, relative, <= 3e-2) [1x32]"]["value"] <= 1e-5  # fp32: rounding
+    assert step_checks["fused_compiled / PEFT QLoRA (prepare) tokens/s [1x32]"]["value"] > 0  # (the targets are the 7B shapes')
+    # the profiler's tables (a training step, the gradient pass; by time and by count) land in summary.md
+    md = (out / "summary.md").read_text()
+    assert md.count("by self time [1x32]") == 2 and md.count("by count [1x32]") == 2 and "aten::mm" in md
 
     # big: the 70B stage's code path on a 2-layer tiny Llama: built, the init and a training step, no cap on the CPU
     big = [json.loads(x) for x in (out / "memory-big.jsonl").read_text().splitlines()]
