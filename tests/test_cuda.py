@@ -1,5 +1,6 @@
 """Behaviour that exists only on a CUDA GPU: the GPU dtype choice, autocast (the residual's exact init),
-paged optimizers, the DataLoader path (workers, pinned memory), and Liger Kernel (``--liger``).
+paged optimizers, the DataLoader path (workers, pinned memory), ``--fused-lora`` with ``--compile``, and Liger
+Kernel (``--liger``).
 
 All marked ``cuda``: they run with ``QLORA_GA_TEST_CUDA=1 python -m pytest -m cuda tests`` on a GPU
 machine and skip elsewhere (see conftest.py). The CPU-and-CUDA tests of the fp16 paths are in
@@ -69,6 +70,42 @@ def test_residual_keeps_the_function_under_autocast(tiny_model_dir, dtype):
     with torch.no_grad(), _autocast(torch.device("cuda"), compute):
         after = pm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
     assert_close_rel(after, before, 1e-5, "logits at init")  # the branch B A x - B0 A0 x is exactly zero
+
+
+def test_fused_lora_under_bf16_autocast_keeps_the_init_and_trains_like_peft(tiny_model_dir, tmp_path):
+    """--fused-lora with --compile (inductor) on the GPU: the fused layers run eager at init (bf16 input, bf16
+    autocast) and keep the residual's init exact; 5 compiled steps follow PEFT's eager forward within bf16
+    rounding, with no graph break."""
+    from qlora_ga.fused import FusedLoRA4bit, fused
+    from qlora_ga.train import _autocast
+
+    ex = random_examples()
+    batch = {k: v.cuda() for k, v in collate(ex, 0).items()}
+    runs = {}
+    for name, kw in (("peft", {}), ("fused", {"fused_lora": True, "compile": True})):
+        model, tok = load_model(tiny_model_dir, device="cuda", compute_dtype="bf16")
+        factors = estimate_factors(model, ex, rank=4, micro_batch_size=4, progress=False)
+        pm = init_adapters(model, factors, method="lora-ga", rank=4, alpha=16)
+        if name == "fused":
+            calls = []
+            apply = FusedLoRA4bit.apply
+            FusedLoRA4bit.apply = lambda *a: calls.append(1) or apply(*a)
+            try:
+                with torch.no_grad(), _autocast(torch.device("cuda"), torch.bfloat16):
+                    with pm.disable_adapter():
+                        base = pm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+                    with fused(pm, True):
+                        at_init = pm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+            finally:
+                FusedLoRA4bit.apply = apply
+            assert calls, "the fused Function did not run under bf16 autocast"
+            assert_close_rel(at_init, base, 1e-5, "logits at init, fused")  # B - B0 and A - A0 are exact zeros
+        s = TrainSettings(batch_size=4, grad_accum=1, lr=2e-3, max_steps=5, optim="adamw", **kw)
+        summary = train(pm, tok, random_examples(n=20, seed=1), [], s, tmp_path / name, progress=False)
+        runs[name] = [r["loss"] for r in read_metrics(tmp_path / name / "metrics.jsonl") if "loss" in r]
+        if name == "fused":
+            assert summary["compile"]["graph_breaks"] == 0 and summary["compile"]["graphs"] >= 1, summary["compile"]
+    assert_close_rel(runs["fused"], runs["peft"], 2e-2, "per-step losses, bf16")
 
 
 def test_paged_adamw_32bit_steps_like_adamw(tiny_model_dir):
