@@ -168,3 +168,21 @@ def test_bench_report_shows_lr_auto_runs_as_their_own_row_with_the_lrs_they_chos
     assert rows["gaussian lr auto"][3] == "auto (0.0017 / 0.0021)" and rows["gaussian lr auto"][4] == "0,1"
     assert rows["gaussian lr auto"][7] == "1.000 ± 0.100"
     assert rows["gaussian"][3] == "**0.002**" and "Baseline: gaussian at its best lr (0.002)" in text
+
+
+def test_bench_svd_measures_the_randomized_svd_against_the_exact_one(tmp_path, tiny_model_dir, capsys):
+    """scripts/bench_svd.py on the tiny model: a row per setting; the power iterations bring the randomized subspaces
+    toward the exact ones (the measurement the init's SVD defaults rest on, RESULTS 14)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_svd", ROOT / "scripts" / "bench_svd.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "svd.jsonl"
+    assert mod.main(["--model", str(tiny_model_dir), "--samples", "8", "--max-length", "64", "--rank", "2", "--niter", "0,4",
+                     "--oversample", "2", "--device", "cpu", "--out", str(out)]) == 0
+    rows = {r["niter"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert set(rows) == {0, 4} and all(r["q"] == 8 and r["modules"] == 21 for r in rows.values())
+    for key in ("sin_V_median", "sin_U2_median", "s_rel_max"):
+        assert 0 <= rows[4][key] < rows[0][key] <= 1.5, (key, rows[0][key], rows[4][key])
+    assert "niter" in capsys.readouterr().out
