@@ -11,13 +11,15 @@ backward). :class:`FusedLoRA4bit` computes the same output,
 
     gh = gy Bs                                   (N x 2r)
     gx = gy W + gh Acat                          (W dequantized again, as bitsandbytes' own backward does)
-    gA = (gh[:, :r] + gh[:, r:])^T x             (one r x n product: A appears in both halves of Acat)
-    gB = s gy^T h[:, :r]                         (B appears in the first half of Bs only)
+    gA = G[:r] + G[r:],   G = gh^T x             (A appears in both halves of Acat)
+    gB = s (gy^T h)[:, :r]                       (B appears in the first half of Bs only)
 
-It saves what bitsandbytes and the variant saved between them (x, the 2r-wide h, the small Acat and Bs) and
-nothing of output size. The forward is the variant's to the bit (the same bitsandbytes op for ``base(x)``, the
-same addmm); the gradients are the same sums in another order (within 1e-6 relative in fp32; exact zeros in the
-residual's halves at init, as in the variant).
+(vanilla LoRA: ``gh = (s gy) B``, ``gB = (s gy)^T h``, ``gA = gh^T x``). It saves what bitsandbytes and the variant
+saved between them (x, the 2r-wide h, the small Acat and Bs) and nothing of output size. The forward is PEFT's
+to the bit (the same bitsandbytes op for ``base(x)``, then the variant's one addmm, or PEFT's scaled product),
+and the backward forms the products autograd forms for PEFT's nodes, in the same order: per layer the output
+and the x, A and B gradients are PEFT's bit for bit (tested). In a whole model only the order in which autograd
+sums the gradients of an input shared by several linears (q/k/v, gate/up) differs (~1e-6 relative in fp32).
 
 It applies where it computes exactly what PEFT would: a bitsandbytes ``Linear4bit`` base with a frozen bias,
 one active adapter that is plain LoRA or the residual variant, no dropout while training, and one dtype for the

@@ -641,10 +641,11 @@ def train(model, tokenizer, train_data: list[dict], eval_data: list[dict], s: Tr
             metrics.log(step=0, eval_loss=summary["eval_loss_start"])
         model.train()
     loader = iter(step_loader(train_data, s, pad, start_step, steps, device, flat))
-    stack = contextlib.ExitStack()  # --compile: the blocks compiled for the loop, eager again after it
-    stack.enter_context(fused(model, s.fused_lora))  # (before compiling: the compiled blocks trace the fused forward)
-    compile_report = stack.enter_context(compiled(model, s.compile))
+    stack = contextlib.ExitStack()  # --fused-lora, --compile: for the loop only, PEFT's eager forward again after it
+    compile_report = None
     try:
+        stack.enter_context(fused(model, s.fused_lora))  # (before compiling: the compiled blocks trace the fused forward)
+        compile_report = stack.enter_context(compiled(model, s.compile))
         for step in range(start_step, steps):
             t0 = time.perf_counter()
             item = next(loader)

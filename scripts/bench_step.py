@@ -3,6 +3,12 @@
 without ``prepare_model_for_kbit_training``, timed round-robin in one process.
 
     python scripts/bench_step.py --model SmolLM2.gguf --device cpu --shape 4x256 --rounds 8
+    python scripts/bench_step.py --shape 4x1024 --rounds 30 --compile --fused --profile     # 7B shape on a GPU
+
+Optional rows, each timed in the same rotation: ``--compile`` (the blocks compiled), ``--fused`` (``--fused-lora``;
+with ``--compile`` also both), ``--liger`` (CUDA: a Liger Kernel model); every row's median, quartiles and its
+ratios to the eager step and to both PEFT baselines are printed and kept in the summary row. ``--profile`` adds
+torch.profiler tables of one training step and of the gradient pass.
 
 ``bench_memory.py`` measures each implementation in its own phase, one after the other; on a shared
 machine whose load drifts, the ratios then carry that drift. Here the models are built once, side by
@@ -71,7 +77,7 @@ def parse_args(argv=None):
     p.add_argument("--liger", action="store_true", help="CUDA only: add qlora_ga_liger, a second qlora-ga model with Liger "
                    "Kernel's kernels (its module-level RoPE swapped in for that row's steps only)")
     p.add_argument("--profile", action="store_true", help="after the rounds: torch.profiler tables (top 15 ops by self device "
-                   "time and by count) of one qlora_ga training step and of the gradient pass per decoder block")
+                   "time and by count) of one qlora_ga training step and of the gradient pass over the step's batch")
     p.add_argument("--data", default=None, help="a dataset file (e.g. GSM8K's train.jsonl): compare padded / padding-free / "
                                                "packed micro-batches of its sequences instead (see above)")
     args = p.parse_args(argv)
@@ -132,7 +138,7 @@ def build(factory: ModelFactory, args, device):
     out = {"qlora_ga": (ours, opt, with_residual(True)), "qlora_ga_no_residual": (ours, opt, with_residual(False))}
     if args.fused:
         out["qlora_ga_fused"] = (ours, opt, with_residual(True, fused=True))
-    if args.liger:
+    if args.liger and args.data is None:
         out["qlora_ga_liger"] = liger_model(factory, args, device, optimizer)
     for impl, prepare in (("peft_qlora", True), ("peft_qlora_no_prepare", False)):
         m = factory.quantized()
@@ -183,6 +189,7 @@ def liger_model(factory, args, device, optimizer):
 
 
 LIGER_TEARDOWN: list = []  # run before every other row's set-up (undoes the module-level patches of the liger row)
+
 
 def layout_batches(args, tok, rounds: int) -> dict[str, list[dict]]:
     """Per layout, one collated micro-batch per round: padded, padding-free and PEFT's take the same sequences."""
