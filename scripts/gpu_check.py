@@ -142,6 +142,8 @@ def parse_args(argv=None):
     p.add_argument("--state-budget-gib", type=float, default=None,
                    help="cap the gradient pass's state store in the benchmark (default: the pass's own plan, which keeps "
                         "the init within a training step's memory)")
+    p.add_argument("--step-shapes", default=None, help="the step stage's shapes, e.g. 4x1024 (default 1x1024,4x1024; --tiny "
+                   "1x32): one shape takes ~6 min on the 7B shape, so a call limited to 10 minutes runs one")
     p.add_argument("--budget-s", type=float, default=None, help="wall-clock budget of the whole check (default 480; --tiny 300)")
     p.add_argument("--cli-worker", default=None, help=argparse.SUPPRESS)  # internal: run the CLI stage from this JSON spec
     args = p.parse_args(argv)
@@ -153,6 +155,11 @@ def parse_args(argv=None):
     for k in ("eval_examples", "steps", "save_every", "budget_s"):
         if getattr(args, k) is None:
             setattr(args, k, d[k])
+    rounds = dict(d["step"])
+    shapes = [x.strip() for x in (args.step_shapes or ",".join(rounds)).split(",") if x.strip()]
+    if not shapes or any(len(x.split("x")) != 2 or not all(v.isdigit() and int(v) > 0 for v in x.split("x")) for x in shapes):
+        p.error(f"--step-shapes {args.step_shapes}: give shapes BxT, e.g. 1x1024,4x1024")
+    args.step_shapes = [(x, rounds.get(x, d["step"][0][1])) for x in shapes]
     args.only = [s.strip() for s in args.only.split(",") if s.strip()]
     bad = [s for s in args.only if s not in STAGES]
     if bad or not args.only:
@@ -432,7 +439,7 @@ def stage_step(args, work: Path, timeout: float) -> dict:
     import importlib.util
 
     liger = args.device.startswith("cuda") and importlib.util.find_spec("liger_kernel") is not None
-    res, checks = _bench_step_runs(args, "step", d["step"], [*(["--tiny"] if args.tiny else []), "--warmup", "2", "--compile",
+    res, checks = _bench_step_runs(args, "step", args.step_shapes, [*(["--tiny"] if args.tiny else []), "--warmup", "2", "--compile",
                                                             "--fused", "--profile", *(["--liger"] if liger else [])],
                                    rows_path, log, timeout, env)
     targets = {"1x1024": 1.2, "4x1024": 1.5}

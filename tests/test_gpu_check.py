@@ -135,6 +135,7 @@ def test_gpu_check_tiny_cpu_end_to_end(tmp_path):
     (["--only", "bench,gpu"], "--only: unknown stage"),
     (["--steps", "4", "--save-every", "4"], "--save-every must be below --steps"),
     (["--test-data", "/nonexistent/test.jsonl"], "--test-data /nonexistent/test.jsonl: no such file"),
+    (["--step-shapes", "4x"], "--step-shapes 4x: give shapes BxT"),
 ])
 def test_bad_arguments_are_one_line_errors(tmp_path, capsys, extra, pattern):
     mod = _load()
