@@ -644,7 +644,14 @@ def train(model, tokenizer, train_data: list[dict], eval_data: list[dict], s: Tr
     stack = contextlib.ExitStack()  # --fused-lora, --compile: for the loop only, PEFT's eager forward again after it
     compile_report = None
     try:
-        stack.enter_context(fused(model, s.fused_lora))  # (before compiling: the compiled blocks trace the fused forward)
+        n_fused = stack.enter_context(fused(model, s.fused_lora))  # (before compiling: the compiled blocks trace it)
+        if s.fused_lora:
+            line = (f"--fused-lora: {n_fused} 4-bit LoRA linears, each one autograd op" if n_fused else
+                    "warning: --fused-lora found no 4-bit LoRA linear (the base is not 4-bit): PEFT's forward")
+            if say is not None:
+                say(line)
+            elif main_process:
+                tqdm.write(line)
         compile_report = stack.enter_context(compiled(model, s.compile))
         for step in range(start_step, steps):
             t0 = time.perf_counter()

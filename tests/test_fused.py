@@ -70,7 +70,7 @@ def test_at_init_the_fused_residual_leaves_the_base_output_unchanged(tiny_model_
     assert torch.equal(out, base)  # B - B0 and A - A0 are exact zeros
 
 
-def test_a_fused_run_trains_as_the_unfused_one(tiny_model_dir, factors, tmp_path, monkeypatch):
+def test_a_fused_run_trains_as_the_unfused_one(tiny_model_dir, factors, tmp_path, monkeypatch, capsys):
     """Five AdamW steps with checkpointing, fused and compiled (aot_eager) against PEFT's eager forward."""
     import torch._dynamo
     from torch._dynamo.backends.registry import lookup_backend
@@ -102,6 +102,7 @@ def test_a_fused_run_trains_as_the_unfused_one(tiny_model_dir, factors, tmp_path
     assert_close_rel(losses, ref_losses, 1e-5, "per-step losses")  # measured: equal at the metrics' 6 decimals
     assert_close_rel(adapter, ref_adapter, 1e-4, "adapter after 5 steps")  # measured: 1.4e-6
     assert not any(is_fused(layer) for layer in lora_layers(pm).values())  # PEFT's forward again after training
+    assert "--fused-lora: 21 4-bit LoRA linears, each one autograd op" in capsys.readouterr().out
     losses, adapter, summary, pm = run("fused_compiled", fused_lora=True, compile=True)
     rep = summary["compile"]  # padded micro-batches: whole blocks compiled
     assert rep["graph_breaks"] == 0 and rep["graphs"] >= 1 and rep["blocks"] == 3 and rep["parts"] == "block", rep
