@@ -139,3 +139,12 @@ def test_calls_the_function_does_not_cover_go_to_peft(tiny_model_dir, factors, m
     assert len(calls) == 2
     layer(x.double())  # PEFT casts to the adapter's dtype and back
     assert len(calls) == 2
+
+
+def test_a_base_without_4bit_linears_is_said_and_trains_on_peft(tiny_model_dir, factors, tmp_path, capsys):
+    model, tok = load_model(tiny_model_dir, quantize=False, device="cpu")
+    pm = init_adapters(model, factors, method="lora-ga", rank=4)
+    s = TrainSettings(batch_size=4, grad_accum=1, lr=1e-3, max_steps=1, optim="adamw", fused_lora=True)
+    train(pm, tok, random_examples(n=4, seed=1), [], s, tmp_path / "run", progress=False)
+    out = capsys.readouterr().out
+    assert "warning: --fused-lora found no 4-bit LoRA linear (the base is not 4-bit): PEFT's forward" in out
