@@ -35,6 +35,7 @@ import types
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from .residual import A0_NAME, B0_NAME, ResidualVariant
 
@@ -67,6 +68,7 @@ class FusedLoRA4bit(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable  # (a second derivative through it raises, rather than missing the A and B terms)
     def backward(ctx, gy):
         """The products autograd forms for PEFT's nodes, in its order, so the gradients are the same bits."""
         import bitsandbytes.functional as bf
@@ -93,47 +95,53 @@ class FusedLoRA4bit(torch.autograd.Function):
         return gx, gA, gB, None, None, None, None
 
 
-def _fusable(layer, x: torch.Tensor, args, kwargs) -> tuple | None:
-    """``(adapter, A0, B0)`` when the fused Function computes what PEFT would for this call, else None."""
+def _plan(layer, x: torch.Tensor, args=(), kwargs=None) -> tuple | str:
+    """``(adapter, A0, B0)`` when the fused Function computes what PEFT would for this call, else why not."""
     import bitsandbytes as bnb
 
-    if args or kwargs or layer.disable_adapters or layer.merged or x.numel() == 0:
-        return None
+    if args or kwargs:
+        return "extra forward arguments"
+    if layer.disable_adapters or layer.merged:
+        return "adapters disabled or merged"
+    if x.numel() == 0:
+        return "an empty input"
     active = [a for a in layer.active_adapters if a in layer.lora_A]
     if len(active) != 1:
-        return None
+        return f"{len(active)} active adapters"
     (name,) = active
     variant = layer.lora_variant.get(name)
     if variant is not None and not isinstance(variant, ResidualVariant):
-        return None
+        return f"a {type(variant).__name__} adapter"
     base = layer.get_base_layer()
     if type(base) is not bnb.nn.Linear4bit or getattr(base.weight, "quant_state", None) is None:
-        return None
+        return "a base layer that is not 4-bit"
     if base.bias is not None and base.bias.requires_grad:
-        return None
+        return "a trained base bias"
     lora_A, lora_B = layer.lora_A[name], layer.lora_B[name]
-    if lora_B.bias is not None or (layer.training and not isinstance(layer.lora_dropout[name], nn.Identity)):
-        return None
+    if lora_B.bias is not None:
+        return "a LoRA bias"
+    if layer.training and not isinstance(layer.lora_dropout[name], nn.Identity):
+        return "lora_dropout > 0 while training"
     if getattr(base.weight.quant_state, "packing_format_for_cpu", False):
-        return None  # bitsandbytes' CPU inference layout (set by an eval-mode forward): its own path
+        return "bitsandbytes' CPU inference layout"  # (set by an eval-mode forward): its own path
     dt = x.dtype
     if torch.is_autocast_enabled(x.device.type):
         if torch.get_autocast_dtype(x.device.type) != dt:
-            return None
+            return f"a {dt} input under {torch.get_autocast_dtype(x.device.type)} autocast"
     elif lora_A.weight.dtype != dt or lora_B.weight.dtype != dt:
-        return None  # PEFT would cast x to the adapter's dtype and back
+        return f"{lora_A.weight.dtype} adapters on a {dt} input without autocast (PEFT casts between them)"
     if base.compute_dtype is not None and base.compute_dtype != dt:
-        return None
+        return f"a {base.compute_dtype} 4-bit compute dtype on a {dt} input"
     if variant is None:
         return name, None, None
     A0, B0 = getattr(layer, A0_NAME), getattr(layer, B0_NAME)
-    return (name, A0, B0) if A0.dtype == dt else None
+    return (name, A0, B0) if A0.dtype == dt else f"a {A0.dtype} residual on a {dt} input"
 
 
 def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """The fused forward of one PEFT 4-bit LoRA layer, or PEFT's own where it does not apply (module docstring)."""
-    how = _fusable(self, x, args, kwargs)
-    if how is None:
+    how = _plan(self, x, args, kwargs)
+    if isinstance(how, str):
         return type(self).forward(self, x, *args, **kwargs)
     name, A0, B0 = how
     base = self.get_base_layer()
@@ -152,22 +160,53 @@ def _lora_4bit_layers(model) -> list:
 
 
 def fuse_lora(model) -> int:
-    """Route every PEFT 4-bit LoRA layer of ``model`` through :class:`FusedLoRA4bit`; returns how many."""
-    layers = _lora_4bit_layers(model)
-    for layer in layers:
-        layer.forward = types.MethodType(_fused_forward, layer)
-    return len(layers)
+    """Route every PEFT 4-bit LoRA layer of ``model`` through :class:`FusedLoRA4bit`; returns how many. A layer whose
+    forward is already replaced on the instance (e.g. by an accelerate hook) keeps it."""
+    n = 0
+    for layer in _lora_4bit_layers(model):
+        if is_fused(layer) or "forward" not in layer.__dict__:
+            layer.forward = types.MethodType(_fused_forward, layer)
+            n += 1
+    return n
 
 
 def unfuse_lora(model) -> None:
     """PEFT's own forward again."""
     for layer in _lora_4bit_layers(model):
-        layer.__dict__.pop("forward", None)
+        if is_fused(layer):
+            del layer.__dict__["forward"]
 
 
 def is_fused(layer) -> bool:
     fwd = layer.__dict__.get("forward")
     return fwd is not None and getattr(fwd, "__func__", None) is _fused_forward
+
+
+def describe(model, device: torch.device, autocast) -> str:
+    """One line: how many of ``model``'s fused layers a training step will run fused (probed in train mode with an
+    input of the model's hidden dtype, inside ``autocast``, the training loop's autocast context), and why the
+    others will not."""
+    from collections import Counter
+
+    from .model import unwrap
+
+    layers = [m for m in _lora_4bit_layers(model) if is_fused(m)]
+    hidden = unwrap(model).get_input_embeddings().weight.dtype
+    why = Counter()
+    with autocast:
+        for layer in layers:
+            was = layer.training
+            layer.train()
+            how = _plan(layer, torch.zeros(1, layer.in_features, dtype=hidden, device=device))
+            layer.train(was)
+            if isinstance(how, str):
+                why[how] += 1
+    n = len(layers) - sum(why.values())
+    if n == 0:
+        reason = f" ({why.most_common(1)[0][0]})" if why else " (the base is not 4-bit)"
+        return f"warning: --fused-lora: no 4-bit LoRA linear can be fused{reason}: PEFT's forward"
+    rest = "; ".join(f"{k} in {v}" for k, v in why.most_common()) if why else ""
+    return f"--fused-lora: {n} of {len(layers)} 4-bit LoRA linears as one autograd op each" + (f" (PEFT's forward: {rest})" if rest else "")
 
 
 @contextlib.contextmanager

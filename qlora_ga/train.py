@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .compile import compile_stats, compiled
-from .fused import fused
+from .fused import describe as describe_fused, fused
 from .constants import ADAPTER_WEIGHTS, CHECKPOINT_RESIDUAL
 from .data.batch import collate, count_label_tokens
 from .data.packing import model_inputs
@@ -644,10 +644,9 @@ def train(model, tokenizer, train_data: list[dict], eval_data: list[dict], s: Tr
     stack = contextlib.ExitStack()  # --fused-lora, --compile: for the loop only, PEFT's eager forward again after it
     compile_report = None
     try:
-        n_fused = stack.enter_context(fused(model, s.fused_lora))  # (before compiling: the compiled blocks trace it)
+        stack.enter_context(fused(model, s.fused_lora))  # (before compiling: the compiled blocks trace it)
         if s.fused_lora:
-            line = (f"--fused-lora: {n_fused} 4-bit LoRA linears, each one autograd op" if n_fused else
-                    "warning: --fused-lora found no 4-bit LoRA linear (the base is not 4-bit): PEFT's forward")
+            line = describe_fused(model, device, _autocast(device, compute_dtype))
             if say is not None:
                 say(line)
             elif main_process:
