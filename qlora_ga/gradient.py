@@ -124,11 +124,13 @@ def new_grad_buffer(ledger: _GradLedger, shape, device) -> torch.Tensor:
 # ------------------------------------------------------------------ SVD
 
 
-def truncated_svd(G: torch.Tensor, k: int, method: str = "lowrank", niter: int = 4) -> tuple[torch.Tensor, ...]:
+def truncated_svd(G: torch.Tensor, k: int, method: str = "lowrank", niter: int = 4,
+                  q: int | None = None) -> tuple[torch.Tensor, ...]:
     """Top-``k`` singular triplets of ``G``: ``(U[:, :k], S[:k], V[:, :k])``.
 
     ``lowrank``: ``torch.svd_lowrank`` with ``q = min(2k, m, n)`` (= 4r for the 2r vectors LoRA-GA
-    needs) and ``niter`` power iterations; ``exact``: full ``torch.linalg.svd``.
+    needs; ``q`` overrides the 2k, for scripts/bench_svd.py) and ``niter`` power iterations; ``exact``:
+    full ``torch.linalg.svd``.
 
     Signs are canonical: each left singular vector's largest entry (in absolute value) is positive,
     its right vector flipped with it. LoRA-GA pairs u_(r+i) with v_i, so its start would otherwise
@@ -140,7 +142,7 @@ def truncated_svd(G: torch.Tensor, k: int, method: str = "lowrank", niter: int =
         U, S, Vh = torch.linalg.svd(G, full_matrices=False)
         U, S, V = U[:, :k], S[:k], Vh[:k].T
     elif method == "lowrank":
-        U, S, V = torch.svd_lowrank(G, q=min(2 * k, m, n), niter=niter)
+        U, S, V = torch.svd_lowrank(G, q=min(q or 2 * k, m, n), niter=niter)
         U, S, V = U[:, :k], S[:k], V[:, :k]
     else:
         raise QloraGaError(f"unknown SVD method '{method}': use 'lowrank' or 'exact'")

@@ -543,9 +543,8 @@ class NonFiniteLoss(QloraGaError):
     pass
 
 
-def _say_compile(report, say, main_process: bool):
-    """After the first compiled step: the blocks, graphs, graph breaks and compile time, one line."""
-    line = compile_stats(report).line()
+def _say_line(line: str, say, main_process: bool):
+    """One line through ``say``, else above the main process's progress bar."""
     if say is not None:
         say(line)
     elif main_process:
@@ -646,11 +645,7 @@ def train(model, tokenizer, train_data: list[dict], eval_data: list[dict], s: Tr
     try:
         stack.enter_context(fused(model, s.fused_lora))  # (before compiling: the compiled blocks trace it)
         if s.fused_lora:
-            line = describe_fused(model, device, _autocast(device, compute_dtype))
-            if say is not None:
-                say(line)
-            elif main_process:
-                tqdm.write(line)
+            _say_line(describe_fused(model, device, _autocast(device, compute_dtype)), say, main_process)
         compile_report = stack.enter_context(compiled(model, s.compile))
         for step in range(start_step, steps):
             t0 = time.perf_counter()
@@ -719,7 +714,7 @@ def train(model, tokenizer, train_data: list[dict], eval_data: list[dict], s: Tr
                 raise KeyboardInterrupt
             summary.update(final_loss=loss_val, **({"eval_loss": row["eval_loss"]} if "eval_loss" in row else {}))
             if compile_report is not None and step == start_step:
-                _say_compile(compile_report, say, main_process)
+                _say_line(compile_stats(compile_report).line(), say, main_process)  # after the first compiled step
     finally:
         stack.close()
         if compile_report is not None:

@@ -5,7 +5,7 @@
 
 The gradient pass runs once over ``--samples`` sequences (``--max-length`` tokens at most); each target linear's
 exact G then goes through ``torch.linalg.svd`` (the reference) and through ``qlora_ga.gradient.truncated_svd``
-(``torch.svd_lowrank``, seeded as the init seeds it) at every ``--niter`` x ``--oversample`` setting. LoRA-GA
+(``torch.svd_lowrank`` with that q, seeded as the init seeds it) at every ``--niter`` x ``--oversample`` setting. LoRA-GA
 starts A from V[:, :r] and B from U[:, r:2r] (``qlora_ga.init.lora_ga_factors``), so those two subspaces are
 compared: the sine of the largest principal angle between the randomized and the exact one (0: the same
 subspace; 1: a direction orthogonal to it), with the relative error of the 2r singular values and the time
@@ -62,11 +62,12 @@ def sin_max_angle(A: torch.Tensor, B: torch.Tensor) -> float:
 
 
 def lowrank(G: torch.Tensor, k: int, q: int, niter: int, seed: int):
-    """``qlora_ga.gradient.truncated_svd``'s randomized branch with a given q (the init uses q = 2k), signs aside."""
+    """The init's SVD (``qlora_ga.gradient.truncated_svd``, seeded as ``svd_reducer`` seeds it) with a given q."""
+    from qlora_ga.gradient import truncated_svd
+
     with torch.random.fork_rng(devices=[G.device] if G.device.type == "cuda" else []):
         torch.manual_seed(seed)
-        U, S, V = torch.svd_lowrank(G, q=min(q, *G.shape), niter=niter)
-    return U[:, :k], S[:k], V[:, :k]
+        return truncated_svd(G, k, "lowrank", niter, q=q)
 
 
 def examples(args, tok) -> list[dict]:

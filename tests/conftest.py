@@ -38,6 +38,19 @@ def tiny_sharded_model_dir(tmp_path_factory):
     return make_tiny_model(tmp_path_factory.mktemp("tiny-llama-sharded"), max_shard_size="60KB", seed=1)
 
 
+@pytest.fixture(scope="session")
+def factors(tiny_model_dir):
+    """The tiny Llama's SVD factors (8 triplets per target linear) from one gradient pass over 8 random sequences."""
+    from qlora_ga.gradient import gradient_pass, svd_reducer
+    from qlora_ga.model import load_model
+    from qlora_ga.testing import random_examples
+
+    model, tok = load_model(tiny_model_dir)
+    G = gradient_pass(model, random_examples(n=8, seed=2), lambda n, g: g.clone(), micro_batch_size=4,
+                      pad_token_id=tok.pad_token_id, progress=False)
+    return {n: svd_reducer(8)(n, g) for n, g in G.items()}
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -26,14 +26,6 @@ def _run(model_dir, factors, tmp_path, name, **kw):
     return losses, summary, pm
 
 
-@pytest.fixture(scope="module")
-def factors(tiny_model_dir):
-    model, tok = load_model(tiny_model_dir)
-    G = gradient_pass(model, random_examples(n=8, seed=2), lambda n, g: g.clone(), micro_batch_size=4,
-                      pad_token_id=tok.pad_token_id, progress=False)
-    return {n: svd_reducer(8)(n, g) for n, g in G.items()}
-
-
 def test_compiled_training_equals_eager_step_for_step(tiny_model_dir, factors, tmp_path, monkeypatch):
     """Padding-free rows (each block's parts compiled around the per-sequence attention); whole padded blocks, with the
     fused LoRA linears traced into them: tests/test_fused.py."""

@@ -8,20 +8,11 @@ import pytest
 import torch
 
 from qlora_ga.fused import FusedLoRA4bit, fuse_lora, fused, is_fused, unfuse_lora
-from qlora_ga.gradient import gradient_pass, svd_reducer
 from qlora_ga.init import init_adapters, lora_layers
 from qlora_ga.metrics import read_metrics
 from qlora_ga.model import load_model
 from qlora_ga.testing import assert_close_rel, random_examples
 from qlora_ga.train import TrainSettings, train
-
-
-@pytest.fixture(scope="module")
-def factors(tiny_model_dir):
-    model, tok = load_model(tiny_model_dir)
-    G = gradient_pass(model, random_examples(n=8, seed=2), lambda n, g: g.clone(), micro_batch_size=4,
-                      pad_token_id=tok.pad_token_id, progress=False)
-    return {n: svd_reducer(8)(n, g) for n, g in G.items()}
 
 
 def _adapted(model_dir, factors, method):
