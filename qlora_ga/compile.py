@@ -23,8 +23,6 @@ import contextlib
 import os
 from dataclasses import asdict, dataclass, field
 
-import torch
-
 from .model import find_decoder_layers, unwrap
 
 
@@ -140,8 +138,6 @@ def compiled(model, enabled: bool):
     if not enabled:
         yield None
         return
-    import torch._dynamo
-
     report = compile_blocks(model)
     try:
         with dynamo_settings():
