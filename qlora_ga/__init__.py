@@ -8,7 +8,7 @@ lines can check their arguments before torch and bitsandbytes load (seconds, and
 
 from .errors import QloraGaError
 
-_LAZY = {"Factors": "gradient", "PassReport": "gradient", "estimate_factors": "gradient", "gradient_pass": "gradient",
+_LAZY = {"Factors": "estimate", "PassReport": "estimate", "estimate_factors": "estimate", "gradient_pass": "estimate",
          "init_adapters": "init", "load_model": "model"}
 
 

@@ -136,7 +136,7 @@ def can_use_packed_sdpa(config) -> bool:
 def set_attention(model, name: str) -> str:
     """Switch ``model`` (a PEFT wrapper or the transformers model) to attention implementation ``name``; returns the
     one it had. Every sub-config that names an implementation is switched (multimodal wrappers keep one per part)."""
-    from .model import unwrap
+    from .arch import unwrap
 
     base = unwrap(model)
     old = base.config._attn_implementation

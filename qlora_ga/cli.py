@@ -387,7 +387,8 @@ def _load(cfg: FinetuneConfig, device, records=None):
     import torch
 
     from .data.build import build_data
-    from .model import load_model, resolve_targets, target_linears, unadapted_experts
+    from .arch import resolve_targets, target_linears, unadapted_experts
+    from .model import load_model
 
     torch.manual_seed(cfg.seed)
     _say(f"loading {cfg.model or 'the built-in SmolLM2-135M-Instruct'} in 4-bit on {device} ...")
@@ -453,7 +454,7 @@ def _estimate_and_init(model, tok, data, cfg: FinetuneConfig, targets: list[str]
     """Steps 2 and 3: the gradient pass (for gradient inits or gradient rank allocation), then the adapters.
     Returns the PEFT model and the pass's report (None without a pass)."""
     from .data.batch import sample_batch
-    from .gradient import PassReport, describe_plan, estimate_factors
+    from .estimate import PassReport, describe_plan, estimate_factors
     from .init import factor_reducer, init_adapters, singular_vectors_needed
     from .methods import GRADIENT_METHODS
 

@@ -23,7 +23,7 @@ import contextlib
 import os
 from dataclasses import asdict, dataclass, field
 
-from .model import find_decoder_layers, unwrap
+from .arch import find_decoder_layers, unwrap
 
 
 @dataclass

@@ -9,7 +9,7 @@ IGNORE_INDEX = -100
 #: what PEFT puts in front of a base-model module name (``base_model.model.model.layers.0...``)
 PEFT_PREFIX = "base_model.model."
 
-#: ``--target-modules`` keyword: every linear inside the decoder blocks (see ``model.resolve_targets``)
+#: ``--target-modules`` keyword: every linear inside the decoder blocks (see ``arch.resolve_targets``)
 ALL_LINEAR = "all-linear"
 DEFAULT_TARGETS = ALL_LINEAR
 

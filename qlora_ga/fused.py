@@ -188,7 +188,7 @@ def describe(model, device: torch.device, autocast) -> str:
     others will not."""
     from collections import Counter
 
-    from .model import unwrap
+    from .arch import unwrap
 
     layers = [m for m in _lora_4bit_layers(model) if is_fused(m)]
     hidden = unwrap(model).get_input_embeddings().weight.dtype

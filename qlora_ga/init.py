@@ -42,9 +42,9 @@ from torch import nn
 
 from .constants import DEFAULT_TARGETS, PEFT_PREFIX
 from .errors import QloraGaError
-from .gradient import Factors, has_no_gradient, svd_reducer
+from .estimate import Factors, has_no_gradient, svd_reducer
 from .methods import GRADIENT_METHODS, METHOD_DEFAULTS, METHODS
-from .model import resolve_targets
+from .arch import resolve_targets
 from .residual import attach_residual
 
 
@@ -205,7 +205,7 @@ def init_adapters(
 ):
     """Wrap ``model`` with PEFT LoRA adapters and set their starting values; return the ``PeftModel``.
 
-    ``factors``: output of :func:`qlora_ga.gradient.estimate_factors` (needed by the gradient
+    ``factors``: output of :func:`qlora_ga.estimate.estimate_factors` (needed by the gradient
     methods). ``use_rslora`` defaults to True for the gradient methods (s = alpha / sqrt(r)) and False
     for vanilla LoRA (s = alpha / r). ``residual`` defaults to True for lora-ga*, False otherwise.
     ``residual_dtype``: the compute dtype by default (bf16 on GPU, fp32 on CPU).

@@ -38,7 +38,7 @@ def apply_liger(model, device) -> str:
     check_liger(device)
     from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
 
-    from .model import unwrap
+    from .arch import unwrap
 
     base = unwrap(model)
     model_type = getattr(base.config, "model_type", None)

@@ -96,7 +96,8 @@ def make_tiny_model(out_dir, *, family: str = "llama", layers: int = 3, hidden: 
 def dequantized_reference(model_dir, qmodel):
     """``(ref, linears)``: an fp32 copy of the model in ``model_dir`` whose target linears hold ``qmodel``'s
     dequantized 4-bit weights; only those weights require grad (``linears``: name -> linear)."""
-    from .model import dequantized_weight, load_model, target_linears
+    from .arch import dequantized_weight, target_linears
+    from .model import load_model
 
     ref, _ = load_model(model_dir, quantize=False, device="cpu")
     q, r = target_linears(qmodel), target_linears(ref)

@@ -214,7 +214,7 @@ def run_one(method: str, lr: float | str, seed: int, args, data, device, factor_
     from qlora_ga.methods import GRADIENT_METHODS, method_defaults
     from qlora_ga.data import sample_batch
     from qlora_ga.errors import QloraGaError
-    from qlora_ga.gradient import PassReport, estimate_factors
+    from qlora_ga.estimate import PassReport, estimate_factors
     from qlora_ga import init as init_mod
     from qlora_ga.init import init_adapters, singular_vectors_needed
     from qlora_ga.metrics import read_metrics

@@ -349,7 +349,7 @@ def build_random_llama(cfg, device: torch.device, dtype: torch.dtype, quantize: 
     """
     from transformers import LlamaForCausalLM
 
-    from qlora_ga.model import find_decoder_layers, keep_4bit_trainable, resolve_targets
+    from qlora_ga.arch import find_decoder_layers, keep_4bit_trainable, resolve_targets
 
     compute_dtype = compute_dtype or dtype
     torch.manual_seed(seed)
@@ -538,7 +538,7 @@ def bench_train(rec: Recorder, impl: str, model, optimizer, shape, args, device,
 
 
 def phase_ours(rec: Recorder, factory: ModelFactory, args, device):
-    from qlora_ga.gradient import PassReport, describe_plan, estimate_factors, make_micro_batches
+    from qlora_ga.estimate import PassReport, describe_plan, estimate_factors, make_micro_batches
     from qlora_ga.init import init_adapters, lora_layers, singular_vectors_needed
     from qlora_ga.residual import attach_residual, detach_residual, has_residual
     from qlora_ga.train import TrainSettings, _checkpointing, build_optimizer
@@ -660,7 +660,7 @@ def phase_ours(rec: Recorder, factory: ModelFactory, args, device):
 def phase_peft(rec: Recorder, factory: ModelFactory, args, device, prepare: str = "kbit"):
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-    from qlora_ga.model import resolve_targets
+    from qlora_ga.arch import resolve_targets
     from qlora_ga.train import TrainSettings, _checkpointing, build_optimizer
 
     dtype = factory.compute_dtype
@@ -689,7 +689,7 @@ def phase_peft(rec: Recorder, factory: ModelFactory, args, device, prepare: str 
 
 def phase_liger(rec: Recorder, factory: ModelFactory, args, device):
     """qlora-ga's training step with Liger Kernel's fused kernels (run last: Liger patches transformers' code)."""
-    from qlora_ga.gradient import estimate_factors
+    from qlora_ga.estimate import estimate_factors
     from qlora_ga.init import init_adapters, singular_vectors_needed
     from qlora_ga.kernels import apply_liger
     from qlora_ga.train import TrainSettings, _checkpointing, build_optimizer
@@ -716,8 +716,8 @@ def phase_liger(rec: Recorder, factory: ModelFactory, args, device):
 def phase_reference(rec: Recorder, factory: ModelFactory, args, device):
     """Official-style LoRA-GA estimation: full-precision .grad on every target weight of a bf16 model."""
     from qlora_ga.data import count_label_tokens
-    from qlora_ga.gradient import make_micro_batches, truncated_svd
-    from qlora_ga.model import target_linears
+    from qlora_ga.estimate import make_micro_batches, truncated_svd
+    from qlora_ga.arch import target_linears
     from qlora_ga.train import _checkpointing
 
     model = None

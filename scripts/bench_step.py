@@ -106,9 +106,9 @@ def build(factory: ModelFactory, args, device):
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     from qlora_ga.fused import fuse_lora, unfuse_lora
-    from qlora_ga.gradient import estimate_factors
+    from qlora_ga.estimate import estimate_factors
     from qlora_ga.init import init_adapters, lora_layers, singular_vectors_needed
-    from qlora_ga.model import resolve_targets
+    from qlora_ga.arch import resolve_targets
     from qlora_ga.residual import attach_residual, detach_residual, has_residual
     from qlora_ga.train import TrainSettings, _checkpointing, build_optimizer
 
@@ -160,7 +160,7 @@ def liger_model(factory, args, device, optimizer):
     set-up swaps Liger's module-level functions in for this row's steps, and the row after it swaps them out."""
     import importlib
 
-    from qlora_ga.gradient import estimate_factors
+    from qlora_ga.estimate import estimate_factors
     from qlora_ga.init import init_adapters, singular_vectors_needed
     from qlora_ga.kernels import apply_liger
 
@@ -250,7 +250,7 @@ def main_layouts(args, factory, device, meta) -> int:
     batches = layout_batches(args, tok, args.rounds + args.warmup)
     runner = {"padded": (ours, ours_opt), "padding_free": (ours, ours_opt), "padding_free_dense": (ours, ours_opt),
               "packing": (ours, ours_opt), "peft_qlora_padded": (peft, peft_opt)}
-    from qlora_ga.model import unwrap
+    from qlora_ga.arch import unwrap
 
     packed_impl = unwrap(ours).config._attn_implementation
     layouts = LAYOUTS
@@ -580,9 +580,9 @@ def profile_tables(impls: dict, batch: dict, device, dtype, factory) -> dict:
     totals over all decoder blocks, which run the same ops)."""
     from torch.profiler import ProfilerActivity, profile
 
-    from qlora_ga.gradient import estimate_factors
+    from qlora_ga.estimate import estimate_factors
     from qlora_ga.init import singular_vectors_needed
-    from qlora_ga.model import find_decoder_layers, unwrap
+    from qlora_ga.arch import find_decoder_layers, unwrap
 
     model, opt, setup = impls["qlora_ga"]
     setup()

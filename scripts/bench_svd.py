@@ -4,7 +4,7 @@
     python scripts/bench_svd.py --model SmolLM2.gguf --data gsm8k/train.jsonl --samples 32 --rank 8
 
 The gradient pass runs once over ``--samples`` sequences (``--max-length`` tokens at most); each target linear's
-exact G then goes through ``torch.linalg.svd`` (the reference) and through ``qlora_ga.gradient.truncated_svd``
+exact G then goes through ``torch.linalg.svd`` (the reference) and through ``qlora_ga.estimate.truncated_svd``
 (``torch.svd_lowrank`` with that q, seeded as the init seeds it) at every ``--niter`` x ``--oversample`` setting. LoRA-GA
 starts A from V[:, :r] and B from U[:, r:2r] (``qlora_ga.init.lora_ga_factors``), so those two subspaces are
 compared: the sine of the largest principal angle between the randomized and the exact one (0: the same
@@ -62,8 +62,8 @@ def sin_max_angle(A: torch.Tensor, B: torch.Tensor) -> float:
 
 
 def lowrank(G: torch.Tensor, k: int, q: int, niter: int, seed: int):
-    """The init's SVD (``qlora_ga.gradient.truncated_svd``, seeded as ``svd_reducer`` seeds it) with a given q."""
-    from qlora_ga.gradient import truncated_svd
+    """The init's SVD (``qlora_ga.estimate.truncated_svd``, seeded as ``svd_reducer`` seeds it) with a given q."""
+    from qlora_ga.estimate import truncated_svd
 
     with torch.random.fork_rng(devices=[G.device] if G.device.type == "cuda" else []):
         torch.manual_seed(seed)
@@ -89,7 +89,7 @@ def examples(args, tok) -> list[dict]:
 def main(argv=None) -> int:
     quiet()
     args = parse_args(argv)
-    from qlora_ga.gradient import gradient_pass
+    from qlora_ga.estimate import gradient_pass
     from qlora_ga.model import default_model_path, load_model
 
     model, tok = load_model(args.model or str(default_model_path()), device=args.device)

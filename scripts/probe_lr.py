@@ -29,7 +29,7 @@ def main():
     from qlora_ga.model import default_device, load_tokenizer, resolve_model_source, load_model
     from qlora_ga.methods import GRADIENT_METHODS, method_defaults
     from qlora_ga.data import sample_batch
-    from qlora_ga.gradient import estimate_factors
+    from qlora_ga.estimate import estimate_factors
     from qlora_ga import init as init_mod
     from qlora_ga.init import init_adapters, singular_vectors_needed
     from qlora_ga.train import TrainSettings, StepBatches, trainable_parameters

@@ -5,7 +5,7 @@ import sys
 import torch
 
 from qlora_ga import distributed, gradient_pass, load_model
-from qlora_ga.gradient import svd_reducer
+from qlora_ga.estimate import svd_reducer
 from qlora_ga.init import lora_ga_factors
 
 

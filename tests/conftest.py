@@ -41,7 +41,7 @@ def tiny_sharded_model_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def factors(tiny_model_dir):
     """The tiny Llama's SVD factors (8 triplets per target linear) from one gradient pass over 8 random sequences."""
-    from qlora_ga.gradient import gradient_pass, svd_reducer
+    from qlora_ga.estimate import gradient_pass, svd_reducer
     from qlora_ga.model import load_model
     from qlora_ga.testing import random_examples
 

@@ -200,12 +200,12 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_model_dir, tmp_p
 
 
 def test_out_of_memory_is_a_one_line_error(tiny_model_dir, tmp_path, capsys, monkeypatch):
-    import qlora_ga.gradient as gradient
+    import qlora_ga.estimate.engine as engine
 
     def oom(*a, **k):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(gradient, "gradient_pass", oom)
+    monkeypatch.setattr(engine, "gradient_pass", oom)
     code = main(base_args(tiny_model_dir, tmp_path / "o"))
     assert_clean_error(code, capsys.readouterr().err, r"out of GPU memory.*lower --batch-size")
 

@@ -8,7 +8,7 @@ instead of minutes on a 2-core CPU); inductor's numbers are in docs/RESULTS.md (
 
 import pytest
 
-from qlora_ga.gradient import gradient_pass, svd_reducer
+from qlora_ga.estimate import gradient_pass, svd_reducer
 from qlora_ga.init import init_adapters
 from qlora_ga.metrics import read_metrics
 from qlora_ga.model import load_model

@@ -106,7 +106,7 @@ def test_defaults():
     assert cfg.optim == "paged_adamw_32bit" and cfg.max_steps == -1 and cfg.output_dir == "outputs/run"
     from qlora_ga.model import DEFAULT_TARGETS
 
-    assert cfg.target_modules == DEFAULT_TARGETS == "all-linear"  # resolved per model by model.resolve_targets
+    assert cfg.target_modules == DEFAULT_TARGETS == "all-linear"  # resolved per model by arch.resolve_targets
 
 
 @pytest.mark.parametrize("name", [f.name for f in FIELDS])

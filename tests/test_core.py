@@ -6,11 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import qlora_ga.gradient as gradient_mod
+import qlora_ga.estimate.engine as gradient_mod
 from qlora_ga import QloraGaError, estimate_factors, gradient_pass, init_adapters, load_model
-from qlora_ga.gradient import Factors, PassReport, make_micro_batches, truncated_svd
+from qlora_ga.estimate import Factors, PassReport, make_micro_batches, truncated_svd
 from qlora_ga.init import lora_layers
-from qlora_ga.model import find_decoder_layers, resolve_targets, target_linears
+from qlora_ga.arch import find_decoder_layers, resolve_targets, target_linears
 from qlora_ga.residual import iter_residuals
 from qlora_ga.testing import assert_close_rel, dequantized_reference, make_tiny_model, train_steps
 
@@ -426,7 +426,7 @@ def test_lora_ga_adam_improves_the_alignment_and_keeps_the_function(fresh_model)
 
 
 def svd_reducer_exact(G, k):
-    from qlora_ga.gradient import svd_reducer
+    from qlora_ga.estimate import svd_reducer
 
     return svd_reducer(k, "exact")("m", G)
 
@@ -453,7 +453,7 @@ DEAD = "model.layers.1.self_attn.v_proj"
 @pytest.fixture(scope="module")
 def dead_module_pass(tiny_model_dir):
     """The gradient pass with one target module whose gradient is zero: its report and every module's G."""
-    from qlora_ga.gradient import svd_reducer
+    from qlora_ga.estimate import svd_reducer
 
     model, tok = load_model(tiny_model_dir)
     # its output still reaches the logits, its gradient does not (as an unused layer, an expert no token reached)
@@ -496,7 +496,7 @@ def test_a_module_without_gradient_starts_as_vanilla_lora_and_is_reported(tiny_m
 
 def test_an_init_method_without_its_start_formula_is_an_error_not_lora_ga(fresh_model, monkeypatch):
     import qlora_ga.init as init_mod
-    from qlora_ga.gradient import svd_reducer
+    from qlora_ga.estimate import svd_reducer
     from qlora_ga.methods import GRADIENT_METHODS, METHOD_DEFAULTS, METHODS
 
     model, tok = fresh_model

@@ -63,7 +63,7 @@ def test_fp16_gradient_pass_keeps_small_gradients_in_range(tmp_path, device):
     entry (AVX-512, no AVX, one thread: fp16 rounding, not summation order). The bound stays below that regression.
     """
     from qlora_ga import gradient_pass, load_model
-    from qlora_ga.gradient import make_micro_batches
+    from qlora_ga.estimate import make_micro_batches
     from qlora_ga.testing import assert_close_rel, make_tiny_model, reference_gradients
 
     model_dir = make_tiny_model(tmp_path, layers=2)
@@ -130,26 +130,26 @@ def test_fp16_resume_restores_the_loss_scale(tiny_model_dir, tmp_path, monkeypat
 def test_free_memory_counts_the_allocator_cache_and_the_page_cache(monkeypatch):
     import psutil
 
-    from qlora_ga import gradient
+    from qlora_ga.estimate import store
 
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (1 << 30, 80 << 30))
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda *a: 5 << 30)
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda *a: 2 << 30)
-    assert gradient._free_bytes(torch.device("cuda", 0)) == 4 << 30  # 1 GiB free + 3 GiB cached, unused
+    assert store._free_bytes(torch.device("cuda", 0)) == 4 << 30  # 1 GiB free + 3 GiB cached, unused
 
     class VM:
         available, free = 20 << 30, 1 << 30  # MemAvailable (page cache included) vs MemFree
 
     monkeypatch.setattr(psutil, "virtual_memory", lambda: VM)
-    assert gradient._free_bytes(torch.device("cpu")) == 20 << 30
+    assert store._free_bytes(torch.device("cpu")) == 20 << 30
 
 
 def test_store_plan_counts_dl_dh_kwargs_and_the_real_reserve(monkeypatch):
-    from qlora_ga import gradient
-    from qlora_ga.gradient import StorePlan, plan_state_store
+    from qlora_ga.estimate import store
+    from qlora_ga.estimate import StorePlan, plan_state_store
 
     gib = 1 << 30
-    monkeypatch.setattr(gradient, "_free_bytes", lambda dev: 24 * gib if dev.type == "cuda" else 100 * gib)
+    monkeypatch.setattr(store, "_free_bytes", lambda dev: 24 * gib if dev.type == "cuda" else 100 * gib)
     cuda = torch.device("cuda", 0)
     # 32 layers of 0.5 GiB + dL/dh + 1 GiB of masks fit 24 GiB with a small reserve ...
     assert plan_state_store(32, StorePlan(per_layer=gib // 2, fixed=gib, reserve=gib), cuda) == (cuda, 1)
@@ -161,12 +161,12 @@ def test_store_plan_counts_dl_dh_kwargs_and_the_real_reserve(monkeypatch):
 
 
 def test_default_store_plan_keeps_the_init_within_a_training_step(monkeypatch):
-    from qlora_ga import gradient
-    from qlora_ga.gradient import StorePlan, host_store_budget, plan_state_store, store_traffic
+    from qlora_ga.estimate import store
+    from qlora_ga.estimate.store import StorePlan, host_store_budget, plan_state_store, store_traffic
 
     gib = 1 << 30
     free = {"cuda": 70 * gib, "cpu": 100 * gib}
-    monkeypatch.setattr(gradient, "_free_bytes", lambda dev: free[dev.type])
+    monkeypatch.setattr(store, "_free_bytes", lambda dev: free[dev.type])
     cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
 
     def plan(floor):  # 32 layers: need(k) = (ceil(32 / k) + k) / 4 GiB + 1/4 GiB; need(1) = 8.75 GiB
@@ -193,8 +193,9 @@ def test_default_store_plan_keeps_the_init_within_a_training_step(monkeypatch):
 
 def test_plan_reserve_grows_with_the_block_and_the_head(tiny_model_dir):
     from qlora_ga import load_model
-    from qlora_ga.gradient import make_micro_batches, plan_pass_memory
-    from qlora_ga.model import find_decoder_layers, target_linears
+    from qlora_ga.estimate import make_micro_batches
+    from qlora_ga.estimate.store import plan_pass_memory
+    from qlora_ga.arch import find_decoder_layers, target_linears
 
     model, tok = load_model(tiny_model_dir)
     batches = make_micro_batches([{"input_ids": [5] * 20, "labels": [5] * 20}] * 4, 2)
@@ -225,12 +226,12 @@ def test_store_buffers_are_reused_not_allocated_per_layer(tmp_path):
 
 
 def test_kept_keyword_tensors_move_once_per_micro_batch():
-    from qlora_ga.gradient import _move
+    from qlora_ga.estimate.store import move_to
 
     mask, cos = torch.ones(2, 1, 4, 4, dtype=torch.bool), torch.randn(2, 4, 8)
     seen: dict = {}
-    a = _move(((), {"attention_mask": mask, "position_embeddings": (cos, cos), "use_cache": False}), torch.device("meta"), seen)
-    b = _move(((), {"attention_mask": mask, "position_embeddings": (cos, cos)}), torch.device("meta"), seen)
+    a = move_to(((), {"attention_mask": mask, "position_embeddings": (cos, cos), "use_cache": False}), torch.device("meta"), seen)
+    b = move_to(((), {"attention_mask": mask, "position_embeddings": (cos, cos)}), torch.device("meta"), seen)
     assert a[1]["attention_mask"].device.type == "meta" and a[1]["use_cache"] is False
     assert a[1]["attention_mask"] is b[1]["attention_mask"]  # another layer's call shares the stored copy
     assert a[1]["position_embeddings"][0] is a[1]["position_embeddings"][1] is b[1]["position_embeddings"][0]

@@ -157,7 +157,7 @@ def test_a_failure_on_one_process_ends_every_process(tiny_model_dir, tmp_path):
 
 def test_the_gradient_sample_splits_by_sequences_whatever_the_micro_batch():
     from qlora_ga import QloraGaError
-    from qlora_ga.gradient import make_micro_batches, split_sample
+    from qlora_ga.estimate import make_micro_batches, split_sample
 
     sample = [{"input_ids": [5] * (3 + 7 * i % 5), "labels": [5] * (3 + 7 * i % 5)} for i in range(8)]
     by_length = sorted(sample, key=lambda ex: -len(ex["input_ids"]))

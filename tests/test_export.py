@@ -17,7 +17,8 @@ from qlora_ga import export
 from qlora_ga.errors import QloraGaError
 from qlora_ga.export import adapter as export_adapter
 from qlora_ga.export import base as export_base
-from qlora_ga.model import load_model, resolve_targets
+from qlora_ga.arch import resolve_targets
+from qlora_ga.model import load_model
 from qlora_ga.residual import attach_residual, iter_residuals, residual_state_dict
 from qlora_ga.testing import assert_close_rel
 

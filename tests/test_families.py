@@ -10,8 +10,8 @@ import torch
 from qlora_ga import gradient_pass, init_adapters, load_model
 from qlora_ga.data import collate
 from qlora_ga.export import merge_export, save_adapter
-from qlora_ga.gradient import make_micro_batches, svd_reducer
-from qlora_ga.model import resolve_targets, unadapted_experts
+from qlora_ga.estimate import make_micro_batches, svd_reducer
+from qlora_ga.arch import resolve_targets, unadapted_experts
 from qlora_ga.testing import FAMILIES, assert_close_rel, make_tiny_model, reference_gradients, train_steps
 
 SEVEN = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -98,7 +98,7 @@ def test_a_model_without_decoder_layers_is_a_one_line_error():
     from torch import nn
 
     from qlora_ga.errors import QloraGaError
-    from qlora_ga.model import find_decoder_layers
+    from qlora_ga.arch import find_decoder_layers
 
     class NoStack(nn.Module):
         def __init__(self):

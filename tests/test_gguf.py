@@ -18,7 +18,8 @@ from qlora_ga.cli import main as finetune_main
 from qlora_ga.errors import QloraGaError
 from qlora_ga.export import gguf, modelfile, save_adapter
 from qlora_ga.export import main as export_main
-from qlora_ga.model import default_model_path, load_model, resolve_model_source, resolve_targets
+from qlora_ga.arch import resolve_targets
+from qlora_ga.model import default_model_path, load_model, resolve_model_source
 from qlora_ga.testing import CHAT_TEMPLATE, assert_close_rel, make_tiny_tokenizer
 
 # Bounds from docs/RESULTS.md section 9 (SmolLM2, 1,441 positions): f16 is a lossless copy of the fp16

@@ -12,7 +12,7 @@ from qlora_ga.attention import PACKED_SDPA
 from qlora_ga.data import collate, collate_packed, padding_free_support
 from qlora_ga.data.packing import best_fit_decreasing, is_flat, model_inputs
 from qlora_ga.errors import QloraGaError
-from qlora_ga.gradient import gradient_pass, svd_reducer
+from qlora_ga.estimate import gradient_pass, svd_reducer
 from qlora_ga.init import init_adapters
 from qlora_ga.metrics import read_metrics
 from qlora_ga.model import load_model

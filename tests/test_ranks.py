@@ -8,7 +8,7 @@ import torch
 from qlora_ga import QloraGaError, estimate_factors, init_adapters, load_model
 from qlora_ga.data import collate
 from qlora_ga.export import save_adapter
-from qlora_ga.gradient import Factors
+from qlora_ga.estimate import Factors
 from qlora_ga.init import factor_reducer, lora_layers, singular_vectors_needed
 from qlora_ga.ranks import allocate_ranks, checkpoint_rank_pattern, rank_bounds, rank_pattern, trainable_count
 from qlora_ga.residual import iter_residuals

@@ -192,7 +192,8 @@ def test_checkpoint_adapter_loading_is_strict(stopped, tiny_model_dir, tmp_path)
 
     from qlora_ga.errors import QloraGaError
     from qlora_ga.init import init_adapters
-    from qlora_ga.model import load_model, resolve_targets
+    from qlora_ga.arch import resolve_targets
+    from qlora_ga.model import load_model
     from qlora_ga.train import load_checkpoint_weights
 
     run, _ = copy_run(stopped, tmp_path)

@@ -32,7 +32,7 @@ import torch
 
 from ..attention import PACKED_SDPA, can_use_packed_sdpa, set_attention
 from ..constants import IGNORE_INDEX
-from ..model import unwrap
+from ..arch import unwrap
 
 #: attention implementations whose masks transformers makes block-diagonal from restarting position_ids
 #: (masking_utils' packed-sequence detection), or whose kernels read the boundaries from them (flash varlen)

@@ -36,7 +36,7 @@ import torch
 from ..constants import ADAPTER_WEIGHTS, PEFT_PREFIX
 from ..errors import QloraGaError
 from ..fileio import atomic_dir
-from ..model import unwrap
+from ..arch import unwrap
 from .files import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS_BIN,

@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .constants import IGNORE_INDEX
-from .errors import QloraGaError
+from ..constants import IGNORE_INDEX
+from ..errors import QloraGaError
 
 CHECK_POSITIONS = 4  # sequence positions the self-check compares (all rows of the first micro-batch)
 
