@@ -513,7 +513,7 @@ def _compute_dtype(pm):
 
 
 def _learning_rate(cfg: FinetuneConfig, pm, tok, data, ckpt) -> tuple[FinetuneConfig, dict | None]:
-    """``--lr auto``: the settings with the lr the line search finds (qlora_ga.autolr) and its report; a
+    """``--lr auto``: the settings with the lr the line search finds (qlora_ga.train.autolr) and its report; a
     resumed run takes the lr its checkpoint recorded. Other settings come back unchanged."""
     from .config import AUTO_LR
     from .methods import method_defaults
@@ -528,7 +528,7 @@ def _learning_rate(cfg: FinetuneConfig, pm, tok, data, ckpt) -> tuple[FinetuneCo
             raise QloraGaError(f"checkpoint {ckpt} does not record the lr it was trained with: resume with the run's --lr number")
         _say(f"lr auto: {lr:.4g}, found when the run started (from {ckpt.name})")
         return replace(cfg, lr=float(lr)), None
-    from .autolr import find_lr
+    from .train.autolr import find_lr
     from .train import StepBatches, total_steps
 
     s = replace(cfg, lr=None).train_settings()

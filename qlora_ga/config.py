@@ -35,7 +35,7 @@ from .methods import GRADIENT_METHODS, METHOD_DEFAULTS, METHODS, default_lrs_tex
 OPTIMS = ("paged_adamw_32bit", "paged_adamw_8bit", "adamw", "lora-one-precond", "prodigy")
 RANK_ALLOCATIONS = ("uniform", "gradient")
 PRODIGY_LR = 1.0  # prodigy estimates its step size itself; --lr multiplies it
-AUTO_LR = "auto"  # --lr auto: qlora_ga.autolr, after the init
+AUTO_LR = "auto"  # --lr auto: qlora_ga.train.autolr, after the init
 AUTO_LR_OPTIMS = ("paged_adamw_32bit", "paged_adamw_8bit", "adamw")  # the Adam(W) updates its line search follows
 MERGED_DTYPES = ("fp16", "bf16")
 COMPUTE_DTYPES = ("auto", "bf16", "fp16", "fp32")
@@ -96,7 +96,7 @@ class FinetuneConfig:
     batch_size: int = _f(4, "sequences per micro-batch during training")
     grad_accum: int = _f(4, "gradient accumulation steps (effective batch = batch_size * grad_accum)")
     lr: str | None = _f(None, f"peak learning rate, or 'auto': set from a line search along Adam's first step after the "
-                            f"init (qlora_ga/autolr.py; costs a few training steps); default: method default "
+                            f"init (qlora_ga/train/autolr.py; costs a few training steps); default: method default "
                             f"({default_lrs_text()}); with --optim prodigy {PRODIGY_LR:g} (a multiplier of its own step size)")
     epochs: float = _f(1.0, "training epochs (used when --max_steps is -1)")
     max_steps: int = _f(-1, "optimizer steps; -1: use --epochs; 0: initialise the adapters and save, no training")

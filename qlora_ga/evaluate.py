@@ -21,7 +21,6 @@ import argparse
 import json
 import logging
 import math
-import os
 import re
 import sys
 from decimal import Decimal, InvalidOperation
@@ -29,14 +28,15 @@ from pathlib import Path
 
 import torch
 
+from . import distributed
 from .data.batch import collate, count_label_tokens
 from .data.config import DataConfig
 from .data.tokenize import prompt_ids as data_prompt_ids
 from .data.tokenize import tokenize_example
 from .errors import QloraGaError
-from .train import evaluate_loss
 from .fileio import atomic_write
 from .log import quiet_libraries
+from .model import autocast
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +140,29 @@ def _pad_id(tokenizer) -> int:
 
 
 # ----------------------------------------------------------------------------- loss
+
+
+@torch.no_grad()
+def evaluate_loss(model, examples: list[dict], batch_size: int, pad_token_id: int, device, dtype, flat: bool = False) -> float:
+    """Token-weighted mean loss over all label tokens of ``examples`` (split over the processes, if several).
+    ``flat``: padding-free batches (only for a model that supports them, see ``padding_free_support``)."""
+    from .data.packing import collate_padding_free, model_inputs
+
+    was = model.training
+    model.eval()
+    total, n = torch.zeros((), dtype=torch.float64, device=device), 0
+    for i in range(distributed.rank() * batch_size, len(examples), batch_size * distributed.world()):
+        b = (collate_padding_free if flat else collate)(examples[i : i + batch_size], pad_token_id)
+        k = count_label_tokens(b["labels"])  # on the host: no device sync per batch
+        if k == 0:
+            continue
+        with autocast(device, dtype):
+            loss = model(**model_inputs({key: v.to(device) for key, v in b.items()})).loss
+        total = total + loss.double() * k
+        n += k
+    model.train(was)
+    total, n = distributed.sum_tensor(torch.stack([total, torch.tensor(float(n), dtype=torch.float64, device=device)])).tolist()
+    return total / max(n, 1)
 
 
 def held_out_loss(model, tokenizer, examples, *, batch_size: int = 8, max_length: int = 1024) -> tuple[float, int]:

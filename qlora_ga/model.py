@@ -82,6 +82,14 @@ def compute_dtype_for(name: str | torch.dtype | None, device: torch.device | str
     return COMPUTE_DTYPES[name]
 
 
+def autocast(device: torch.device, dtype: torch.dtype):
+    """The compute context of every forward (training, evaluation, the lr search): bf16/fp16 autocast on CUDA, none
+    elsewhere (the CPU computes in the model's own dtype)."""
+    if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16):
+        return torch.autocast("cuda", dtype=dtype)
+    return torch.autocast(device.type, enabled=False)
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("QLORA_GA_CACHE", Path.home() / ".cache" / "qlora_ga"))
 

@@ -72,7 +72,7 @@ def known_methods() -> dict[str, list[float]]:
     return out
 
 
-AUTO = "auto"  # an lr of "auto": qlora_ga.autolr.find_lr (the --lr auto of finetune.py)
+AUTO = "auto"  # an lr of "auto": qlora_ga.train.autolr.find_lr (the --lr auto of finetune.py)
 FULL = dict(steps=300, batch_size=16, max_length=256, init_samples=128, eval_examples=256, eval_every=25,
             max_train_examples=None)
 QUICK = dict(steps=2, batch_size=2, max_length=128, init_samples=4, eval_examples=4, eval_every=1,
@@ -219,7 +219,8 @@ def run_one(method: str, lr: float | str, seed: int, args, data, device, factor_
     from qlora_ga.init import init_adapters, singular_vectors_needed
     from qlora_ga.metrics import read_metrics
     from qlora_ga.model import load_model
-    from qlora_ga.train import TrainSettings, evaluate_loss, train
+    from qlora_ga.train import TrainSettings, train
+    from qlora_ga.evaluate import evaluate_loss
 
     init, quantize = method_init(method)
     by_gradient = args.rank_allocation == "gradient"
@@ -268,7 +269,7 @@ def run_one(method: str, lr: float | str, seed: int, args, data, device, factor_
                              warmup=args.warmup, optim=args.optim, seed=seed, eval_every=args.eval_every, save_every=0,
                              log_every=1, gradient_checkpointing=args.gradient_checkpointing)
     if lr == AUTO:  # --lr auto: the package's line search on the first step's sequences
-        from qlora_ga.autolr import find_lr
+        from qlora_ga.train.autolr import find_lr
         from qlora_ga.train import micro_batches_for_step
 
         first = [ex for mb in micro_batches_for_step(data.train, 0, settings) for ex in mb]

@@ -483,14 +483,14 @@ def random_batch(b: int, t: int, vocab: int, seed: int, device) -> dict:
 def fwd_bwd(model, batches: list[dict], device, dtype):
     """One gradient-checkpointed forward+backward over ``batches`` (token-weighted loss), no optimizer step."""
     from qlora_ga.data import count_label_tokens
-    from qlora_ga.train import _autocast
+    from qlora_ga.model import autocast
 
     n_total = sum(count_label_tokens(b["labels"]) for b in batches)
     model.train()
     for b in batches:
         b = {k: v.to(device) for k, v in b.items()}
         k = count_label_tokens(b["labels"])
-        with _autocast(device, dtype):
+        with autocast(device, dtype):
             loss = model(**b).loss * (k / n_total)
         loss.backward()
     model.zero_grad(set_to_none=True)
@@ -498,12 +498,13 @@ def fwd_bwd(model, batches: list[dict], device, dtype):
 
 def train_steps(model, optimizer, batch: dict, device, dtype, n: int, max_grad_norm: float = 1.0) -> float:
     """``n`` optimizer steps on one micro-batch: the inner step of ``qlora_ga.train.train``."""
-    from qlora_ga.train import _autocast, trainable_parameters
+    from qlora_ga.train import trainable_parameters
+    from qlora_ga.model import autocast
 
     params = trainable_parameters(model)
     loss = torch.zeros(())
     for _ in range(n):
-        with _autocast(device, dtype):
+        with autocast(device, dtype):
             loss = model(**batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
@@ -541,7 +542,8 @@ def phase_ours(rec: Recorder, factory: ModelFactory, args, device):
     from qlora_ga.estimate import PassReport, describe_plan, estimate_factors, make_micro_batches
     from qlora_ga.init import init_adapters, lora_layers, singular_vectors_needed
     from qlora_ga.residual import attach_residual, detach_residual, has_residual
-    from qlora_ga.train import TrainSettings, _checkpointing, build_optimizer
+    from qlora_ga.train import TrainSettings, build_optimizer
+    from qlora_ga.train import checkpointing
 
     dtype = factory.compute_dtype
     with Meter(device) as m:
@@ -600,7 +602,7 @@ def phase_ours(rec: Recorder, factory: ModelFactory, args, device):
             continue
         # the yardstick: one checkpointed forward+backward over the same tokens, same micro-batch
         batches = make_micro_batches(examples, args.init_micro_batch, 0)
-        _checkpointing(pm, True)
+        checkpointing(pm, True)
         try:
             if i == 0:  # warm-up of the checkpointed backward, not timed
                 fwd_bwd(pm, batches[:1], device, dtype)
@@ -613,7 +615,7 @@ def phase_ours(rec: Recorder, factory: ModelFactory, args, device):
                 raise
             free_memory(device)
             row.update(fwdbwd_s=None, fwdbwd_oom=True)
-        _checkpointing(pm, False)
+        checkpointing(pm, False)
         pm.eval()
         if row["measured"]:
             rec.add(**row)
@@ -638,7 +640,7 @@ def phase_ours(rec: Recorder, factory: ModelFactory, args, device):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             optimizer = build_optimizer(pm, settings, device)
-        _checkpointing(pm, True)
+        checkpointing(pm, True)
         pm.train()
         layers = [layer for layer in lora_layers(pm).values() if has_residual(layer)]
         saved = [(layer, layer.qlora_ga_A0, layer.qlora_ga_B0) for layer in layers]
@@ -652,7 +654,7 @@ def phase_ours(rec: Recorder, factory: ModelFactory, args, device):
                 for layer, a0, b0 in saved:
                     attach_residual(layer, a0, b0, dtype=a0.dtype)
         del optimizer, saved, layers
-        _checkpointing(pm, False)
+        checkpointing(pm, False)
     del pm, model
     free_memory(device)
 
@@ -661,7 +663,8 @@ def phase_peft(rec: Recorder, factory: ModelFactory, args, device, prepare: str 
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     from qlora_ga.arch import resolve_targets
-    from qlora_ga.train import TrainSettings, _checkpointing, build_optimizer
+    from qlora_ga.train import TrainSettings, build_optimizer
+    from qlora_ga.train import checkpointing
 
     dtype = factory.compute_dtype
     model = factory.quantized()
@@ -674,7 +677,7 @@ def phase_peft(rec: Recorder, factory: ModelFactory, args, device, prepare: str 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         optimizer = build_optimizer(pm, TrainSettings(optim=args.optim, lr=1e-4), device)
-    _checkpointing(pm, True)
+    checkpointing(pm, True)
     pm.train()
     shapes = [(s, "train") for s in args.train_shapes]
     for n, t in args.init_shapes if prepare == "kbit" else ():  # the memory target: the init vs training at its micro-batch
@@ -692,7 +695,8 @@ def phase_liger(rec: Recorder, factory: ModelFactory, args, device):
     from qlora_ga.estimate import estimate_factors
     from qlora_ga.init import init_adapters, singular_vectors_needed
     from qlora_ga.kernels import apply_liger
-    from qlora_ga.train import TrainSettings, _checkpointing, build_optimizer
+    from qlora_ga.train import TrainSettings, build_optimizer
+    from qlora_ga.train import checkpointing
 
     dtype = factory.compute_dtype
     model = factory.quantized()
@@ -705,7 +709,7 @@ def phase_liger(rec: Recorder, factory: ModelFactory, args, device):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         optimizer = build_optimizer(pm, TrainSettings(optim=args.optim, lr=5e-5), device)
-    _checkpointing(pm, True)
+    checkpointing(pm, True)
     pm.train()
     for shape in args.train_shapes:
         bench_train(rec, "qlora_ga_liger", pm, optimizer, shape, args, device, dtype, factory.vocab_size)
@@ -718,7 +722,7 @@ def phase_reference(rec: Recorder, factory: ModelFactory, args, device):
     from qlora_ga.data import count_label_tokens
     from qlora_ga.estimate import make_micro_batches, truncated_svd
     from qlora_ga.arch import target_linears
-    from qlora_ga.train import _checkpointing
+    from qlora_ga.train import checkpointing
 
     model = None
     for shape in args.ref_shapes:
@@ -733,7 +737,7 @@ def phase_reference(rec: Recorder, factory: ModelFactory, args, device):
                     p.requires_grad_(False)
                 for mod in targets.values():
                     mod.weight.requires_grad_(True)
-                _checkpointing(model, True)
+                checkpointing(model, True)
                 model.train()
             batches = make_micro_batches(random_examples(n, t, factory.vocab_size, args.seed), args.init_micro_batch, 0)
             n_total = sum(count_label_tokens(b["labels"]) for b in batches)

@@ -110,7 +110,8 @@ def build(factory: ModelFactory, args, device):
     from qlora_ga.init import init_adapters, lora_layers, singular_vectors_needed
     from qlora_ga.arch import resolve_targets
     from qlora_ga.residual import attach_residual, detach_residual, has_residual
-    from qlora_ga.train import TrainSettings, _checkpointing, build_optimizer
+    from qlora_ga.train import TrainSettings, build_optimizer
+    from qlora_ga.train import checkpointing
 
     def optimizer(model, lr):
         with warnings.catch_warnings():
@@ -149,7 +150,7 @@ def build(factory: ModelFactory, args, device):
                                           target_modules=list(resolve_targets(m)), bias="none", task_type="CAUSAL_LM"))
         out[impl] = (pm, optimizer(pm, 1e-4), lambda: None)
     for pm, _, _ in out.values():
-        _checkpointing(pm, True)
+        checkpointing(pm, True)
         pm.train()
     return out
 
@@ -221,10 +222,11 @@ def layout_step(model, optimizer, batch: dict, device, dtype) -> None:
     """One optimizer step on one micro-batch, as ``qlora_ga.train.train`` runs it (``model_inputs``: a flattened
     batch goes in with ``use_cache=False``)."""
     from qlora_ga.data.packing import model_inputs
-    from qlora_ga.train import _autocast, trainable_parameters
+    from qlora_ga.train import trainable_parameters
+    from qlora_ga.model import autocast
 
     batch = {k: v.to(device) for k, v in batch.items()}
-    with _autocast(device, dtype):
+    with autocast(device, dtype):
         loss = model(**model_inputs(batch)).loss
     loss.backward()
     torch.nn.utils.clip_grad_norm_(trainable_parameters(model), 1.0)
@@ -502,10 +504,11 @@ def main(argv=None) -> int:
 
 
 def _loss_and_grads(model, batch, device, dtype):
-    from qlora_ga.train import _autocast, trainable_parameters
+    from qlora_ga.train import trainable_parameters
+    from qlora_ga.model import autocast
 
     params = trainable_parameters(model)
-    with _autocast(device, dtype):
+    with autocast(device, dtype):
         loss = model(**batch).loss
     grads = torch.autograd.grad(loss, params)
     return float(loss), torch.cat([g.flatten().float() for g in grads])

@@ -1,4 +1,4 @@
-"""--lr auto (qlora_ga.autolr): the line search follows Adam's real first step, finds a minimum of the loss
+"""--lr auto (qlora_ga.train.autolr): the line search follows Adam's real first step, finds a minimum of the loss
 along it, leaves the adapters as they were, and reaches the CLI (logged, written, resumed)."""
 
 import json
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from qlora_ga import estimate_factors, init_adapters, load_model
-from qlora_ga.autolr import LR_FACTOR, find_lr
+from qlora_ga.train.autolr import LR_FACTOR, find_lr
 from qlora_ga.cli import main
 from qlora_ga.data import collate
 from qlora_ga.metrics import read_metrics

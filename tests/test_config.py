@@ -104,7 +104,7 @@ def test_defaults():
     assert cfg == FinetuneConfig()
     assert cfg.init == "lora-ga" and cfg.rank == 8 and cfg.lr is None and cfg.alpha is None and cfg.gamma is None
     assert cfg.optim == "paged_adamw_32bit" and cfg.max_steps == -1 and cfg.output_dir == "outputs/run"
-    from qlora_ga.model import DEFAULT_TARGETS
+    from qlora_ga.arch import DEFAULT_TARGETS
 
     assert cfg.target_modules == DEFAULT_TARGETS == "all-linear"  # resolved per model by arch.resolve_targets
 

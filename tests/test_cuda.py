@@ -57,17 +57,17 @@ def test_gradient_pass_on_gpu_matches_fp32_autograd(tiny_model_dir, dtype):
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
 def test_residual_keeps_the_function_under_autocast(tiny_model_dir, dtype):
-    from qlora_ga.train import _autocast
+    from qlora_ga.model import autocast
 
     model, _ = load_model(tiny_model_dir, device="cuda", compute_dtype=dtype)
     ex = random_examples()
     batch = {k: v.cuda() for k, v in collate(ex, 0).items()}
     compute = model.config.dtype
-    with torch.no_grad(), _autocast(torch.device("cuda"), compute):
+    with torch.no_grad(), autocast(torch.device("cuda"), compute):
         before = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
     factors = estimate_factors(model, ex, rank=4, micro_batch_size=4, progress=False)
     pm = init_adapters(model, factors, method="lora-ga", rank=4, alpha=16)
-    with torch.no_grad(), _autocast(torch.device("cuda"), compute):
+    with torch.no_grad(), autocast(torch.device("cuda"), compute):
         after = pm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
     assert_close_rel(after, before, 1e-5, "logits at init")  # the branch B A x - B0 A0 x is exactly zero
 
@@ -77,7 +77,7 @@ def test_fused_lora_under_bf16_autocast_keeps_the_init_and_trains_like_peft(tiny
     autocast) and keep the residual's init exact; 5 compiled steps follow PEFT's eager forward within bf16
     rounding, with no graph break."""
     from qlora_ga.fused import FusedLoRA4bit, fused
-    from qlora_ga.train import _autocast
+    from qlora_ga.model import autocast
 
     ex = random_examples()
     batch = {k: v.cuda() for k, v in collate(ex, 0).items()}
@@ -91,7 +91,7 @@ def test_fused_lora_under_bf16_autocast_keeps_the_init_and_trains_like_peft(tiny
             apply = FusedLoRA4bit.apply
             FusedLoRA4bit.apply = lambda *a: calls.append(1) or apply(*a)
             try:
-                with torch.no_grad(), _autocast(torch.device("cuda"), torch.bfloat16):
+                with torch.no_grad(), autocast(torch.device("cuda"), torch.bfloat16):
                     with pm.disable_adapter():
                         base = pm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
                     with fused(pm, True):

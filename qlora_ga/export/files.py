@@ -26,7 +26,7 @@ ADAPTER_WEIGHTS_BIN = "adapter_model.bin"
 METADATA_FILE = "qlora_ga.json"
 #: Optional file next to a rank-r PEFT adapter (e.g. a training checkpoint) holding
 #: ``residual.residual_state_dict(peft_model)``; :func:`~qlora_ga.export.export_adapter` folds it into rank 2r.
-#: ``residual.safetensors`` (the name train.py's checkpoints use) is accepted too.
+#: ``residual.safetensors`` (the name the training checkpoints' first format used) is accepted too.
 RESIDUAL_FILE = "qlora_ga_residual.safetensors"
 RESIDUAL_FILES = (RESIDUAL_FILE, CHECKPOINT_RESIDUAL)
 

@@ -35,8 +35,10 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .data.batch import collate, count_label_tokens
-from .errors import QloraGaError
+from ..data.batch import collate, count_label_tokens
+from ..errors import QloraGaError
+from ..model import autocast
+from .runtime import checkpointing
 
 #: lr = LR_FACTOR * eta* (measured: RESULTS.md section 8.1)
 LR_FACTOR = 1.8
@@ -93,15 +95,13 @@ def _probe_gradient(model, batches, counts, params, device, compute_dtype, fp16:
     scale stays down for the next micro-batches) and the gradient is unscaled in fp32. A non-finite loss,
     or a gradient still not finite (at ``MIN_SCALE`` in fp16), raises :class:`QloraGaError`.
     """
-    from .train import _autocast
-
     total = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in params]
     loss_sum, scale = 0.0, 1.0
     for b, n in zip(batches, counts):
         while True:
             for p in params:
                 p.grad = None
-            with _autocast(device, compute_dtype):
+            with autocast(device, compute_dtype):
                 loss = model(**b).loss.float() * n  # the summed token loss: O(1) per token, no fp16 underflow
             if not torch.isfinite(loss):
                 raise QloraGaError(f"--lr auto: the loss of the first step's sequences is not finite at the init "
@@ -142,8 +142,6 @@ def find_lr(model, examples: list[dict], pad_token_id: int, *, start: float, ste
     recorded in the result: the lr does not depend on it);
     ``gradient_checkpointing``: for the one backward, as training would (dropout is off throughout).
     """
-    from .train import _autocast, _checkpointing
-
     t0 = time.perf_counter()
     params = [p for p in model.parameters() if p.requires_grad]
     fp16 = compute_dtype == torch.float16 or any(p.dtype == torch.float16 for p in model.parameters())
@@ -166,7 +164,7 @@ def find_lr(model, examples: list[dict], pad_token_id: int, *, start: float, ste
             for m in model.modules():
                 if isinstance(m, torch.nn.Dropout):
                     m.eval()
-            _checkpointing(model, True)
+            checkpointing(model, True)
         else:
             model.eval()
         loss0, total, scale = _probe_gradient(model, batches, counts, params, device, compute_dtype, fp16)
@@ -184,7 +182,7 @@ def find_lr(model, examples: list[dict], pad_token_id: int, *, start: float, ste
                 p.copy_(p0 - eta * d)
             total = 0.0
             for b, n in zip(batches, counts):
-                with _autocast(device, compute_dtype):
+                with autocast(device, compute_dtype):
                     total += model(**b).loss.item() * n
             value = total / n_tok
             return value if math.isfinite(value) else math.inf
@@ -226,7 +224,7 @@ def find_lr(model, examples: list[dict], pad_token_id: int, *, start: float, ste
         eta_star = eta * r**x
     finally:
         if gradient_checkpointing:
-            _checkpointing(model, False)
+            checkpointing(model, False)
         with torch.no_grad():
             for p, p0, g in zip(params, saved, grads):
                 p.copy_(p0)
