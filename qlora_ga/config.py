@@ -342,7 +342,8 @@ def make_parser(prog: str | None = None) -> HfArgumentParser:
         FinetuneConfig,
         prog=prog,
         allow_abbrev=False,
-        description="LoRA-GA / LoRA-One fine-tuning of a causal LM on a 4-bit base.",
+        description="LoRA-GA / LoRA-One fine-tuning of a causal LM on a 4-bit base (qlora-ga finetune; the other "
+                    "commands: qlora-ga export --help, qlora-ga evaluate --help).",
     )
 
 

@@ -1,4 +1,5 @@
-"""Keep the scripts' output to what the user needs: our lines, progress bars, and one-line errors."""
+"""Keep the commands' output to what the user needs: our lines (from the main process), progress bars, and one-line
+errors."""
 
 import logging
 import os
@@ -21,3 +22,21 @@ def quiet_libraries():
         hf_logging.set_verbosity_error()
     except ImportError:  # pragma: no cover
         pass
+
+
+class _Distributed:
+    """``qlora_ga.distributed``, imported on first use: the commands check their arguments before torch loads."""
+
+    def __getattr__(self, name):
+        from . import distributed as module
+
+        return getattr(module, name)
+
+
+distributed = _Distributed()
+
+
+def say(msg: str):
+    """One line of the run's output, from the main process only."""
+    if distributed.is_main():
+        print(msg, flush=True)

@@ -13,7 +13,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from qlora_ga.cli import main  # noqa: E402
+from qlora_ga.cli import finetune  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(finetune())

@@ -395,6 +395,23 @@ def test_help_exits_zero(capsys):
     assert "--init_samples" in out and "lora-one-precond" in out
 
 
+def test_qlora_ga_subcommands_finetune_export_evaluate(capsys, tmp_path):
+    from qlora_ga.cli import main
+
+    for argv, usage, flag in ((["export", "--help"], "usage: qlora-ga export", "--merge-base"),
+                              (["evaluate", "--help"], "usage: qlora-ga evaluate", "--no-generate"),
+                              (["finetune", "--help"], "usage: ", "--init_samples"),
+                              (["--help"], "usage: ", "qlora-ga export --help")):  # no subcommand: finetune
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        out = capsys.readouterr().out
+        assert e.value.code == 0 and out.startswith(usage) and flag in out, argv
+    assert main(["evaluate", "--data", str(tmp_path / "missing.jsonl")]) == 2  # each one's own one-line error
+    assert capsys.readouterr().err.count("\n") == 1
+    assert main(["finetune", "--rank", "0"]) == 2
+    assert "rank" in capsys.readouterr().err
+
+
 def test_lr_auto_from_the_command_line_and_yaml_and_back(tmp_path):
     cfg = resolved(parse_config(["--lr", "auto", "--init", "gaussian"]))
     assert cfg.lr == "auto"  # stays a word until the search after the init gives the number
