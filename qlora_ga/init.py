@@ -34,33 +34,18 @@ Adapters are PEFT's (``LoraConfig`` + ``get_peft_model``); only their starting v
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from .constants import DEFAULT_TARGETS, PEFT_PREFIX
-from .errors import QloraGaError
+from .errors import QloraGaError, did_you_mean
 from .estimate import Factors, has_no_gradient, svd_reducer
-from .methods import GRADIENT_METHODS, METHOD_DEFAULTS, METHODS
+from .methods import METHODS, method_defaults
 from .arch import resolve_targets
 from .residual import attach_residual
-
-
-def check_method(method: str):
-    if method not in METHODS:
-        raise QloraGaError(f"unknown init '{method}': choose one of {', '.join(METHODS)}")
-
-
-def singular_vectors_needed(method: str, rank: int) -> int:
-    """How many singular triplets of G a method uses (LoRA-GA takes U[:, r:2r])."""
-    return 2 * rank if method.startswith("lora-ga") else rank
-
-
-def svd_transform(method: str):
-    """What the SVD is taken of: ``sign(G)`` for lora-ga-sign, G otherwise."""
-    return torch.sign if method == "lora-ga-sign" else None
 
 
 def lora_ga_factors(f: Factors, rank: int, gamma: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,23 +76,54 @@ def lora_ga_adam_factors(f: Factors, rank: int, gamma: float) -> tuple[torch.Ten
     raise QloraGaError(ADAM_NEEDS_STARTS)
 
 
-#: ``(A0, B0)`` from a module's SVD factors, per gradient init method; a method missing here is an error
-#: (never another method's formula)
-START_FORMULAS = {
-    "lora-ga": lora_ga_factors,
-    "lora-ga-sign": lora_ga_factors,  # on the SVD of sign(G) (svd_transform)
-    "lora-ga-peft": lora_ga_peft_factors,
-    "lora-ga-adam": lora_ga_adam_factors,  # (its StartFactors are used as they are)
-    "lora-one": lora_one_factors,
-}
+@dataclass(frozen=True)
+class InitMethod:
+    """One adapter init method: how its adapters start and what that needs. Its default settings (lr, alpha, gamma,
+    rsLoRA) are in :data:`qlora_ga.methods.METHOD_DEFAULTS`, which the command line reads before torch loads."""
+
+    name: str
+    start: Callable | None = None  # (A0, B0) from a module's SVD factors; None: PEFT's own random start, no gradient pass
+    vectors_per_rank: int = 1  # singular triplets of G one unit of rank uses (LoRA-GA takes U[:, r:2r]: 2)
+    transform: Callable | None = None  # what the SVD is taken of (None: G itself)
+    residual: bool = False  # by default, a frozen residual keeps the function unchanged at init
+    peft_init: str | bool = True  # PEFT's ``init_lora_weights``: the start of a method without ``start``
+
+    @property
+    def needs_gradient(self) -> bool:
+        return self.start is not None
 
 
-def start_formula(method: str):
-    """The ``(A0, B0)`` formula of a gradient init method (:data:`START_FORMULAS`); one line for any other."""
+#: every init method, by name (:func:`init_method`); a name missing here is an error, never another method's start
+INITS: dict[str, InitMethod] = {m.name: m for m in (
+    InitMethod("lora-ga", lora_ga_factors, vectors_per_rank=2, residual=True),
+    InitMethod("lora-one", lora_one_factors),
+    InitMethod("gaussian", peft_init="gaussian"),
+    InitMethod("kaiming"),
+    InitMethod("lora-ga-sign", lora_ga_factors, vectors_per_rank=2, transform=torch.sign, residual=True),
+    InitMethod("lora-ga-adam", lora_ga_adam_factors, vectors_per_rank=2, residual=True),  # (its StartFactors as they are)
+    InitMethod("lora-ga-peft", lora_ga_peft_factors, vectors_per_rank=2, residual=True),
+)}
+
+
+def init_method(name: str) -> InitMethod:
+    """The registry's entry for ``name``; one line naming the known methods for any other."""
     try:
-        return START_FORMULAS[method]
+        return INITS[name]
     except KeyError:
-        raise QloraGaError(f"init '{method}' has no start formula: choose one of {', '.join(START_FORMULAS)}") from None
+        known = f"{did_you_mean(name, tuple(INITS))}: choose one of {', '.join(INITS)}"
+        if name in METHODS:  # in the table of defaults, not in the registry
+            raise QloraGaError(f"init '{name}' has no entry in the init registry (qlora_ga.init.INITS){known}") from None
+        raise QloraGaError(f"unknown init '{name}'{known}") from None
+
+
+def singular_vectors_needed(method: str, rank: int) -> int:
+    """How many singular triplets of G a method uses (LoRA-GA takes U[:, r:2r])."""
+    return init_method(method).vectors_per_rank * rank
+
+
+def svd_transform(method: str):
+    """What the SVD is taken of: ``sign(G)`` for lora-ga-sign, G otherwise."""
+    return init_method(method).transform
 
 
 @dataclass
@@ -169,7 +185,7 @@ def factor_reducer(method: str, rank: int, gamma: float | None = None, svd: str 
     base = svd_reducer(singular_vectors_needed(method, rank), svd, niter, svd_transform(method))
     if method != "lora-ga-adam":
         return base
-    gamma = METHOD_DEFAULTS[method]["gamma"] if gamma is None else gamma
+    gamma = method_defaults(method)["gamma"] if gamma is None else gamma
 
     def reduce(name: str, G: torch.Tensor) -> StartFactors:
         t = time.perf_counter()
@@ -214,27 +230,36 @@ def init_adapters(
     """
     from peft import LoraConfig, get_peft_model
 
-    check_method(method)
+    init = init_method(method)  # (before the model is touched)
     if not isinstance(rank, int) or rank <= 0:
         raise QloraGaError(f"--rank must be a positive integer, got {rank}")
-    gradient_method = method in GRADIENT_METHODS
-    if gradient_method and not factors:
+    if init.needs_gradient and not factors:
         raise QloraGaError(f"init '{method}' needs the gradient factors: run estimate_factors first")
-    make = start_formula(method) if gradient_method else None  # before the model is touched
-    if make is lora_ga_adam_factors and not all(isinstance(f, StartFactors) for f in factors.values()):
+    if init.start is lora_ga_adam_factors and not all(isinstance(f, StartFactors) for f in factors.values()):
         raise QloraGaError(ADAM_NEEDS_STARTS)
-    use_rslora = gradient_method if use_rslora is None else use_rslora
-    residual = method.startswith("lora-ga") if residual is None else residual
-    gamma = METHOD_DEFAULTS[method]["gamma"] if gamma is None else gamma
+    use_rslora = init.needs_gradient if use_rslora is None else use_rslora
+    residual = init.residual if residual is None else residual
+    gamma = method_defaults(method)["gamma"] if gamma is None else gamma
     config = LoraConfig(
         r=rank, lora_alpha=alpha, lora_dropout=lora_dropout, target_modules=list(resolve_targets(model, target_modules)),
         use_rslora=use_rslora, bias="none", task_type="CAUSAL_LM", rank_pattern=dict(rank_pattern or {}),
-        init_lora_weights="gaussian" if method == "gaussian" else True,
+        init_lora_weights=init.peft_init,
     )
     peft_model = get_peft_model(model, config)
-    if not gradient_method:
+    if not init.needs_gradient:
         return peft_model
-    compute_dtype = residual_dtype or getattr(model.config, "dtype", None) or torch.float32
+    vanilla = _set_starts(peft_model, factors, init, gamma, residual, residual_dtype or getattr(model.config, "dtype", None))
+    peft_model.qlora_ga_init = {"method": method, "rank": rank, "alpha": alpha, "gamma": gamma,
+                                "use_rslora": use_rslora, "residual": residual, "rank_pattern": dict(rank_pattern or {}),
+                                "vanilla_modules": vanilla}
+    return peft_model
+
+
+def _set_starts(peft_model, factors: dict, init: InitMethod, gamma: float, residual: bool, compute_dtype) -> list[str]:
+    """Each LoRA layer's (A0, B0) from its module's factors, and its residual; returns the modules with a zero
+    gradient, which keep PEFT's own (kaiming A, B = 0) start, as --init kaiming."""
+    method = init.name
+    compute_dtype = compute_dtype or torch.float32
     if isinstance(compute_dtype, str):
         compute_dtype = getattr(torch, compute_dtype)
     layers = lora_layers(peft_model)
@@ -255,7 +280,7 @@ def init_adapters(
             if has_no_gradient(f):
                 vanilla.append(name)  # (A, B) stay as PEFT made them
             else:
-                A0, B0 = (f.A0, f.B0) if isinstance(f, StartFactors) else make(f, r, gamma)
+                A0, B0 = (f.A0, f.B0) if isinstance(f, StartFactors) else init.start(f, r, gamma)
                 if not (torch.isfinite(A0).all() and torch.isfinite(B0).all()):
                     raise QloraGaError(f"the {method} start of {name} is not finite (gradient norm {f.grad_norm:.3g}): "
                                        "check the data and the model weights, or use --init kaiming")
@@ -265,7 +290,4 @@ def init_adapters(
                 # the frozen copy is made from the very values the adapter starts from (rounded to the
                 # compute dtype, as autocast rounds them), so the branch is exactly zero at init
                 attach_residual(layer, lora_A.weight, lora_B.weight, dtype=compute_dtype)
-    peft_model.qlora_ga_init = {"method": method, "rank": rank, "alpha": alpha, "gamma": gamma,
-                                "use_rslora": use_rslora, "residual": residual, "rank_pattern": dict(rank_pattern or {}),
-                                "vanilla_modules": vanilla}
-    return peft_model
+    return vanilla

@@ -494,22 +494,25 @@ def test_a_module_without_gradient_starts_as_vanilla_lora_and_is_reported(tiny_m
     assert len(list(iter_residuals(pm))) == (0 if method == "lora-one" else 21)
 
 
-def test_an_init_method_without_its_start_formula_is_an_error_not_lora_ga(fresh_model, monkeypatch):
+def test_an_init_method_without_its_registry_entry_is_an_error_not_lora_ga(fresh_model, monkeypatch):
     import qlora_ga.init as init_mod
     from qlora_ga.estimate import svd_reducer
-    from qlora_ga.methods import GRADIENT_METHODS, METHOD_DEFAULTS, METHODS
+    from qlora_ga.methods import GRADIENT_METHODS, METHODS
 
+    # the registry and the table of defaults name the same methods, and the same ones need the gradient pass
+    assert tuple(init_mod.INITS) == METHODS
+    assert tuple(m for m, i in init_mod.INITS.items() if i.needs_gradient) == GRADIENT_METHODS
     model, tok = fresh_model
     g = torch.Generator().manual_seed(0)
     factors = {n: svd_reducer(8, "exact")(n, torch.randn(m.out_features, m.in_features, generator=g))
                for n, m in target_linears(model).items()}
-    with pytest.raises(QloraGaError, match=r"^init 'pissa' has no start formula: choose one of lora-ga, "):
-        init_mod.start_formula("pissa")
-    # a method added to the table of methods but not to the formulas (it used to get LoRA-GA's start, unsaid)
+    with pytest.raises(QloraGaError, match=r"^unknown init 'pissa': choose one of lora-ga, "):
+        init_mod.init_method("pissa")
+    with pytest.raises(QloraGaError, match=r"^unknown init 'lora-gaa' \(did you mean 'lora-ga'\?\)"):
+        init_mod.singular_vectors_needed("lora-gaa", 4)
+    # a method added to the table of defaults but not to the registry (it used to get LoRA-GA's start, unsaid)
     monkeypatch.setattr(init_mod, "METHODS", (*METHODS, "lora-new"))
-    monkeypatch.setattr(init_mod, "GRADIENT_METHODS", (*GRADIENT_METHODS, "lora-new"))
-    monkeypatch.setattr(init_mod, "METHOD_DEFAULTS", {**METHOD_DEFAULTS, "lora-new": METHOD_DEFAULTS["lora-ga"]})
-    with pytest.raises(QloraGaError, match=r"^init 'lora-new' has no start formula") as e:
+    with pytest.raises(QloraGaError, match=r"^init 'lora-new' has no entry in the init registry") as e:
         init_adapters(model, factors, method="lora-new", rank=4)
     assert "\n" not in str(e.value)
     # lora-ga-adam's start is optimised inside the pass: plain SVD factors are an error (they gave LoRA-GA's start)
