@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from .. import distributed
 from ..compile import compile_stats, compiled
+from ..data.batch import count_label_tokens
 from ..data.packing import model_inputs
 from ..errors import QloraGaError
 from ..evaluate import evaluate_loss
@@ -185,7 +186,7 @@ def _start(model, tokenizer, train_data, eval_data, s: TrainSettings, out_dir: P
 def _step(run: _Run, item: dict, step: int) -> tuple[dict, float]:
     """One optimizer step over ``item``'s micro-batches; its metrics row and its loss."""
     t0 = time.perf_counter()
-    loss_sum = _accumulate(run, item)
+    loss_sum = accumulate_gradients(run.step_model, item, run.device, run.compute_dtype, run.scaler, run.world)
     run.scaler.unscale_(run.optimizer)
     if run.s.optim == "lora-one-precond":
         precondition_lora_grads(run.model, run.s.precond_lambda)
@@ -214,27 +215,37 @@ def _step(run: _Run, item: dict, step: int) -> tuple[dict, float]:
     return row, loss_val
 
 
-def _accumulate(run: _Run, item: dict) -> torch.Tensor:
-    """Forward and backward of the step's micro-batches, each weighted by its share of the step's label tokens;
-    the step's loss, summed on the device (fp64, like Python floats) until the step's one sync."""
+def accumulate_gradients(step_model, item: dict, device: torch.device, compute_dtype: torch.dtype,
+                         scaler: torch.amp.GradScaler | None = None, world: int = 1) -> torch.Tensor:
+    """Forward and backward of one optimizer step's micro-batches (``item``: :func:`step_item`, or one of
+    :class:`~qlora_ga.train.order.StepBatches`), each weighted by its share of the step's label tokens, so the
+    gradients are those of the step's token-weighted mean loss. Returns that loss, summed on the device (fp64, like
+    Python floats) until the step's one sync. The benchmarks time this very function."""
     n_tok = item["step_label_tokens"]  # every process's, counted on the host when collated: no device sync
-    loss_sum = torch.zeros((), dtype=torch.float64, device=run.device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     n_mb = len(item["micro_batches"])
     for i, (b, k) in enumerate(zip(item["micro_batches"], item["label_tokens"])):
-        if k == 0 and run.world == 1:
+        if k == 0 and world == 1:
             continue
-        b = {key: v.to(run.device, non_blocking=True) for key, v in b.items()}
+        b = {key: v.to(device, non_blocking=True) for key, v in b.items()}
         # several processes: their gradients are averaged once, on the last micro-batch
-        with no_sync(run.step_model, i < n_mb - 1), autocast(run.device, run.compute_dtype):
+        with no_sync(step_model, i < n_mb - 1), autocast(device, compute_dtype):
             if k:
-                loss = run.step_model(**model_inputs(b)).loss * (k / n_tok)  # token-weighted over the whole optimizer step
+                loss = step_model(**model_inputs(b)).loss * (k / n_tok)  # token-weighted over the whole optimizer step
             else:  # no label token: a zero loss keeps this process in the processes' gradient average
                 inputs = model_inputs({key: v for key, v in b.items() if key != "labels"})
-                loss = run.step_model(**inputs).logits.float().sum() * 0.0
+                loss = step_model(**inputs).logits.float().sum() * 0.0
             # x world: the average over processes of gradients whose weights already sum over all of them
-            run.scaler.scale(loss * run.world).backward()
+            scaled = loss * world
+            (scaler.scale(scaled) if scaler is not None else scaled).backward()
         loss_sum = loss_sum + loss.detach().double()
     return distributed.sum_tensor(loss_sum)
+
+
+def step_item(micro_batches: list[dict]) -> dict:
+    """One step's collated micro-batches (one process) in the form :func:`accumulate_gradients` takes."""
+    counts = [count_label_tokens(b["labels"]) for b in micro_batches]
+    return {"micro_batches": micro_batches, "label_tokens": counts, "step_label_tokens": sum(counts)}
 
 
 def _after_step(run: _Run, row: dict, loss: float, stop_after: int | None, on_saved, main_process: bool) -> None:
