@@ -395,6 +395,24 @@ def test_help_exits_zero(capsys):
     assert "--init_samples" in out and "lora-one-precond" in out
 
 
+def test_every_flag_the_readme_names_is_an_option_of_its_command():
+    """The README's flags are real: finetune's are FinetuneConfig fields (so YAML keys and --help lines too), the
+    others export's or evaluate's own options, or the launchers' and tools' the README quotes."""
+    import re
+
+    from qlora_ga.evaluate import build_parser as evaluate_parser
+    from qlora_ga.export.cli import build_parser as export_parser
+
+    options = {f"--{f.name}" for f in dataclasses.fields(FinetuneConfig)} | {"--help"}
+    options |= {o.replace("_", "-") for o in options}
+    for parser in (export_parser(), evaluate_parser()):
+        options |= {s for a in parser._actions for s in a.option_strings}
+    others = {"--no-deps", "--num_processes", "--nproc-per-node", "--multi_gpu", "--logdir", "--tiny"}
+    named = set(re.findall(r"(?<![\w-])--[a-z][\w-]*", (REPO / "README.md").read_text()))
+    assert named - options - others == set()
+    assert others - named == set()  # (a stale exception is an error too)
+
+
 def test_qlora_ga_subcommands_finetune_export_evaluate(capsys, tmp_path):
     from qlora_ga.cli import main
 

@@ -3,15 +3,16 @@ its checks, and the one-line errors every data step raises."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import field
 
+from ..config import step_settings
 from ..constants import FORMATS, OVERLONG
 from ..errors import QloraGaError
 
 
-@dataclass
-class DataConfig:
-    """Where the examples come from and how they are turned into token ids.
+#: where the examples come from and how they become token ids: the options of :class:`~qlora_ga.config.FinetuneConfig`
+#: declared with ``steps=("data", ...)``, plus the step's own fields below
+DataConfig = step_settings("DataConfig", "data", __name__, """Where the examples come from and how they are turned into token ids.
 
     ``dataset``: None -> the built-in arithmetic set (``make_arithmetic_examples(n_builtin, seed=0)``);
     a local .json/.jsonl/.csv/.parquet file or a folder of such files; or a hub id (``"id"`` or
@@ -19,23 +20,12 @@ class DataConfig:
     ``eval_split``: a fraction 0<f<1 (float or string like "0.05") of the examples held out by
     ``seed``, or a split name of the same dataset (for a local file: the sibling file of that name,
     e.g. ``train.jsonl`` -> ``test.jsonl``, or a path to a file). ``max_examples`` keeps the first N
-    records of the training split (file order, before shuffling and hold-out).
-    """
-
-    dataset: str | None = None
-    format: str = "auto"
-    prompt_column: str | None = None
-    response_column: str | None = None
-    messages_column: str | None = None
-    text_column: str | None = None
-    split: str = "train"
-    max_length: int = 512
-    overlong: str = "truncate"
-    eval_split: float | str | None = None
-    max_examples: int | None = None
-    n_builtin: int = 400
-    seed: int = 0
-    use_chat_template: bool | None = None
+    records of the training split (file order, before shuffling and hold-out).""", own=[
+    ("eval_split", "float | str | None", field(default=None)),  # the option's fraction as a number, or a split name
+    ("split", "str", field(default="train")),
+    ("max_examples", "int | None", field(default=None)),
+    ("use_chat_template", "bool | None", field(default=None)),
+])
 
 
 def _one_line(msg: str) -> str:

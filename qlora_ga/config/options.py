@@ -1,36 +1,20 @@
-"""Run settings: one dataclass for every option of ``scripts/finetune.py``, from CLI flags and/or YAML.
-
-``parse_config(argv)`` parses with transformers' :class:`~transformers.HfArgumentParser`. With
-``--config FILE.yaml`` the YAML keys (field names; dashes accepted) are the base and the flags given
-on the command line override them. Every mistake (unknown key or flag, a value of the wrong type,
-a value out of range) is raised as a one-line :class:`~qlora_ga.errors.QloraGaError`, never as
-``SystemExit`` (``--help`` still prints the help and exits 0).
-
-``None`` in ``lr``/``alpha``/``gamma`` means "the default of the chosen init method"
-(:data:`METHOD_DEFAULTS`); :func:`resolved` fills them in. ``save_yaml`` writes every field (except
-``config`` itself) so that ``parse_config(["--config", saved])`` gives the same settings back.
-
-This module is deliberately light (no torch import): the CLI can parse and validate before loading
-anything heavy.
+"""Every option of the ``qlora-ga finetune`` command, declared once: :class:`FinetuneConfig` (the field name is the
+flag and the YAML key, its metadata the help), and the steps' own settings derived from it (:func:`step_settings`,
+:func:`settings_for`). Deliberately light (no torch import): the command checks its arguments before anything
+heavy loads.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import yaml
-from transformers import HfArgumentParser
-
-from .constants import DEFAULT_TARGETS, FORMATS, OVERLONG
-from .errors import QloraGaError, did_you_mean
-from .fileio import atomic_write
-from .methods import GRADIENT_METHODS, METHOD_DEFAULTS, METHODS, default_lrs_text, method_defaults
+from ..constants import DEFAULT_TARGETS, FORMATS, OVERLONG
+from ..errors import QloraGaError, did_you_mean
+from ..methods import GRADIENT_METHODS, METHODS, default_lrs_text, method_defaults
 
 OPTIMS = ("paged_adamw_32bit", "paged_adamw_8bit", "adamw", "lora-one-precond", "prodigy")
 RANK_ALLOCATIONS = ("uniform", "gradient")
@@ -48,9 +32,17 @@ CHOICE_FIELDS = {"init": METHODS, "optim": OPTIMS, "rank_allocation": RANK_ALLOC
                  "merged_dtype": MERGED_DTYPES, "compute_dtype": COMPUTE_DTYPES, "report_to": REPORT_TO}
 
 
-def _f(default, help: str, **extra):
-    """A dataclass field with argparse metadata (``help`` plus e.g. ``choices``)."""
-    return field(default=default, metadata={"help": help, **extra})
+#: the options each step's own settings take (``steps=`` of :func:`_f`): their Field objects, in declaration order
+_STEP_FIELDS: dict[str, list] = {"data": [], "train": []}
+
+
+def _f(default, help: str, steps: tuple[str, ...] = (), **extra):
+    """A dataclass field with argparse metadata (``help`` plus e.g. ``choices``); ``steps``: the steps whose settings
+    (:func:`step_settings`: ``DataConfig``, ``TrainSettings``) take it too, under the same name and default."""
+    f = field(default=default, metadata={"help": help, **extra})
+    for step in steps:
+        _STEP_FIELDS[step].append(f)
+    return f
 
 
 @dataclass
@@ -61,18 +53,20 @@ class FinetuneConfig:
     # --- model and data ---
     model: str | None = _f(None, "hub id, local model folder or .gguf file; default: the built-in SmolLM2-135M-Instruct GGUF")
     dataset: str | None = _f(
-        None, "hub dataset id, or a local .json/.jsonl/.csv/.parquet file or folder; default: the built-in arithmetic word problems"
+        None, "hub dataset id, or a local .json/.jsonl/.csv/.parquet file or folder; default: the built-in arithmetic word problems",
+        steps=("data",),
     )
-    format: str = _f("auto", "how examples are turned into prompt/response text", choices=FORMATS)
-    prompt_column: str | None = _f(None, "column holding the prompt (prompt-response format); default: guessed")
-    response_column: str | None = _f(None, "column holding the response (prompt-response format); default: guessed")
-    messages_column: str | None = _f(None, "column holding chat messages (messages format); default: 'messages'")
-    text_column: str | None = _f(None, "column holding plain text (text format); default: 'text'")
-    max_length: int = _f(512, "maximum tokens per example (prompt + response)")
-    overlong: str = _f("truncate", "what to do with examples longer than --max_length", choices=OVERLONG)
-    n_builtin: int = _f(400, "number of examples of the built-in arithmetic dataset")
+    format: str = _f("auto", "how examples are turned into prompt/response text", choices=FORMATS, steps=("data",))
+    prompt_column: str | None = _f(None, "column holding the prompt (prompt-response format); default: guessed", steps=("data",))
+    response_column: str | None = _f(None, "column holding the response (prompt-response format); default: guessed", steps=("data",))
+    messages_column: str | None = _f(None, "column holding chat messages (messages format); default: 'messages'", steps=("data",))
+    text_column: str | None = _f(None, "column holding plain text (text format); default: 'text'", steps=("data",))
+    max_length: int = _f(512, "maximum tokens per example (prompt + response)", steps=("data", "train"))
+    overlong: str = _f("truncate", "what to do with examples longer than --max_length", choices=OVERLONG, steps=("data",))
+    n_builtin: int = _f(400, "number of examples of the built-in arithmetic dataset", steps=("data",))
     eval_split: str | None = _f(
-        None, "held-out data: a fraction of the training data ('0.05') or a dataset split name ('test'); default: none"
+        None, "held-out data: a fraction of the training data ('0.05') or a dataset split name ('test'); default: none",
+        steps=("data",),
     )
 
     # --- adapters and their initialisation ---
@@ -93,30 +87,30 @@ class FinetuneConfig:
     lora_dropout: float = _f(0.0, "dropout on the adapter input")
 
     # --- training ---
-    batch_size: int = _f(4, "sequences per micro-batch during training")
-    grad_accum: int = _f(4, "gradient accumulation steps (effective batch = batch_size * grad_accum)")
+    batch_size: int = _f(4, "sequences per micro-batch during training", steps=("train",))
+    grad_accum: int = _f(4, "gradient accumulation steps (effective batch = batch_size * grad_accum)", steps=("train",))
     lr: str | None = _f(None, f"peak learning rate, or 'auto': set from a line search along Adam's first step after the "
                             f"init (qlora_ga/train/autolr.py; costs a few training steps); default: method default "
-                            f"({default_lrs_text()}); with --optim prodigy {PRODIGY_LR:g} (a multiplier of its own step size)")
-    epochs: float = _f(1.0, "training epochs (used when --max_steps is -1)")
-    max_steps: int = _f(-1, "optimizer steps; -1: use --epochs; 0: initialise the adapters and save, no training")
-    warmup: float = _f(0.03, "linear warmup: a fraction of the steps if < 1, else a number of steps")
-    weight_decay: float = _f(0.0, "AdamW weight decay")
-    max_grad_norm: float = _f(1.0, "gradient-norm clipping threshold (0: no clipping)")
-    optim: str = _f("paged_adamw_32bit", "optimizer ('prodigy': learning-rate-free Adam, the prodigyopt package)", choices=OPTIMS)
-    seed: int = _f(0, "random seed")
+                            f"({default_lrs_text()}); with --optim prodigy {PRODIGY_LR:g} (a multiplier of its own step size)", steps=("train",))
+    epochs: float = _f(1.0, "training epochs (used when --max_steps is -1)", steps=("train",))
+    max_steps: int = _f(-1, "optimizer steps; -1: use --epochs; 0: initialise the adapters and save, no training", steps=("train",))
+    warmup: float = _f(0.03, "linear warmup: a fraction of the steps if < 1, else a number of steps", steps=("train",))
+    weight_decay: float = _f(0.0, "AdamW weight decay", steps=("train",))
+    max_grad_norm: float = _f(1.0, "gradient-norm clipping threshold (0: no clipping)", steps=("train",))
+    optim: str = _f("paged_adamw_32bit", "optimizer ('prodigy': learning-rate-free Adam, the prodigyopt package)", choices=OPTIMS, steps=("train",))
+    seed: int = _f(0, "random seed", steps=("data", "train"))
     no_gradient_checkpointing: bool = _f(False, "disable gradient checkpointing (faster, more memory)")
-    group_by_length: bool = _f(False, "batch sequences of similar length together (less padding; the order stays seeded and resumable)")
+    group_by_length: bool = _f(False, "batch sequences of similar length together (less padding; the order stays seeded and resumable)", steps=("train",))
     padding_free: bool = _f(True, "flatten each micro-batch into one row without padding (position_ids restart per sequence; "
                                   "same sequences, same loss), in training and the gradient pass, where the model's attention "
-                                  "supports it (checked per model; padded otherwise, the run says why); false: always pad")
+                                  "supports it (checked per model; padded otherwise, the run says why); false: always pad", steps=("train",))
     packing: bool = _f(False, "pack whole sequences into rows of --max_length tokens (best-fit decreasing over a shuffled "
                               "window; none split, attention within each); --batch_size then counts rows, so a step is a "
-                              "token budget of batch_size * grad_accum * max_length; refused for a model without that support")
+                              "token budget of batch_size * grad_accum * max_length; refused for a model without that support", steps=("train",))
     compile: bool = _f(False, "torch.compile each decoder block for training (compiled once per block shape on the first "
-                              "step; graph breaks and compile time reported; falls back to eager where it cannot compile)")
+                              "step; graph breaks and compile time reported; falls back to eager where it cannot compile)", steps=("train",))
     fused_lora: bool = _f(False, "each 4-bit LoRA linear (with its residual) as one autograd op with a hand-derived backward "
-                                 "(the same forward bits; gradients within rounding of PEFT's); PEFT's forward where it does not apply")
+                                 "(the same forward bits; gradients within rounding of PEFT's); PEFT's forward where it does not apply", steps=("train",))
     liger: bool = _f(False, "CUDA only: Liger Kernel's fused Triton kernels (RMSNorm, RoPE, SwiGLU, fused linear cross-entropy); needs pip install 'qlora-ga[liger]'")
     device: str | None = _f(None, "device ('cuda', 'cuda:1', 'cpu'); default: the current GPU, else CPU")
     compute_dtype: str = _f(
@@ -125,10 +119,10 @@ class FinetuneConfig:
     )
 
     # --- evaluation, logging, checkpoints, export ---
-    eval_every: int = _f(0, "evaluate every N optimizer steps (0: only at the end)")
-    save_every: int = _f(0, "save a checkpoint every N optimizer steps (0: only at the end)")
-    save_total_limit: int | None = _f(None, "keep only the newest N checkpoints (older ones are deleted once a newer one is saved); default: all")
-    log_every: int = _f(1, "log metrics every N optimizer steps")
+    eval_every: int = _f(0, "evaluate every N optimizer steps (0: only at the end)", steps=("train",))
+    save_every: int = _f(0, "save a checkpoint every N optimizer steps (0: only at the end)", steps=("train",))
+    save_total_limit: int | None = _f(None, "keep only the newest N checkpoints (older ones are deleted once a newer one is saved); default: all", steps=("train",))
+    log_every: int = _f(1, "log metrics every N optimizer steps", steps=("train",))
     report_to: str = _f(
         "none", "also send the metrics and the run config to tensorboard (OUTPUT_DIR/tensorboard) or wandb "
         "(WANDB_MODE=offline logs without an account)", choices=REPORT_TO,
@@ -190,7 +184,7 @@ class FinetuneConfig:
     # ---- the steps' own settings ----
     def data_config(self):
         """The :class:`~qlora_ga.data.DataConfig` of this run (see :func:`settings_for`)."""
-        from .data.config import DataConfig
+        from ..data.config import DataConfig
 
         eval_split = self.eval_fraction if self.eval_fraction is not None else self.eval_split_name
         return settings_for(self, DataConfig, eval_split=eval_split)
@@ -198,7 +192,7 @@ class FinetuneConfig:
     def train_settings(self):
         """The :class:`~qlora_ga.train.TrainSettings` of this run (see :func:`settings_for`); ``lr`` as given, so
         call it on :func:`resolved` settings."""
-        from .train import TrainSettings
+        from ..train import TrainSettings
 
         return settings_for(self, TrainSettings, gradient_checkpointing=not self.no_gradient_checkpointing)
 
@@ -299,6 +293,21 @@ def _as_float(s: str | None) -> float | None:
 FIELD_NAMES = tuple(f.name for f in dataclasses.fields(FinetuneConfig))
 
 
+def step_settings(name: str, step: str, module: str, doc: str, own: list[tuple] = ()) -> type:
+    """A step's settings dataclass: every option of :class:`FinetuneConfig` tagged with ``step`` (its name, type,
+    default and help), in the order declared there, then ``own`` (``(name, type, field)`` tuples: the step's settings
+    that are no option of the command, or an option's derived form under its own name, which then replaces it).
+
+    This is what makes an option one edit: declared once in :class:`FinetuneConfig` with ``steps=``, it is a CLI
+    flag, a YAML key, a line of ``--help`` and a field of each step that reads it."""
+    replaced = {spec[0]: spec for spec in own}
+    specs = [replaced.pop(f.name, None) or (f.name, f.type, field(default=f.default, metadata=f.metadata))
+             for f in dataclasses.fields(FinetuneConfig) if any(f is g for g in _STEP_FIELDS[step])]
+    cls = dataclasses.make_dataclass(name, specs + list(replaced.values()))
+    cls.__module__, cls.__doc__ = module, doc  # (pickled by name, e.g. into DataLoader workers)
+    return cls
+
+
 def settings_for(cfg: FinetuneConfig, cls, **derived):
     """An instance of the dataclass ``cls`` (a step's own settings, e.g. ``DataConfig``, ``TrainSettings``) with every
     field that ``FinetuneConfig`` has under the same name taken from ``cfg``, and ``derived`` for the others.
@@ -319,160 +328,3 @@ def resolved(cfg: FinetuneConfig) -> FinetuneConfig:
         alpha=d["alpha"] if cfg.alpha is None else cfg.alpha,
         gamma=d["gamma"] if cfg.gamma is None else cfg.gamma,
     )
-
-
-# ---------------------------------------------------------------------------------------------
-# parsing
-# ---------------------------------------------------------------------------------------------
-class _Parser(HfArgumentParser):
-    """HfArgumentParser whose errors are QloraGaError one-liners instead of usage + SystemExit(2)."""
-
-    source = "command line"
-
-    def error(self, message: str):  # argparse calls this for every parse error
-        message = " ".join(str(message).split())
-        if self.source != "command line":  # a YAML value: name the key, not the flag
-            message = re.sub(r"argument --([\w-]+)(?:/--[\w-]+)*", lambda m: f"key '{m.group(1)}'", message)
-        raise QloraGaError(f"{self.source}: {message}: run with --help to list the options and their values")
-
-
-def make_parser(prog: str | None = None) -> HfArgumentParser:
-    """The HfArgumentParser of :class:`FinetuneConfig` (errors raise QloraGaError; no abbreviations)."""
-    return _Parser(
-        FinetuneConfig,
-        prog=prog,
-        allow_abbrev=False,
-        description="LoRA-GA / LoRA-One fine-tuning of a causal LM on a 4-bit base (qlora-ga finetune; the other "
-                    "commands: qlora-ga export --help, qlora-ga evaluate --help).",
-    )
-
-
-def _parse(parser: _Parser, args: list[str], source: str) -> FinetuneConfig:
-    parser.source = source
-    try:
-        cfg, remaining = parser.parse_args_into_dataclasses(args=args, return_remaining_strings=True, look_for_args_file=False)
-    finally:
-        parser.source = "command line"
-    if remaining:
-        flags = [a for a in remaining if a.startswith("-")]
-        hint = did_you_mean(flags[0].lstrip("-").replace("-", "_"), FIELD_NAMES) if flags else ""
-        raise QloraGaError(
-            f"{source}: unknown option(s) {' '.join(remaining)}{hint}: run with --help to list the options"
-        )
-    return cfg
-
-
-def _yaml_value_to_arg(name: str, value: Any, path: str) -> str:
-    """Render one YAML value as the string the CLI flag would take (argparse then converts it)."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, float):
-        return repr(value)
-    if isinstance(value, (int, str)):
-        return str(value)
-    if name == "target_modules" and isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
-        return ",".join(value)
-    raise QloraGaError(f"config {path}: key '{name}' has a {type(value).__name__} value {value!r}: give a single value")
-
-
-def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a config YAML into ``{field name: value}`` (dashes in keys become underscores).
-
-    Unknown keys, a nested ``config`` key and non-mapping files raise QloraGaError.
-    """
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise QloraGaError(f"config file '{path}' does not exist: check the path given to --config")
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        where = getattr(e, "problem_mark", None)
-        loc = f" at line {where.line + 1}" if where is not None else ""
-        raise QloraGaError(f"config {path}: not valid YAML{loc}: fix the syntax (one 'key: value' per line)") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise QloraGaError(f"config {path}: expected a mapping of 'key: value' lines, got a {type(data).__name__}")
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        name = str(key).strip().replace("-", "_")
-        if name == "config":
-            raise QloraGaError(f"config {path}: key 'config' cannot be used inside a config file: remove it")
-        if name not in FIELD_NAMES:
-            raise QloraGaError(
-                f"config {path}: unknown key '{key}'{did_you_mean(name, FIELD_NAMES)}: run with --help to list the options"
-            )
-        if name in out:
-            raise QloraGaError(f"config {path}: key '{key}' is given twice: keep one")
-        out[name] = value
-    return out
-
-
-def _yaml_to_args(values: dict[str, Any], path: str) -> list[str]:
-    defaults = {f.name: f.default for f in dataclasses.fields(FinetuneConfig)}
-    args: list[str] = []
-    for name, value in values.items():
-        if value is None:
-            if defaults[name] is not None:
-                raise QloraGaError(f"config {path}: key '{name}' is empty: give a value or remove the line")
-            continue  # None is the default of every optional field
-        args.append(f"--{name}={_yaml_value_to_arg(name, value, path)}")
-    return args
-
-
-def parse_config(argv: list[str] | None = None) -> FinetuneConfig:
-    """Parse ``argv`` (default: ``sys.argv[1:]``) into a validated :class:`FinetuneConfig`.
-
-    With ``--config FILE.yaml`` the file's values are the base and the other flags override them.
-    ``lr``/``alpha``/``gamma`` stay None when not given: use :func:`resolved` for the numbers.
-    """
-    import sys
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = make_parser()
-    cfg = _parse(parser, argv, "command line")  # checks the flags, finds --config
-    if cfg.config is not None:
-        values = load_yaml(cfg.config)
-        yaml_args = _yaml_to_args(values, cfg.config)
-        _parse(parser, yaml_args, f"config {cfg.config}")  # attribute type errors to the file
-        cfg = _parse(parser, yaml_args + argv, "command line")
-    return cfg.validate()
-
-
-# ---------------------------------------------------------------------------------------------
-# saving
-# ---------------------------------------------------------------------------------------------
-def to_dict(cfg: FinetuneConfig) -> dict[str, Any]:
-    """All fields except ``config`` (the path of the file the settings were read from)."""
-    return {k: v for k, v in dataclasses.asdict(cfg).items() if k != "config"}
-
-
-def save_yaml(cfg: FinetuneConfig, path: str | os.PathLike) -> Path:
-    """Write every setting (except ``config``) to ``path`` atomically; ``--config path`` reads it back."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = "# qlora-ga run settings (re-run with: scripts/finetune.py --config this-file)\n"
-    text += yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=False, allow_unicode=True)
-    atomic_write(path, text)
-    return path
-
-
-__all__ = [
-    "FinetuneConfig",
-    "METHOD_DEFAULTS",
-    "METHODS",
-    "OPTIMS",
-    "FORMATS",
-    "OVERLONG",
-    "MERGED_DTYPES",
-    "COMPUTE_DTYPES",
-    "GGUF_TYPES",
-    "REPORT_TO",
-    "make_parser",
-    "parse_config",
-    "load_yaml",
-    "method_defaults",
-    "resolved",
-    "save_yaml",
-    "to_dict",
-]
