@@ -176,52 +176,9 @@ def find_lr(model, examples: list[dict], pad_token_id: int, *, start: float, ste
         if not any(bool(d.any()) for d in direction):
             raise QloraGaError("--lr auto: the adapters get no gradient on the first step's sequences: pass --lr")
 
-        @torch.no_grad()
-        def loss_at(eta: float) -> float:
-            for p, p0, d in zip(params, saved, direction):
-                p.copy_(p0 - eta * d)
-            total = 0.0
-            for b, n in zip(batches, counts):
-                with autocast(device, compute_dtype):
-                    total += model(**b).loss.item() * n
-            value = total / n_tok
-            return value if math.isfinite(value) else math.inf
-
-        points: dict[float, float] = {}
-
-        def f(eta: float) -> float:
-            eta = float(f"{eta:.12g}")  # (eta * sqrt(2) * sqrt(2) is 2 * eta)
-            if eta not in points:
-                if len(points) >= MAX_POINTS:
-                    raise QloraGaError(
-                        f"--lr auto: no minimum of the loss along Adam's first step within {MAX_POINTS} points from "
-                        f"{start:g} (last tried {eta:g}): pass --lr"
-                    )
-                points[eta] = loss_at(eta)
-            return points[eta]
-
-        eta = start
-        while True:  # walk by factors of 2 until the middle of three points is the lowest
-            if f(2 * eta) < f(eta):
-                eta *= 2
-            elif f(eta / 2) < f(eta):
-                eta /= 2
-            else:
-                break
-        if not math.isfinite(f(eta)):  # the walk stops at once when every point is inf: never a silent lr
-            tried = sorted(points)
-            raise QloraGaError(
-                f"--lr auto: the loss is not finite after any step tried along Adam's first update ({len(tried)} "
-                f"steps from {tried[0]:g} to {tried[-1]:g}; {loss0:.4f} at the init){_hint(fp16)}"
-            )
-        # the vertex of a parabola in log(eta) through three points, then once more at half the spacing
-        # around the nearer half-step point (the loss rises faster above eta* than below: a wide
-        # parabola's vertex sits low)
-        x, _ = _vertex(f(eta / 2), f(eta), f(2 * eta))
-        eta = eta * 2 ** (round(2 * x) / 2)
-        r = 2**0.5
-        x, at = _vertex(f(eta / r), f(eta), f(eta * r))
-        eta_star = eta * r**x
+        points: dict[float, float] = {}  # eta -> the loss after Adam's first step of that size
+        f = _loss_along(model, params, saved, direction, batches, counts, n_tok, device, compute_dtype, points, start)
+        eta_star, at = _search(f, start, points, loss0, fp16)
     finally:
         if gradient_checkpointing:
             checkpointing(model, False)
@@ -234,3 +191,58 @@ def find_lr(model, examples: list[dict], pad_token_id: int, *, start: float, ste
                     loss_start=loss0, loss_at_eta=at, sequences=len(examples), label_tokens=n_tok,
                     points=[[e, y] for e, y in points.items()], seconds=round(time.perf_counter() - t0, 2),
                     loss_scale=scale)
+
+
+def _loss_along(model, params, saved, direction, batches, counts, n_tok: int, device, compute_dtype, points: dict,
+                start: float):
+    """``f(eta)``: the mean loss of the first step's sequences after Adam's first step of size ``eta`` (forward passes
+    only; inf where not finite), each ``eta`` evaluated once (kept in ``points``), at most MAX_POINTS of them."""
+
+    @torch.no_grad()
+    def loss_at(eta: float) -> float:
+        for p, p0, d in zip(params, saved, direction):
+            p.copy_(p0 - eta * d)
+        total = 0.0
+        for b, n in zip(batches, counts):
+            with autocast(device, compute_dtype):
+                total += model(**b).loss.item() * n
+        value = total / n_tok
+        return value if math.isfinite(value) else math.inf
+
+    def f(eta: float) -> float:
+        eta = float(f"{eta:.12g}")  # (eta * sqrt(2) * sqrt(2) is 2 * eta)
+        if eta not in points:
+            if len(points) >= MAX_POINTS:
+                raise QloraGaError(
+                    f"--lr auto: no minimum of the loss along Adam's first step within {MAX_POINTS} points from "
+                    f"{start:g} (last tried {eta:g}): pass --lr"
+                )
+            points[eta] = loss_at(eta)
+        return points[eta]
+
+    return f
+
+
+def _search(f, start: float, points: dict, loss0: float, fp16: bool) -> tuple[float, float]:
+    """``(eta*, the loss there)``: walk from ``start`` by factors of 2 until the middle of three points is the lowest,
+    then the vertex of a parabola in log(eta) through three points, and once more at half the spacing around the
+    nearer half-step point (the loss rises faster above eta* than below: a wide parabola's vertex sits low)."""
+    eta = start
+    while True:
+        if f(2 * eta) < f(eta):
+            eta *= 2
+        elif f(eta / 2) < f(eta):
+            eta /= 2
+        else:
+            break
+    if not math.isfinite(f(eta)):  # the walk stops at once when every point is inf: never a silent lr
+        tried = sorted(points)
+        raise QloraGaError(
+            f"--lr auto: the loss is not finite after any step tried along Adam's first update ({len(tried)} "
+            f"steps from {tried[0]:g} to {tried[-1]:g}; {loss0:.4f} at the init){_hint(fp16)}"
+        )
+    x, _ = _vertex(f(eta / 2), f(eta), f(2 * eta))
+    eta = eta * 2 ** (round(2 * x) / 2)
+    r = 2**0.5
+    x, at = _vertex(f(eta / r), f(eta), f(eta * r))
+    return eta * r**x, at
