@@ -184,16 +184,12 @@ class FinetuneConfig:
     # ---- the steps' own settings ----
     def data_config(self):
         """The :class:`~qlora_ga.data.DataConfig` of this run (see :func:`settings_for`)."""
-        from ..data.config import DataConfig
-
         eval_split = self.eval_fraction if self.eval_fraction is not None else self.eval_split_name
         return settings_for(self, DataConfig, eval_split=eval_split)
 
     def train_settings(self):
         """The :class:`~qlora_ga.train.TrainSettings` of this run (see :func:`settings_for`); ``lr`` as given, so
         call it on :func:`resolved` settings."""
-        from ..train import TrainSettings
-
         return settings_for(self, TrainSettings, gradient_checkpointing=not self.no_gradient_checkpointing)
 
     # ---- checks ----
@@ -328,3 +324,32 @@ def resolved(cfg: FinetuneConfig) -> FinetuneConfig:
         alpha=d["alpha"] if cfg.alpha is None else cfg.alpha,
         gamma=d["gamma"] if cfg.gamma is None else cfg.gamma,
     )
+
+
+# ---- the steps' own settings (filled by settings_for) ----
+
+#: the training step's settings: the options declared with ``steps=("train", ...)``, plus the step's own fields below
+TrainSettings = step_settings("TrainSettings", "train", __name__, """The training step's settings (see
+:func:`step_settings`): the run's options tagged ``train`` and the loop's own fields.""", own=[
+    ("lr", "float", field(default=5e-5)),  # the peak lr as a number ('auto' and the method default are resolved before)
+    ("gradient_checkpointing", "bool", field(default=True)),  # from --no_gradient_checkpointing
+    ("precond_lambda", "float", field(default=1e-6)),  # --optim lora-one-precond's damping
+    ("num_workers", "int | None", field(default=None)),  # DataLoader workers; None: 2 on CUDA, 0 (main process) elsewhere
+])
+
+#: where the examples come from and how they become token ids: the options declared with ``steps=("data", ...)``,
+#: plus the step's own fields below
+DataConfig = step_settings("DataConfig", "data", __name__, """Where the examples come from and how they are turned into token ids.
+
+    ``dataset``: None -> the built-in arithmetic set (``make_arithmetic_examples(n_builtin, seed=0)``);
+    a local .json/.jsonl/.csv/.parquet file or a folder of such files; or a hub id (``"id"`` or
+    ``"id:config"``, e.g. ``"openai/gsm8k:main"``) loaded with ``datasets.load_dataset(id, split=split)``.
+    ``eval_split``: a fraction 0<f<1 (float or string like "0.05") of the examples held out by
+    ``seed``, or a split name of the same dataset (for a local file: the sibling file of that name,
+    e.g. ``train.jsonl`` -> ``test.jsonl``, or a path to a file). ``max_examples`` keeps the first N
+    records of the training split (file order, before shuffling and hold-out).""", own=[
+    ("eval_split", "float | str | None", field(default=None)),  # the option's fraction as a number, or a split name
+    ("split", "str", field(default="train")),
+    ("max_examples", "int | None", field(default=None)),
+    ("use_chat_template", "bool | None", field(default=None)),
+])

@@ -1,31 +1,11 @@
-"""Data settings: :class:`DataConfig` (where the examples come from and how they become token ids),
-its checks, and the one-line errors every data step raises."""
+"""Data settings: :class:`DataConfig` (where the examples come from and how they become token ids; declared with
+the run's options in :mod:`qlora_ga.config`), its checks, and the one-line errors every data step raises."""
 
 from __future__ import annotations
 
-from dataclasses import field
-
-from ..config import step_settings
+from ..config import DataConfig
 from ..constants import FORMATS, OVERLONG
 from ..errors import QloraGaError
-
-
-#: where the examples come from and how they become token ids: the options of :class:`~qlora_ga.config.FinetuneConfig`
-#: declared with ``steps=("data", ...)``, plus the step's own fields below
-DataConfig = step_settings("DataConfig", "data", __name__, """Where the examples come from and how they are turned into token ids.
-
-    ``dataset``: None -> the built-in arithmetic set (``make_arithmetic_examples(n_builtin, seed=0)``);
-    a local .json/.jsonl/.csv/.parquet file or a folder of such files; or a hub id (``"id"`` or
-    ``"id:config"``, e.g. ``"openai/gsm8k:main"``) loaded with ``datasets.load_dataset(id, split=split)``.
-    ``eval_split``: a fraction 0<f<1 (float or string like "0.05") of the examples held out by
-    ``seed``, or a split name of the same dataset (for a local file: the sibling file of that name,
-    e.g. ``train.jsonl`` -> ``test.jsonl``, or a path to a file). ``max_examples`` keeps the first N
-    records of the training split (file order, before shuffling and hold-out).""", own=[
-    ("eval_split", "float | str | None", field(default=None)),  # the option's fraction as a number, or a split name
-    ("split", "str", field(default="train")),
-    ("max_examples", "int | None", field(default=None)),
-    ("use_chat_template", "bool | None", field(default=None)),
-])
 
 
 def _one_line(msg: str) -> str:

@@ -6,15 +6,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from ..errors import QloraGaError
-
-if TYPE_CHECKING:
-    from .engine import PassReport
+from .report import PassReport
 
 
 def _free_bytes(device: torch.device) -> int:

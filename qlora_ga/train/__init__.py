@@ -1,7 +1,7 @@
 """Step 4 of the pipeline: adapter training (docs/DESIGN.md section 5).
 
 - :mod:`.loop`: :func:`train`, the loop itself;
-- :mod:`.settings`: :class:`TrainSettings`;
+- :class:`TrainSettings` (declared with the run's options in :mod:`qlora_ga.config`);
 - :mod:`.order`: which sequences each step trains on (a pure function of data, seed and step) and the run's length;
 - :mod:`.optim`: the optimizers;
 - :mod:`.checkpoint`: atomic checkpoints, verified and resumed exactly;
@@ -17,7 +17,7 @@ from .optim import build_optimizer, precondition_lora_grads, trainable_parameter
 from .order import (LENGTH_GROUP_MICRO_BATCHES, StepBatches, epoch_order, micro_batches_for_step, step_loader,
                     total_steps, warmup_steps)
 from .runtime import checkpointing
-from .settings import TrainSettings
+from ..config import TrainSettings
 
 __all__ = ["CHECKPOINTS", "LENGTH_GROUP_MICRO_BATCHES", "NonFiniteLoss", "StepBatches", "TrainSettings", "accumulate_gradients",
            "build_optimizer", "step_item",

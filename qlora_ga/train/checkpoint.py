@@ -17,7 +17,7 @@ from ..errors import QloraGaError
 from ..fileio import atomic_dir
 from ..residual import load_residual_state_dict, residual_state_dict
 from .optim import follow_settings
-from .settings import TrainSettings
+from ..config import TrainSettings
 
 CHECKPOINTS = "checkpoints"
 #: a checkpoint's files. Its top level is a PEFT adapter folder of the model at that step (``adapter_config.json``,

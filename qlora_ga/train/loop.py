@@ -26,7 +26,7 @@ from .checkpoint import load_training_state, save_checkpoint
 from .optim import build_optimizer, precondition_lora_grads, trainable_parameters
 from .order import step_loader, total_steps, warmup_steps
 from .runtime import checkpointing, data_parallel, no_sync, peak_memory_gib
-from .settings import TrainSettings
+from ..config import TrainSettings
 
 
 class NonFiniteLoss(QloraGaError):

@@ -8,7 +8,7 @@ import warnings
 import torch
 
 from ..errors import QloraGaError
-from .settings import TrainSettings
+from ..config import TrainSettings
 
 
 def trainable_parameters(model) -> list[torch.nn.Parameter]:

@@ -10,7 +10,7 @@ import torch
 
 from .. import distributed
 from ..data.batch import collate, count_label_tokens
-from .settings import TrainSettings
+from ..config import TrainSettings
 
 
 def total_steps(n_train: int, s: TrainSettings, world: int = 1, train: list[dict] | None = None) -> int:
