@@ -114,7 +114,7 @@ def compile_stats(report: CompileReport) -> CompileReport:
 
 def compiled_switch(model):
     """After :func:`compile_blocks`: a function turning the compiled forwards on (True) or off (False), so that one
-    model can be timed both ways (``scripts/bench_step.py --compile``)."""
+    model can be timed both ways (``benchmarks/bench_step.py --compile``)."""
     mods = [(m, m._compiled_call_impl) for m in unwrap(model).modules() if m._compiled_call_impl is not None]
 
     def switch(on: bool):

@@ -47,7 +47,7 @@ def test_bench_convergence_quick(tmp_path, tiny_model_dir):
     data = tmp_path / "gsm8k"
     _write_gsm8k(data)
     out, png = tmp_path / "bench" / "convergence.jsonl", tmp_path / "bench" / "convergence.png"
-    proc = _run([str(ROOT / "scripts" / "bench_convergence.py"), "--quick", "--model", str(tiny_model_dir),
+    proc = _run([str(ROOT / "benchmarks" / "bench_convergence.py"), "--quick", "--model", str(tiny_model_dir),
                  "--data-dir", str(data), "--methods", "gaussian,lora-ga", "--steps", "2", "--gamma", "8", "--out", str(out),
                  "--plot", str(png), "--workdir", str(tmp_path / "work")], tmp_path)
     rows = _rows(out)
@@ -70,7 +70,7 @@ def test_bench_convergence_quick(tmp_path, tiny_model_dir):
     assert (tmp_path / "work").is_dir() and not any((tmp_path / "work").iterdir())
     # the pooled report reads the same file: one row per (method, lr), the run's own final held-out loss
     pooled_png = tmp_path / "pooled.png"
-    rep = _run([str(ROOT / "scripts" / "bench_report.py"), str(out), "--plot", str(pooled_png), "--plot-best-only"], tmp_path)
+    rep = _run([str(ROOT / "benchmarks" / "bench_report.py"), str(out), "--plot", str(pooled_png), "--plot-best-only"], tmp_path)
     assert pooled_png.is_file() and pooled_png.stat().st_size > 1000
     table = [line for line in rep.stdout.splitlines() if line.startswith("| gaussian") or line.startswith("| lora-ga")]
     assert len(table) == 2
@@ -86,7 +86,7 @@ def test_bench_convergence_quick(tmp_path, tiny_model_dir):
 def _load_report():
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("bench_report", ROOT / "scripts" / "bench_report.py")
+    spec = importlib.util.spec_from_file_location("bench_report", ROOT / "benchmarks" / "bench_report.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -171,11 +171,11 @@ def test_bench_report_shows_lr_auto_runs_as_their_own_row_with_the_lrs_they_chos
 
 
 def test_bench_svd_measures_the_randomized_svd_against_the_exact_one(tmp_path, tiny_model_dir, capsys):
-    """scripts/bench_svd.py on the tiny model: a row per setting; the power iterations bring the randomized subspaces
+    """benchmarks/bench_svd.py on the tiny model: a row per setting; the power iterations bring the randomized subspaces
     toward the exact ones (the measurement the init's SVD defaults rest on, RESULTS 14)."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("bench_svd", ROOT / "scripts" / "bench_svd.py")
+    spec = importlib.util.spec_from_file_location("bench_svd", ROOT / "benchmarks" / "bench_svd.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     out = tmp_path / "svd.jsonl"

@@ -4,7 +4,7 @@ whole padded blocks with the fused LoRA linears: tests/test_fused.py); graph bre
 Qwen2, Gemma 2); a backend that fails falls back to eager, never a crash.
 
 The suite compiles with ``aot_eager`` (the same dynamo graphs and AOT autograd, no code generation: seconds
-instead of minutes on a 2-core CPU); inductor's numbers are in docs/RESULTS.md (scripts/bench_step.py --compile)."""
+instead of minutes on a 2-core CPU); inductor's numbers are in docs/RESULTS.md (benchmarks/bench_step.py --compile)."""
 
 import pytest
 

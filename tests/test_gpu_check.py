@@ -1,4 +1,4 @@
-"""scripts/gpu_check.py, the one-command GPU check, in its CPU smoke mode (--tiny): the benchmark and the CLI
+"""benchmarks/gpu_check.py, the one-command GPU check, in its CPU smoke mode (--tiny): the benchmark and the CLI
 stages end to end, what lands in --out, and the verdicts it draws. The numbers are not judged (a CPU run is
 no evidence); the CLI's checks are (bf16 / fp16 runs, the stopped-and-resumed run equal to the uninterrupted
 one, the evaluations)."""
@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "scripts" / "gpu_check.py"
+SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
 
 
-def _load():
+def _load(path=SCRIPT):
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
+    spec = importlib.util.spec_from_file_location(path.stem, path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -33,7 +33,7 @@ def test_gpu_check_tiny_cpu_end_to_end(tmp_path):
                            "--out", str(out), "--workdir", str(work)], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-3000:]}"
-    # flat, few files: what the transfer back takes (at most 8 files, no deeper than 2 folders)
+    # flat, few files: small enough to come back from an offline GPU machine in one transfer
     files = sorted(p.name for p in out.iterdir())
     assert files == ["cli.jsonl", "layouts.jsonl", "logs.tar.gz", "memory-big.jsonl", "memory.jsonl", "step.jsonl",
                      "summary.json", "summary.md"]
@@ -154,3 +154,21 @@ def test_an_out_folder_holding_a_run_is_refused(tmp_path, capsys):
         mod.parse_args(["--tiny", "--device", "cpu", "--out", str(tmp_path / "out")])
     assert e.value.code == 2 and "already holds a gpu_check run" in capsys.readouterr().err
     assert (tmp_path / "out" / "summary.json").read_text() == "{}"
+
+
+@pytest.mark.parametrize("limit_mib, parts", [(64, 2), (48, 3), (32, 5)])
+def test_gpu_prepare_splits_the_gguf_so_every_transfer_stays_under_the_limit(limit_mib, parts):
+    """benchmarks/gpu_prepare.py: the GGUF in ``--parts`` pieces, the first beside the wheels, the last beside the data,
+    each transfer under ``--transfer-limit-mib`` and about the same size (the sizes of the 2026-11-26 preparation)."""
+    mod = _load(ROOT / "benchmarks" / "gpu_prepare.py")
+    mib = 2**20
+    tree, wheels, gguf, small = int(3.0 * mib), int(22.3 * mib), int(93.4 * mib), int(0.7 * mib)
+    room = int((limit_mib - mod.MARGIN_MIB) * mib) - tree
+    sizes = mod.split_sizes(gguf, wheels, small, room, parts)
+    assert len(sizes) == parts and sum(sizes) == gguf and min(sizes) >= 0
+    loads = [wheels + sizes[0], *sizes[1:-1], sizes[-1] + small]
+    assert max(loads) <= room and max(loads) - min(loads) <= mib
+    if (limit_mib, parts) == (64, 2):  # docs/GPU.md: .gpu/a 35.9 MiB; 61.2 MiB per transfer
+        assert round(sizes[0] / mib, 1) == 35.9 and round((tree + loads[0]) / mib, 1) == 61.2
+    if parts > 2:  # the same files do not fit two transfers of that limit: refused
+        assert mod.split_sizes(gguf, wheels, small, room, 2) is None

@@ -1,4 +1,4 @@
-"""Padding-free micro-batches and sequence packing (issue 26): the same numbers as padded batches, per family;
+"""Padding-free micro-batches and sequence packing: the same numbers as padded batches, per family;
 attention that stays within each sequence; refusal where it would not; packed rows that resume exactly."""
 
 import json

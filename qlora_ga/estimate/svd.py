@@ -37,7 +37,7 @@ def truncated_svd(G: torch.Tensor, k: int, method: str = "lowrank", niter: int =
     """Top-``k`` singular triplets of ``G``: ``(U[:, :k], S[:k], V[:, :k])``.
 
     ``lowrank``: ``torch.svd_lowrank`` with ``q = min(2k, m, n)`` (= 4r for the 2r vectors LoRA-GA
-    needs; ``q`` overrides the 2k, for scripts/bench_svd.py) and ``niter`` power iterations; ``exact``:
+    needs; ``q`` overrides the 2k, for benchmarks/bench_svd.py) and ``niter`` power iterations; ``exact``:
     full ``torch.linalg.svd``.
 
     Signs are canonical: each left singular vector's largest entry (in absolute value) is positive,

@@ -1,16 +1,16 @@
 #!/usr/bin/env python
-"""GPU evidence in one prepared run (issue 13): the 7B memory/speed benchmark against PEFT's QLoRA, the
+"""GPU evidence in one prepared run: the 7B memory/speed benchmark against PEFT's QLoRA, the
 CLI end to end in bf16 and fp16, and the suite's ``cuda`` tests, with PASS/MISS/FAIL lines in one summary.
 
-    python scripts/gpu_check.py --out OUT --model SmolLM2-135M-Instruct.Q4_1.gguf \\
+    python benchmarks/gpu_check.py --out OUT --model SmolLM2-135M-Instruct.Q4_1.gguf \\
         --train-data gsm8k-train-512.jsonl --test-data gsm8k-test-64.jsonl       # on one GPU, <= 8 min on an H100
-    python scripts/gpu_check.py --tiny --device cpu --out OUT                   # smoke run of every code path (CPU ok)
+    python benchmarks/gpu_check.py --tiny --device cpu --out OUT                   # smoke run of every code path (CPU ok)
 
 Stages (each in its own process, run in this order; ``--only`` picks some):
 
 0. ``env``: which packages import, their versions, the GPU, and a bitsandbytes NF4 round trip on it
    (its CUDA library loads).
-1. ``bench``: ``scripts/bench_memory.py`` with the Llama-2-7B shape (random weights, built in 4-bit on the
+1. ``bench``: ``benchmarks/bench_memory.py`` with the Llama-2-7B shape (random weights, built in 4-bit on the
    GPU): the gradient init at 64x512 with the pass's default state-store plan (it keeps the init within a
    training step's memory; ``--state-budget-gib`` caps the store instead), the official-style bf16
    estimation at 64x512, training at 1x1024, 4x512 and
@@ -18,7 +18,7 @@ Stages (each in its own process, run in this order; ``--only`` picks some):
    ``prepare_model_for_kbit_training`` (paged AdamW 32-bit), and qlora-ga with Liger Kernel when
    ``liger-kernel`` is importable. Its own PASS/MISS target rows are taken over as they are (among them:
    init peak <= PEFT QLoRA's training peak at the init's micro-batch).
-   ``layouts`` (only with ``--only``): ``scripts/bench_step.py --data`` on ``--model`` and ``--train-data`` (generated arithmetic
+   ``layouts`` (only with ``--only``): ``benchmarks/bench_step.py --data`` on ``--model`` and ``--train-data`` (generated arithmetic
    data without it): padded / padding-free / packed / PEFT padded micro-batches at 4x256 and 8x512,
    round-robin, useful tokens/s and each step's peak memory (``layouts.jsonl``).
 2. ``cli``: the fine-tuning command (``qlora_ga.cli.main``, the body of ``scripts/finetune.py``) on
@@ -30,7 +30,7 @@ Stages (each in its own process, run in this order; ``--only`` picks some):
    The runs share one process (one import, one GGUF conversion); each writes its own log.
 3. ``tests``: ``QLORA_GA_TEST_CUDA=1 python -m pytest -m cuda`` on the test files holding ``cuda``
    marks (so a missing test-only package such as nbformat does not stop collection).
-4. ``step`` (only with ``--only``; minutes): ``scripts/bench_step.py --compile --fused --profile`` on the Llama-2-7B
+4. ``step`` (only with ``--only``; minutes): ``benchmarks/bench_step.py --compile --fused --profile`` on the Llama-2-7B
    shape at 1x1024 and 4x1024, 30 round-robin rounds each: qlora-ga eager, ``--compile``d, ``--fused-lora``, both,
    without its residual, with Liger Kernel when ``liger-kernel`` is importable, PEFT QLoRA with and without
    ``prepare_model_for_kbit_training``; graph breaks, compile time, the compiled and fused steps' differences
@@ -44,8 +44,8 @@ Stages (each in its own process, run in this order; ``--only`` picks some):
 ``--tiny``: a random 4-layer Llama in the benchmark and a random 3-layer Llama (generated arithmetic
 data) in the CLI, 4 steps, 4 evaluation examples: every code path in about a minute on a CPU.
 
-Everything lands in ``--out``, flat, at most eight files (the transfer back takes at most 8 files, 16 MiB
-each): ``summary.md`` (verdicts and tables), ``summary.json``, ``memory.jsonl`` (bench_memory's rows),
+Everything lands in ``--out``, flat, at most eight files (few and small, so that they come back from an
+offline GPU machine in one transfer): ``summary.md`` (verdicts and tables), ``summary.json``, ``memory.jsonl`` (bench_memory's rows),
 ``layouts.jsonl``, ``step.jsonl`` and ``memory-big.jsonl`` (when those stages ran),
 ``cli.jsonl`` (one row per CLI run, check and evaluation), ``logs.tar.gz`` (every stage's log and the
 runs' small files: metrics, configs, evaluation reports, pytest's JUnit XML). Models, checkpoints and
@@ -79,9 +79,13 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the package, also where it is not installed
+
+from qlora_ga.metrics import read_metrics  # noqa: E402  (a JSONL file's rows; a line cut by a killed writer is skipped)
+
 STAGES = ("env", "bench", "layouts", "cli", "tests", "step", "big")
 # the default run stays within 8 minutes on an H100 (measured 444 s); "layouts" (~1-2 min), "step" (>= 30 rounds
-# with --compile, minutes) and "big" (the 70B shape, minutes) are calls of their own, asked for with --only
+# with --compile, minutes) and "big" (the 70B shape, minutes) are runs of their own, asked for with --only
 DEFAULT_STAGES = ("env", "bench", "cli", "tests")
 # time each later stage is guaranteed when an earlier one runs long (seconds)
 RESERVE = {"full": {"layouts": 60, "cli": 150, "tests": 60, "step": 240, "big": 240},
@@ -104,7 +108,8 @@ TINY = dict(budget_s=300, steps=4, save_every=2, eval_examples=4, max_new_tokens
                  "--warmup", "1", "--steps", "1"])
 BIG_CAP_GIB = 48.0  # the "big" stage's GPU memory cap: one 48 GB card
 CARD_24GB_USABLE_GIB = 22.0  # what an init peak may reach on a 24 GB card (context and fragmentation aside)
-# Issue 13's anchors: PEFT QLoRA r=8, 7 linears, gradient checkpointing, paged AdamW on an H100, 7B shape.
+# The H100 anchors the targets were set against (recorded here 2026-11-26): PEFT QLoRA r=8, 7 linears, gradient
+# checkpointing, paged AdamW on an H100, 7B shape: tokens/s and peak GiB per training shape.
 ANCHORS = {"1x1024": (2073, 5.31), "4x512": (4053, 6.17), "4x1024": (4274, 7.96)}
 ANCHOR_REF_PEAK_GIB = 27.2  # official-style LoRA-GA estimation at 64x512
 RESUME_TOL = 1e-4
@@ -143,7 +148,7 @@ def parse_args(argv=None):
                    help="cap the gradient pass's state store in the benchmark (default: the pass's own plan, which keeps "
                         "the init within a training step's memory)")
     p.add_argument("--step-shapes", default=None, help="the step stage's shapes, e.g. 4x1024 (default 1x1024,4x1024; --tiny "
-                   "1x32): one shape takes ~6 min on the 7B shape, so a call limited to 10 minutes runs one")
+                   "1x32): one shape takes ~6 min on the 7B shape, so a run limited to 10 minutes takes one")
     p.add_argument("--budget-s", type=float, default=None, help="wall-clock budget of the whole check (default 480; --tiny 300)")
     p.add_argument("--cli-worker", default=None, help=argparse.SUPPRESS)  # internal: run the CLI stage from this JSON spec
     args = p.parse_args(argv)
@@ -204,20 +209,6 @@ def now_iso() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if line:
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:  # a line cut by a killed writer
-                pass
-    return rows
-
-
 def versions() -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -239,8 +230,8 @@ def machine() -> dict:
             info["gpus"] = [line.strip() for line in q.stdout.splitlines() if line.strip()]
         except (OSError, subprocess.SubprocessError):
             pass
-    # what gpu_prepare.py recorded for the tree it sent (scripts/gpu_run.sh passes it) comes first: the
-    # device machine's copy can carry a stale .git whose HEAD is not the tree that runs
+    # what gpu_prepare.py recorded for the tree it prepared (benchmarks/gpu_run.sh passes it) comes first: the
+    # GPU machine's copy can carry a stale .git whose HEAD is not the tree that runs
     info["commit"] = os.environ.get("QLORA_GA_GIT_COMMIT") or None
     if info["commit"] is None:
         try:
@@ -355,15 +346,15 @@ def stage_env(args, work: Path, timeout: float) -> dict:
 def stage_bench(args, work: Path, timeout: float) -> dict:
     d = TINY if args.tiny else FULL
     rows_path = work / "memory.jsonl"
-    cmd = [sys.executable, str(ROOT / "scripts" / "bench_memory.py"), *d["bench"], "--device", args.device,
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_memory.py"), *d["bench"], "--device", args.device,
            *(["--state-budget-gib", f"{args.state_budget_gib:g}"] if args.state_budget_gib is not None else []),
            "--optim", "paged_adamw_32bit", "--peft-prepare", "both", "--liger", "auto", "--out", str(rows_path)]
     log = work / "logs" / "bench_memory.log"
     res = run_process(cmd, log, timeout, child_env(args, work))
-    rows = read_jsonl(rows_path)
+    rows = read_metrics(rows_path)
     if rows and not any(r.get("part") == "target" for r in rows):  # stopped before its summary: make it from the rows
         run_process(cmd + ["--summarize-only"], log, 120, child_env(args, work), append=True)
-        rows = read_jsonl(rows_path)
+        rows = read_metrics(rows_path)
     checks = []
     if res["rc"] != 0:
         why = "timed out" if res["timed_out"] else f"exit {res['rc']}"
@@ -378,7 +369,7 @@ def stage_bench(args, work: Path, timeout: float) -> dict:
             checks.append(check_row("bench", f"{r['target']} [{r['shape']}]", verdict, r.get("value"),
                                      f"{r.get('op')} {r.get('threshold')}" + (f"; {r['note']}" if r.get("note") else "")))
     on_gpu = any(r.get("device_type") == "cuda" for r in rows)
-    for r in rows:  # the issue's reason for the memory target: the init must fit a 24 GB card
+    for r in rows:  # the reason for the memory target: the init must fit a 24 GB card
         if r.get("part") == "init" and on_gpu and r.get("peak_gpu_gib") is not None:
             ok = r["peak_gpu_gib"] <= CARD_24GB_USABLE_GIB
             checks.append(check_row("bench", f"init peak fits a 24 GB card (<= {CARD_24GB_USABLE_GIB:g} GiB) [{r['shape']}]",
@@ -393,11 +384,11 @@ def stage_big(args, work: Path, timeout: float) -> dict:
     init with the default state-store plan, then training steps; each peak and time, or what an OOM held."""
     d = TINY if args.tiny else FULL
     rows_path = work / "memory-big.jsonl"
-    cmd = [sys.executable, str(ROOT / "scripts" / "bench_memory.py"), *d["big"], "--device", args.device,
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_memory.py"), *d["big"], "--device", args.device,
            "--optim", "paged_adamw_32bit", "--skip", "ref,peft,residual,liger", "--out", str(rows_path)]
     log = work / "logs" / "bench_big.log"
     res = run_process(cmd, log, timeout, child_env(args, work))
-    rows = read_jsonl(rows_path)
+    rows = read_metrics(rows_path)
     checks = []
     if res["rc"] != 0:
         checks.append(check_row("big", "bench_memory.py (70B shape) ran to the end", "FAIL",
@@ -426,11 +417,10 @@ LAYOUT_NAMES = ("padding_free", "packing")
 
 
 def stage_step(args, work: Path, timeout: float) -> dict:
-    """``scripts/bench_step.py --compile`` on the Llama-2-7B shape (random weights in NF4): qlora-ga eager, with
+    """``benchmarks/bench_step.py --compile`` on the Llama-2-7B shape (random weights in NF4): qlora-ga eager, with
     ``--compile`` (whole blocks, padded micro-batches), without its residual, and both PEFT QLoRA baselines,
     round-robin, >= 30 timed rounds per shape; the compile time and the compiled step's difference from eager
     reported apart (``step.jsonl``)."""
-    d = TINY if args.tiny else FULL
     rows_path = work / "step.jsonl"
     log = work / "logs" / "bench_step.log"
     env = child_env(args, work)
@@ -444,7 +434,7 @@ def stage_step(args, work: Path, timeout: float) -> dict:
                                    rows_path, log, timeout, env)
     targets = {"1x1024": 1.2, "4x1024": 1.5}
     profiles = {}
-    for row in read_jsonl(rows_path):
+    for row in read_metrics(rows_path):
         if row.get("part") != "summary":
             continue
         c = row.get("compile", {})
@@ -470,7 +460,7 @@ def stage_step(args, work: Path, timeout: float) -> dict:
 
 
 def stage_layouts(args, work: Path, timeout: float) -> dict:
-    """``scripts/bench_step.py --data``: padded / padding-free / packed / PEFT padded micro-batches of the training
+    """``benchmarks/bench_step.py --data``: padded / padding-free / packed / PEFT padded micro-batches of the training
     data, round-robin, useful tokens/s and peak memory per step, at each of the set's shapes."""
     d = TINY if args.tiny else FULL
     rows_path = work / "layouts.jsonl"
@@ -487,7 +477,7 @@ def stage_layouts(args, work: Path, timeout: float) -> dict:
         data = data or str(work / "layouts-data.jsonl")
     res, checks = _bench_step_runs(args, "layouts", d["layouts"], ["--model", model or _default_model(), "--data", data],
                                    rows_path, log, timeout, env)
-    for row in read_jsonl(rows_path):
+    for row in read_metrics(rows_path):
         if row.get("part") != "layout_summary":
             continue
         paired = row.get("median_paired_over_padded", {})
@@ -504,12 +494,12 @@ def stage_layouts(args, work: Path, timeout: float) -> dict:
 
 def _bench_step_runs(args, stage: str, shapes, extra: list[str], rows_path: Path, log: Path, timeout: float,
                      env: dict) -> tuple[dict, list]:
-    """``scripts/bench_step.py`` once per ``(shape, rounds)`` with ``extra`` arguments, its rows into ``rows_path``,
+    """``benchmarks/bench_step.py`` once per ``(shape, rounds)`` with ``extra`` arguments, its rows into ``rows_path``,
     within ``timeout`` in all; stops at the first run that fails (a FAIL check)."""
     res, t0, checks = {"rc": 0, "timed_out": False}, time.perf_counter(), []
     optim = "paged_adamw_32bit" if args.device.startswith("cuda") else "adamw"
     for shape, rounds in shapes:
-        r = run_process([sys.executable, str(ROOT / "scripts" / "bench_step.py"), *extra, "--device", args.device,
+        r = run_process([sys.executable, str(ROOT / "benchmarks" / "bench_step.py"), *extra, "--device", args.device,
                          "--shape", shape, "--rounds", rounds, "--optim", optim, "--out", str(rows_path)],
                         log, timeout - (time.perf_counter() - t0), env, append=True)
         if r["rc"] != 0:
@@ -539,7 +529,8 @@ def bench_tables(log: Path) -> str:
 
 
 def anchor_rows(rows: list[dict]) -> list[dict]:
-    """The measured PEFT QLoRA baseline next to the issue's H100 anchors (same recipe): a sanity check of the setup."""
+    """The measured PEFT QLoRA baseline next to the H100 anchors the targets were set against (same recipe): a sanity
+    check of the setup."""
     out = []
     for shape, (tps, gib) in ANCHORS.items():
         r = next((r for r in rows if r.get("part") == "train" and r.get("impl") == "peft_qlora" and r.get("shape") == shape), None)
@@ -692,7 +683,7 @@ def cli_worker(spec_path: str) -> int:
         out = runs_dir / (folder or name)
         argv = ["--model", model, "--output-dir", str(out), *spec["common"], *extra]
         code, wall, peak = call(name, finetune_main, argv, env)
-        metrics = read_jsonl(out / "metrics.jsonl")
+        metrics = read_metrics(out / "metrics.jsonl")
         train = [r for r in metrics if "loss" in r]
         evals = [r for r in metrics if r.get("eval_loss") is not None]
         tps = sorted(r["tokens_per_s"] for r in train if r["step"] > start + 1 and r.get("tokens_per_s"))
@@ -732,8 +723,8 @@ def cli_worker(spec_path: str) -> int:
     check(f"finetune stopped after its first checkpoint (QLORA_GA_STOP_AFTER={first}): exit 130, only step-{first} kept",
           "PASS" if ok else "FAIL", detail=f"{why(stop['exit']) if stop['exit'] != 130 else 'exit 130'}, checkpoints {ckpts}")
     resumed, _ = finetune("bf16-resumed", ["--compute-dtype", "bf16", "--resume"], folder="bf16-stopped", start=first)
-    a = {r["step"]: r for r in read_jsonl(bf16_out / "metrics.jsonl")}
-    b = {r["step"]: r for r in read_jsonl(stop_out / "metrics.jsonl")}
+    a = {r["step"]: r for r in read_metrics(bf16_out / "metrics.jsonl")}
+    b = {r["step"]: r for r in read_metrics(stop_out / "metrics.jsonl")}
     diffs = [abs(a[s]["loss"] - b[s]["loss"]) for s in a if s in b and a[s].get("loss") is not None and b[s].get("loss") is not None]
     final_diff = (abs(resumed["final_loss"] - bf16["final_loss"])
                   if resumed["final_loss"] is not None and bf16["final_loss"] is not None and resumed["final_step"] == steps else None)
@@ -872,7 +863,7 @@ def render_md(header: dict, stages: list[dict], checks: list[dict], tally: dict,
         if s["stage"] == "bench":
             lines += ["", "## 1. bench_memory (its own tables)", "", "```", s.get("tables") or "(no tables: see logs)", "```"]
             if s.get("anchors"):
-                lines += ["", "PEFT baseline measured here vs issue 13's H100 anchors (same recipe):", "",
+                lines += ["", "PEFT baseline measured here vs the H100 anchors the targets were set against (same recipe):", "",
                           "| what | tok/s here | anchor | peak GiB here | anchor |", "|---|---|---|---|---|"]
                 for a in s["anchors"]:
                     lines.append(f"| {a['what']} | {_v(a.get('measured_tokens_per_s'), '.1f')} | {_v(a.get('anchor_tokens_per_s'))} "
@@ -914,7 +905,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     work = Path(args.workdir).resolve() if args.workdir else Path(tempfile.mkdtemp(prefix="qlora_ga_gpu_check_"))
     (work / "logs").mkdir(parents=True, exist_ok=True)
-    args.command = shlex.join(["python", "scripts/gpu_check.py", *(sys.argv[1:] if argv is None else argv)])
+    args.command = shlex.join(["python", "benchmarks/gpu_check.py", *(sys.argv[1:] if argv is None else argv)])
     header = {"date": now_iso(), "tiny": args.tiny, "device": args.device, "versions": versions(), "machine": machine(),
               "command": args.command,
               "budget_s": args.budget_s, "workdir": str(work)}

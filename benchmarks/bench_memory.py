@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """GPU memory / speed benchmark: qlora-ga's gradient init and training step against PEFT's QLoRA.
 
-    python scripts/bench_memory.py                                  # Llama-2-7B architecture, random weights, CUDA
-    python scripts/bench_memory.py --tiny --device cpu --init-shapes 4x64 --train-shapes 1x64 --steps 2   # smoke run
+    python benchmarks/bench_memory.py                                  # Llama-2-7B architecture, random weights, CUDA
+    python benchmarks/bench_memory.py --tiny --device cpu --init-shapes 4x64 --train-shapes 1x64 --steps 2   # smoke run
 
 One process measures, side by side (each in its own phase; peaks are reset between phases):
 
@@ -13,8 +13,9 @@ One process measures, side by side (each in its own phase; peaks are reset betwe
 - ``ref_init``: the official-style LoRA-GA estimation: a bf16 (non-quantized) copy of the model with every
   target weight requiring grad, ``.grad`` accumulated over micro-batches of ``--init-micro-batch``, gradient
   checkpointing, then the same truncated SVD per weight. Out of memory is recorded as OOM.
-- ``train``: tokens/s and peak memory of a training step (bf16 autocast on CUDA, gradient checkpointing,
-  ``PagedAdamW32bit``, grad-norm clipping: the inner step of ``qlora_ga.train.train``) for
+- ``train``: tokens/s and peak memory of a training step (``qlora_ga.train.accumulate_gradients``, the training
+  loop's own forward and backward with bf16 autocast on CUDA; gradient checkpointing, ``PagedAdamW32bit``,
+  grad-norm clipping: the inner step of ``qlora_ga.train.train``) for
   ``qlora_ga`` (PEFT LoRA on the 4-bit model with the LoRA-GA init and its frozen residual),
   ``qlora_ga_no_residual`` (the same with ``detach_residual`` on every layer), and the two PEFT
   baselines: ``peft_qlora`` (``prepare_model_for_kbit_training`` + ``get_peft_model`` with
@@ -26,13 +27,13 @@ One process measures, side by side (each in its own phase; peaks are reset betwe
   training step with Liger Kernel's fused kernels (``qlora_ga.kernels.apply_liger``). Run last: Liger
   patches transformers' model code for the whole process.
 
-Then it prints tables, the ratios and PASS/MISS for the targets of the issue, and appends one JSON row per
+Then it prints tables, the ratios and PASS/MISS for its targets (listed in the summary), and appends one JSON row per
 measurement to ``--out`` (each with device name, torch/bitsandbytes/transformers/peft versions, date and
 command line). A phase that raises (not out of memory, which is a measured result) is recorded as an
 ``error`` row and the others still run; ``--summarize-only`` prints the summary of a run that was stopped
 before its own (from its rows in ``--out``).
 
-How the model is made (``--materialize``): ``direct`` (default) builds the Llama-2-7B architecture
+How the model is made (``--materialize``; ``qlora_ga.synthetic``): ``direct`` (default) builds the Llama-2-7B architecture
 (hidden 4096, 32 layers, 32 heads, intermediate 11008, vocab 32000) on the ``meta`` device and then
 materializes it one decoder layer at a time on the target device with random N(0, 0.02) weights,
 quantizing each target linear at once into a bitsandbytes NF4 ``Linear4bit`` (double quantization,
@@ -71,16 +72,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import device_name, quiet, versions as _versions  # noqa: E402
 
 import torch  # noqa: E402
-from torch import nn  # noqa: E402
+
+from qlora_ga.synthetic import ARCHS, ModelFactory, random_batch, random_sequences  # noqa: E402
 
 GIB = 2**30
-LLAMA2_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                 num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096)
-TINY = dict(vocab_size=32000, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
-            num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=4096)
-LLAMA2_70B = dict(vocab_size=32000, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
-                  num_attention_heads=64, num_key_value_heads=8, max_position_embeddings=4096)
-ARCHS = {"llama2-7b": LLAMA2_7B, "llama2-70b": LLAMA2_70B}
 FULL_DEFAULTS = dict(init_shapes="64x512,128x1024", train_shapes="1x1024,4x512,4x1024", warmup=2, steps=5)
 TINY_DEFAULTS = dict(init_shapes="4x64", train_shapes="1x64", warmup=1, steps=2)
 PARTS = ("init", "ref", "train", "peft", "residual", "liger")
@@ -298,230 +293,46 @@ def say(msg: str):
     print(msg, flush=True)
 
 
-# ----------------------------------------------------------------------------- models
-
-
-def llama_config(tiny: bool, dtype: torch.dtype, arch: str = "llama2-7b", layers: int | None = None):
-    from transformers import LlamaConfig
-
-    shape = dict(TINY if tiny else ARCHS[arch])
-    if layers is not None:
-        shape["num_hidden_layers"] = layers
-    cfg = LlamaConfig(**shape, tie_word_embeddings=False, rms_norm_eps=1e-5,
-                      bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    cfg.use_cache = False
-    cfg.dtype = dtype
-    return cfg
-
-
-def _to_4bit(linear: nn.Linear, device: torch.device, compute_dtype: torch.dtype) -> nn.Module:
-    """NF4 ``Linear4bit`` (double quant, blocksize 64: load_model's settings) holding ``linear``'s weight."""
-    import bitsandbytes as bnb
-
-    q = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                          compute_dtype=compute_dtype, compress_statistics=True, quant_type="nf4",
-                          quant_storage=torch.uint8, device="meta")
-    q.weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False, compress_statistics=True, quant_type="nf4",
-                                 quant_storage=torch.uint8, blocksize=64, module=q).to(device)
-    if linear.bias is not None:
-        q.bias = nn.Parameter(linear.bias.data.to(device), requires_grad=False)
-    return q
-
-
-def _materialize(module: nn.Module, device: torch.device, std: float, recurse: bool = True):
-    """Allocate a meta module's parameters on ``device`` (keeping their dtype) and fill them: N(0, std) for
-    matrices, 1 for vectors (norm weights)."""
-    module.to_empty(device=device, recurse=recurse)
-    with torch.no_grad():
-        for p in module.parameters(recurse=recurse):
-            if p.dim() >= 2:
-                p.normal_(0.0, std)
-            else:
-                p.fill_(1.0)
-
-
-def build_random_llama(cfg, device: torch.device, dtype: torch.dtype, quantize: bool, seed: int = 0,
-                       compute_dtype: torch.dtype | None = None):
-    """The Llama of ``cfg`` with random weights, made on ``device`` one decoder layer at a time.
-
-    ``quantize``: every target linear of the decoder layers becomes an NF4 ``Linear4bit`` as soon as its
-    layer exists (peak: the 4-bit model + one ``dtype`` layer); embeddings, norms and LM head stay ``dtype``.
-    """
-    from transformers import LlamaForCausalLM
-
-    from qlora_ga.arch import find_decoder_layers, keep_4bit_trainable, resolve_targets
-
-    compute_dtype = compute_dtype or dtype
-    torch.manual_seed(seed)
-    with torch.device("meta"):
-        model = LlamaForCausalLM(cfg)
-    model.to(dtype)
-    std = getattr(cfg, "initializer_range", 0.02)
-    _, layers = find_decoder_layers(model)
-    targets = resolve_targets(model)
-    for layer in layers:
-        _materialize(layer, device, std)
-        if quantize:
-            for name, mod in list(layer.named_modules()):
-                if name and name.split(".")[-1] in targets and type(mod) is nn.Linear:
-                    parent = layer.get_submodule(name.rsplit(".", 1)[0]) if "." in name else layer
-                    setattr(parent, name.split(".")[-1], _to_4bit(mod, device, compute_dtype))
-                    del mod
-    for mname, mod in list(model.named_modules()):
-        if type(mod).__name__.endswith("RotaryEmbedding"):
-            parent = model.get_submodule(mname.rsplit(".", 1)[0]) if "." in mname else model
-            with torch.device(device):
-                setattr(parent, mname.rsplit(".", 1)[-1], type(mod)(config=cfg))
-            continue
-        if any(p.is_meta for p in mod.parameters(recurse=False)):
-            _materialize(mod, device, std, recurse=False)
-    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
-    if left:
-        raise RuntimeError(f"tensors left on the meta device: {left[:5]}")
-    model.config.use_cache = False
-    model.config.dtype = compute_dtype if quantize else dtype
-    if quantize:
-        from transformers.utils.quantization_config import QuantizationMethod
-
-        from qlora_ga.model import bnb_config
-
-        model.config.quantization_config = bnb_config(compute_dtype)
-        # what transformers' bitsandbytes quantizer marks on a 4-bit model (PEFT reads is_loaded_in_4bit)
-        model.is_loaded_in_4bit = True
-        model.is_quantized = True
-        model.quantization_method = QuantizationMethod.BITS_AND_BYTES
-        keep_4bit_trainable(model)
-    model.eval()
-    free_memory(device)
-    return model
-
-
-def save_random_llama(cfg, folder: Path, seed: int) -> Path:
-    """The random model as a bf16 safetensors folder (+ a small tokenizer), built once on the host."""
-    if (folder / "config.json").is_file():
-        return folder
-    from qlora_ga.testing import make_tiny_tokenizer
-
-    say(f"writing the random model to {folder} (once) ...")
-    model = build_random_llama(cfg, torch.device("cpu"), torch.bfloat16, quantize=False, seed=seed)
-    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-    model.config.dtype = torch.bfloat16
-    model.save_pretrained(tmp)
-    make_tiny_tokenizer().save_pretrained(tmp)  # load_model wants a tokenizer; the bench feeds random ids
-    del model
-    gc.collect()
-    os.replace(tmp, folder)
-    return folder
-
-
-class ModelFactory:
-    def __init__(self, args, device: torch.device):
-        from qlora_ga.model import default_compute_dtype
-
-        self.args, self.device = args, device
-        self.compute_dtype = default_compute_dtype(device)
-        self.ref_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        arch, layers = getattr(args, "arch", "llama2-7b"), getattr(args, "layers", None)  # bench_step has neither
-        self.arch = arch
-        self.cfg = llama_config(args.tiny, self.compute_dtype, arch, layers)
-        self.folder = None
-        if args.model is None and args.materialize == "disk":
-            name = f"random-{'tiny' if args.tiny else arch}-{self.cfg.num_hidden_layers}l-seed{args.seed}"
-            self.folder = save_random_llama(llama_config(args.tiny, torch.bfloat16, arch, layers),
-                                            Path(args.workdir) / name, args.seed)
-
-    @property
-    def label(self) -> str:
-        if self.args.model:
-            return self.args.model
-        if self.args.tiny:
-            what = f"random tiny Llama ({self.cfg.num_hidden_layers} layers, hidden 256)"
-        else:
-            full = ARCHS[self.arch]["num_hidden_layers"]
-            n = self.cfg.num_hidden_layers
-            what = f"random {self.arch} architecture" + (f" with {n} of its {full} layers" if n != full else "")
-        return what + f" [{self.args.materialize}]"
-
-    @property
-    def vocab_size(self) -> int:
-        return self.cfg.vocab_size if self.args.model is None else self._vocab
-
-    def quantized(self):
-        return self._make(quantize=True)
-
-    def reference(self):
-        return self._make(quantize=False)
-
-    def _make(self, quantize: bool):
-        from qlora_ga.model import load_model
-
-        dtype = self.compute_dtype if quantize else self.ref_dtype
-        if self.args.model is not None or self.folder is not None:
-            model, _ = load_model(self.args.model or str(self.folder), quantize=quantize, device=self.device,
-                                  compute_dtype=dtype)
-            self._vocab = model.config.vocab_size
-            return model
-        return build_random_llama(self.cfg, self.device, dtype, quantize=quantize, seed=self.args.seed,
-                                  compute_dtype=self.compute_dtype)
-
-
-def random_examples(n: int, t: int, vocab: int, seed: int) -> list[dict]:
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, vocab, (n, t), generator=g)
-    return [{"input_ids": row.tolist(), "labels": row.tolist()} for row in ids]
-
-
-def random_batch(b: int, t: int, vocab: int, seed: int, device) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, vocab, (b, t), generator=g)
-    return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device), "labels": ids.to(device)}
-
-
 # ----------------------------------------------------------------------------- the measured steps
 
 
-def fwd_bwd(model, batches: list[dict], device, dtype):
-    """One gradient-checkpointed forward+backward over ``batches`` (token-weighted loss), no optimizer step."""
-    from qlora_ga.data import count_label_tokens
-    from qlora_ga.model import autocast
+def fwd_bwd(model, item: dict, device, dtype):
+    """One gradient-checkpointed forward+backward over the micro-batches of ``item`` (``qlora_ga.train.step_item``):
+    the training loop's own ``accumulate_gradients`` (token-weighted loss), no optimizer step."""
+    from qlora_ga.train import accumulate_gradients
 
-    n_total = sum(count_label_tokens(b["labels"]) for b in batches)
     model.train()
-    for b in batches:
-        b = {k: v.to(device) for k, v in b.items()}
-        k = count_label_tokens(b["labels"])
-        with autocast(device, dtype):
-            loss = model(**b).loss * (k / n_total)
-        loss.backward()
+    accumulate_gradients(model, item, device, dtype)
     model.zero_grad(set_to_none=True)
 
 
-def train_steps(model, optimizer, batch: dict, device, dtype, n: int, max_grad_norm: float = 1.0) -> float:
-    """``n`` optimizer steps on one micro-batch: the inner step of ``qlora_ga.train.train``."""
-    from qlora_ga.train import trainable_parameters
-    from qlora_ga.model import autocast
+def train_steps(model, optimizer, item: dict, device, dtype, n: int, max_grad_norm: float = 1.0) -> float:
+    """``n`` optimizer steps on ``item`` (``qlora_ga.train.step_item`` of the step's micro-batches): the training
+    loop's ``accumulate_gradients`` (forward and backward, as ``qlora_ga.train.train`` runs them), grad-norm
+    clipping and the optimizer step. Returns the last step's loss (one host sync, at the end)."""
+    from qlora_ga.train import accumulate_gradients, trainable_parameters
 
     params = trainable_parameters(model)
     loss = torch.zeros(())
     for _ in range(n):
-        with autocast(device, dtype):
-            loss = model(**batch).loss
-        loss.backward()
+        loss = accumulate_gradients(model, item, device, dtype)
         torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    return float(loss.detach())
+    return float(loss)
 
 
 def bench_train(rec: Recorder, impl: str, model, optimizer, shape, args, device, dtype, vocab: int, role: str = "train"):
+    from qlora_ga.train import step_item
+
     b, t = shape
     row = dict(part="train", impl=impl, shape=shape_str(shape), role=role, tokens_per_step=b * t,
                warmup=args.warmup, steps=args.steps)
     try:
-        batch = random_batch(b, t, vocab, args.seed + 1, device)
-        train_steps(model, optimizer, batch, device, dtype, args.warmup)
+        item = step_item([random_batch(b, t, vocab, args.seed + 1, device)])
+        train_steps(model, optimizer, item, device, dtype, args.warmup)
         with Meter(device) as m:
-            loss = train_steps(model, optimizer, batch, device, dtype, args.steps)
+            loss = train_steps(model, optimizer, item, device, dtype, args.steps)
         step_s = m.seconds / args.steps
         row.update(m.fields(), step_s=_r(step_s), tokens_per_s=_r(b * t / step_s, 1), loss=_r(loss), oom=False)
     except Exception as e:  # noqa: BLE001
@@ -542,8 +353,7 @@ def phase_ours(rec: Recorder, factory: ModelFactory, args, device):
     from qlora_ga.estimate import PassReport, describe_plan, estimate_factors, make_micro_batches
     from qlora_ga.init import init_adapters, lora_layers, singular_vectors_needed
     from qlora_ga.residual import attach_residual, detach_residual, has_residual
-    from qlora_ga.train import TrainSettings, build_optimizer
-    from qlora_ga.train import checkpointing
+    from qlora_ga.train import TrainSettings, build_optimizer, checkpointing, step_item
 
     dtype = factory.compute_dtype
     with Meter(device) as m:
@@ -557,7 +367,7 @@ def phase_ours(rec: Recorder, factory: ModelFactory, args, device):
     vocab = factory.vocab_size
     budget = int(args.state_budget_gib * GIB) if args.state_budget_gib is not None else None
     # warm-up, not recorded: first CUDA/cuBLAS/cuSOLVER calls, bitsandbytes kernels, autograd threads
-    warm = random_examples(2, 64, vocab, args.seed + 7)
+    warm = random_sequences(2, 64, vocab, args.seed + 7)
     estimate_factors(model, warm, rank=args.rank, n_vectors=singular_vectors_needed("lora-ga", args.rank),
                      micro_batch_size=2, pad_token_id=0, progress=False)
     del warm
@@ -567,7 +377,7 @@ def phase_ours(rec: Recorder, factory: ModelFactory, args, device):
     shapes = args.init_shapes if "init" not in args.skip else [min(args.init_shapes, key=lambda s: s[0] * s[1])]
     for i, shape in enumerate(shapes):
         n, t = shape
-        examples = random_examples(n, t, vocab, args.seed)
+        examples = random_sequences(n, t, vocab, args.seed)
         report = PassReport()
         row = dict(part="init", impl="qlora_ga", method="lora-ga", shape=shape_str(shape), tokens=n * t,
                    micro_batch=args.init_micro_batch, rank=args.rank, measured="init" not in args.skip)
@@ -605,9 +415,10 @@ def phase_ours(rec: Recorder, factory: ModelFactory, args, device):
         checkpointing(pm, True)
         try:
             if i == 0:  # warm-up of the checkpointed backward, not timed
-                fwd_bwd(pm, batches[:1], device, dtype)
+                fwd_bwd(pm, step_item(batches[:1]), device, dtype)
+            item = step_item(batches)
             with Meter(device) as f:
-                fwd_bwd(pm, batches, device, dtype)
+                fwd_bwd(pm, item, device, dtype)
             row.update(fwdbwd_s=_r(f.seconds), fwdbwd_peak_gpu_gib=_gib(f.peak_gpu),
                        init_over_fwdbwd=_r(row["wall_s"] / f.seconds, 3))
         except Exception as e:  # noqa: BLE001
@@ -631,7 +442,7 @@ def phase_ours(rec: Recorder, factory: ModelFactory, args, device):
     want_train = not {"train", "residual"} <= args.skip
     if pm is None and want_train:  # the last init shape ran out of memory: adapters from a small sample
         say("  (adapters for the training step from a 2x64 sample)")
-        factors = estimate_factors(model, random_examples(2, 64, vocab, args.seed), rank=args.rank,
+        factors = estimate_factors(model, random_sequences(2, 64, vocab, args.seed), rank=args.rank,
                                    n_vectors=singular_vectors_needed("lora-ga", args.rank), progress=False)
         pm = init_adapters(model, factors, method="lora-ga", rank=args.rank, alpha=args.alpha)
         del factors
@@ -702,7 +513,7 @@ def phase_liger(rec: Recorder, factory: ModelFactory, args, device):
     model = factory.quantized()
     apply_liger(model, device)
     # adapters from a small sample: the step's speed does not depend on their values
-    factors = estimate_factors(model, random_examples(2, 64, factory.vocab_size, args.seed), rank=args.rank,
+    factors = estimate_factors(model, random_sequences(2, 64, factory.vocab_size, args.seed), rank=args.rank,
                                n_vectors=singular_vectors_needed("lora-ga", args.rank), progress=False)
     pm = init_adapters(model, factors, method="lora-ga", rank=args.rank, alpha=args.alpha)
     del factors
@@ -739,7 +550,7 @@ def phase_reference(rec: Recorder, factory: ModelFactory, args, device):
                     mod.weight.requires_grad_(True)
                 checkpointing(model, True)
                 model.train()
-            batches = make_micro_batches(random_examples(n, t, factory.vocab_size, args.seed), args.init_micro_batch, 0)
+            batches = make_micro_batches(random_sequences(n, t, factory.vocab_size, args.seed), args.init_micro_batch, 0)
             n_total = sum(count_label_tokens(b["labels"]) for b in batches)
             k = 2 * args.rank
             with Meter(device) as m:
@@ -858,13 +669,10 @@ def summarize(rec: Recorder, args, device):
 
 def summarize_file(args) -> int:
     """``--summarize-only``: the summary and targets of the newest run in ``--out`` from its rows alone."""
+    from qlora_ga.metrics import read_metrics
+
     path = Path(args.out)
-    rows = []
-    for line in path.read_text().splitlines() if path.is_file() else []:
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:  # the last line of a killed run may be cut
-            pass
+    rows = read_metrics(path)  # (the last line of a killed run may be cut: skipped)
     if not rows:
         raise SystemExit(f"error: no rows in {path}: run the benchmark first")
     rows = [r for r in rows if r.get("run_id") == rows[-1].get("run_id")]
@@ -901,7 +709,8 @@ def main(argv=None) -> int:
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, args.gpu_memory_cap_gib * GIB / total), device)
         meta["gpu_memory_cap_gib"] = args.gpu_memory_cap_gib
-    factory = ModelFactory(args, device)
+    factory = ModelFactory(device, model=args.model, tiny=args.tiny, arch=args.arch, layers=args.layers,
+                           materialize=args.materialize, workdir=args.workdir, seed=args.seed)
     meta["model"] = factory.label
     meta["rank"] = args.rank
     rec = Recorder(args.out, meta)

@@ -1,4 +1,4 @@
-"""What both benchmark scripts record about the machine they ran on."""
+"""What the benchmark scripts record about the machine they ran on."""
 
 from __future__ import annotations
 

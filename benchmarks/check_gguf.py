@@ -2,7 +2,7 @@
 """Compare GGUF exports with the merged model they came from: logits (transformers, ``gguf_file=``), file sizes,
 and, when ``llama-cpp-python`` is installed, greedy generation in llama.cpp itself.
 
-    python scripts/check_gguf.py --merged runs/x/merged runs/x/gguf/model-f16.gguf runs/x/q8/model-q8_0.gguf \
+    python benchmarks/check_gguf.py --merged runs/x/merged runs/x/gguf/model-f16.gguf runs/x/q8/model-q8_0.gguf \
         [--data gsm8k/test.jsonl] [--prompts 8] [--gen-tokens 32] [--json out.json]
 
 Logits: every prompt (question + answer of the data, or of the built-in arithmetic problems) through the merged

@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """Convergence benchmark: vanilla LoRA vs LoRA-GA vs LoRA-One on a 4-bit base (and LoRA-GA on the 16-bit base).
 
-    python scripts/bench_convergence.py                                   # SmolLM2-135M, GSM8K, 300 steps, lr sweeps
-    python scripts/bench_convergence.py --methods gaussian,lora-ga --lrs "lora-ga=5e-5;gaussian=1e-3" --seeds 0,1
-    python scripts/bench_convergence.py --quick --model tiny-model-dir --data-dir data/    # CI-size smoke
+    python benchmarks/bench_convergence.py                                   # SmolLM2-135M, GSM8K, 300 steps, lr sweeps
+    python benchmarks/bench_convergence.py --methods gaussian,lora-ga --lrs "lora-ga=5e-5;gaussian=1e-3" --seeds 0,1
+    python benchmarks/bench_convergence.py --quick --model tiny-model-dir --data-dir data/    # CI-size smoke
 
 For every (method, lr, seed) it loads a fresh model (``qlora_ga.model.load_model``: NF4 4-bit; the
 ``lora-ga-bf16`` method is LoRA-GA on ``load_model(quantize=False)``), runs the gradient pass on
@@ -19,7 +19,7 @@ initial held-out loss) and one ``kind: "run"`` row per run; the summary table of
 for this invocation's runs (held-out loss at 0 / half / end as mean +- std over seeds, best lr per
 method, and per seed the steps each run needs to reach vanilla LoRA's final training loss at its best
 lr, on a moving average of ``--smooth`` steps); and one PNG with all curves (``--plot``). Pool the rows
-of several invocations with ``python scripts/bench_report.py FILE...``.
+of several invocations with ``python benchmarks/bench_report.py FILE...``.
 
 Methods: ``gaussian`` (vanilla LoRA, B = 0), ``lora-ga``, ``lora-one``, ``lora-ga-sign``, ``kaiming``,
 ``lora-ga-bf16``. Default lr grids bracket each method's default (qlora_ga.config.METHOD_DEFAULTS).

@@ -2,8 +2,8 @@
 """Training-step speed, interleaved: qlora-ga with its residual, without it, and PEFT's QLoRA with and
 without ``prepare_model_for_kbit_training``, timed round-robin in one process.
 
-    python scripts/bench_step.py --model SmolLM2.gguf --device cpu --shape 4x256 --rounds 8
-    python scripts/bench_step.py --shape 4x1024 --rounds 30 --compile --fused --profile     # 7B shape on a GPU
+    python benchmarks/bench_step.py --model SmolLM2.gguf --device cpu --shape 4x256 --rounds 8
+    python benchmarks/bench_step.py --shape 4x1024 --rounds 30 --compile --fused --profile     # 7B shape on a GPU
 
 Optional rows, each timed in the same rotation: ``--compile`` (the blocks compiled), ``--fused`` (``--fused-lora``;
 with ``--compile`` also both), ``--liger`` (CUDA: a Liger Kernel model); every row's median, quartiles and its
@@ -12,21 +12,22 @@ torch.profiler tables of one training step and of the gradient pass.
 
 ``bench_memory.py`` measures each implementation in its own phase, one after the other; on a shared
 machine whose load drifts, the ratios then carry that drift. Here the models are built once, side by
-side, and each round times one optimizer step of each (the same step function as ``bench_memory``:
-autocast on CUDA, gradient checkpointing, grad-norm clipping, the optimizer), in a rotating order.
+side, and each round times one optimizer step of each (the same step function as ``bench_memory``: the
+training loop's ``qlora_ga.train.accumulate_gradients`` with its autocast on CUDA, gradient checkpointing,
+grad-norm clipping, the optimizer), in a rotating order.
 The median over rounds is reported per implementation, with the ratios; one JSON row per step and
 one summary row are appended to ``--out``. The residual on/off rows share one model (the residual is
 detached and re-attached between them), so they differ only in the residual.
 
-With ``--data FILE`` (real sequences, e.g. GSM8K) it compares instead how each micro-batch is laid out
-(issue 26), round-robin in the same way: qlora-ga's padded step, its padding-free step (the same
+With ``--data FILE`` (real sequences, e.g. GSM8K) it compares instead how each micro-batch is laid out,
+round-robin in the same way: qlora-ga's padded step, its padding-free step (the same
 sequences flattened into one row), its packed step (``--shape BxT``: B rows of T tokens, whole sequences,
 best-fit decreasing) and PEFT QLoRA's padded step (``prepare_model_for_kbit_training``). Round r gives the
 padded, padding-free and PEFT steps the same sequences (micro-batch r of the seeded order) and the packed
 step its r-th micro-batch of rows; the measure is **useful tokens/s** (the sequences' own tokens, no
 padding) per optimizer step, medians over rounds, with the ratios to the padded step and to PEFT's:
 
-    python scripts/bench_step.py --model SmolLM2.gguf --device cpu --data gsm8k/train.jsonl --shape 4x256 --rounds 6
+    python benchmarks/bench_step.py --model SmolLM2.gguf --device cpu --data gsm8k/train.jsonl --shape 4x256 --rounds 6
 """
 
 from __future__ import annotations
@@ -47,10 +48,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_common import device_name, quiet, versions as _versions  # noqa: E402
-from bench_memory import (ModelFactory, _reset_rss_peak, _rss_peak_bytes, parse_shapes, random_batch,  # noqa: E402
-                          random_examples, sync, train_steps)
+from bench_memory import _reset_rss_peak, _rss_peak_bytes, parse_shapes, sync, train_steps  # noqa: E402
 
 import torch  # noqa: E402
+
+from qlora_ga.synthetic import ModelFactory, random_batch, random_sequences  # noqa: E402
 
 IMPLS = ("qlora_ga", "qlora_ga_no_residual", "peft_qlora", "peft_qlora_no_prepare")
 LAYOUTS = ("padded", "padding_free", "padding_free_dense", "packing", "peft_qlora_padded")
@@ -95,8 +97,6 @@ def parse_args(argv=None):
             check_liger(args.device)
         except QloraGaError as e:
             p.error(str(e))
-    # the factory's knobs that this script does not expose
-    args.materialize, args.workdir, args.init_shapes, args.train_shapes = "direct", "./.bench", [], []
     (args.shape,) = parse_shapes(args.shape)
     return args
 
@@ -120,7 +120,7 @@ def build(factory: ModelFactory, args, device):
 
     model = factory.quantized()
     # adapters from a small sample: the step's speed does not depend on their values
-    factors = estimate_factors(model, random_examples(2, 64, factory.vocab_size, args.seed), rank=args.rank,
+    factors = estimate_factors(model, random_sequences(2, 64, factory.vocab_size, args.seed), rank=args.rank,
                                n_vectors=singular_vectors_needed("lora-ga", args.rank), progress=False)
     ours = init_adapters(model, factors, method="lora-ga", rank=args.rank, alpha=args.alpha)
     residuals = [(layer, layer.qlora_ga_A0, layer.qlora_ga_B0) for layer in lora_layers(ours).values() if has_residual(layer)]
@@ -173,7 +173,7 @@ def liger_model(factory, args, device, optimizer):
     original = {k: before[k] for k in patched if k in before}
     for k, v in original.items():  # the other rows run transformers' own functions
         setattr(module, k, v)
-    factors = estimate_factors(model, random_examples(2, 64, factory.vocab_size, args.seed), rank=args.rank,
+    factors = estimate_factors(model, random_sequences(2, 64, factory.vocab_size, args.seed), rank=args.rank,
                                n_vectors=singular_vectors_needed("lora-ga", args.rank), progress=False)
     pm = init_adapters(model, factors, method="lora-ga", rank=args.rank, alpha=args.alpha)
 
@@ -193,12 +193,13 @@ LIGER_TEARDOWN: list = []  # run before every other row's set-up (undoes the mod
 
 
 def layout_batches(args, tok, rounds: int) -> dict[str, list[dict]]:
-    """Per layout, one collated micro-batch per round: padded, padding-free and PEFT's take the same sequences."""
+    """Per layout, one step per round (``qlora_ga.train.step_item`` of one collated micro-batch): padded,
+    padding-free and PEFT's take the same sequences."""
     from dataclasses import replace
 
     from qlora_ga.config import FinetuneConfig
     from qlora_ga.data.build import build_data
-    from qlora_ga.train import StepBatches, TrainSettings
+    from qlora_ga.train import StepBatches, TrainSettings, step_item
 
     b, t = args.shape
     data = build_data(tok, FinetuneConfig(dataset=args.data, max_length=t, seed=args.seed).data_config())
@@ -210,28 +211,12 @@ def layout_batches(args, tok, rounds: int) -> dict[str, list[dict]]:
     for r in range(rounds):
         for name, sb in (("padded", padded), ("padding_free", flat), ("packing", packed)):
             item = sb[r]
-            out[name].append(item["micro_batches"][0])
+            out[name].append(step_item([item["micro_batches"][0]]))
             out["useful"].setdefault(name, []).append(item["input_tokens"])
     out["peft_qlora_padded"], out["padding_free_dense"] = out["padded"], out["padding_free"]
     out["useful"]["peft_qlora_padded"] = out["useful"]["padded"]
     out["useful"]["padding_free_dense"] = out["useful"]["padding_free"]
     return out
-
-
-def layout_step(model, optimizer, batch: dict, device, dtype) -> None:
-    """One optimizer step on one micro-batch, as ``qlora_ga.train.train`` runs it (``model_inputs``: a flattened
-    batch goes in with ``use_cache=False``)."""
-    from qlora_ga.data.packing import model_inputs
-    from qlora_ga.train import trainable_parameters
-    from qlora_ga.model import autocast
-
-    batch = {k: v.to(device) for k, v in batch.items()}
-    with autocast(device, dtype):
-        loss = model(**model_inputs(batch)).loss
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(trainable_parameters(model), 1.0)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
 
 
 def main_layouts(args, factory, device, meta) -> int:
@@ -269,22 +254,23 @@ def main_layouts(args, factory, device, meta) -> int:
         batches["padding_free_compiled"] = batches["padding_free"]
         batches["useful"]["padding_free_compiled"] = batches["useful"]["padding_free"]
 
-    def step(name, batch):
-        """One step of layout ``name``; ``padding_free_dense``: the same flattened batch through transformers' own
-        SDPA with its row-long block-diagonal mask (what padding-free ran before ``qlora_ga.attention``)."""
+    def step(name, item):
+        """One optimizer step of layout ``name`` on ``item``, as the training loop runs it (``train_steps``: a flattened
+        batch goes in with ``use_cache=False``); ``padding_free_dense``: the same flattened batch through transformers'
+        own SDPA with its row-long block-diagonal mask (what padding-free ran before ``qlora_ga.attention``)."""
         if name == "padding_free_compiled":
             toggle(True)
             try:
-                return layout_step(*runner[name], batch, device, dtype)
+                return train_steps(*runner[name], item, device, dtype, 1)
             finally:
                 toggle(False)
         if name != "padding_free_dense":
-            return layout_step(*runner[name], batch, device, dtype)
+            return train_steps(*runner[name], item, device, dtype, 1)
         from qlora_ga.attention import set_attention
 
         set_attention(ours, "sdpa")
         try:
-            layout_step(*runner[name], batch, device, dtype)
+            train_steps(*runner[name], item, device, dtype, 1)
         finally:
             set_attention(ours, packed_impl)
     flops = {}
@@ -307,7 +293,7 @@ def main_layouts(args, factory, device, meta) -> int:
         for r in range(args.rounds):
             k = args.warmup + r
             for name in layouts[r % len(layouts):] + layouts[: r % len(layouts)]:  # rotate who goes first
-                batch = batches[name][k]
+                item = batches[name][k]
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
                     base = torch.cuda.memory_allocated(device)
@@ -315,14 +301,14 @@ def main_layouts(args, factory, device, meta) -> int:
                     base = _host_baseline()
                 sync(device)
                 t0 = time.perf_counter()
-                step(name, batch)
+                step(name, item)
                 sync(device)
                 dt = time.perf_counter() - t0
                 useful = batches["useful"][name][k]
                 tps[name].append(useful / dt)
                 secs[name].append(dt)
                 row = {**meta, "part": "layout", "impl": name, "round": r, "seconds": round(dt, 4), "useful_tokens": useful,
-                       "computed_tokens": int(batch["input_ids"].numel()), "useful_tokens_per_s": round(useful / dt, 2)}
+                       "computed_tokens": _computed_tokens(item), "useful_tokens_per_s": round(useful / dt, 2)}
                 if device.type == "cuda":
                     peak[name].append(torch.cuda.max_memory_allocated(device) - base)
                 elif base is not None:
@@ -334,7 +320,7 @@ def main_layouts(args, factory, device, meta) -> int:
         # the same round's steps ran closest in time: per-round ratios to the padded step carry the least drift
         paired = {n: statistics.median(a / p for a, p in zip(tps[n], tps["padded"])) for n in layouts}
         useful = {n: sum(batches["useful"][n][args.warmup:]) for n in layouts}
-        computed = {n: sum(int(b["input_ids"].numel()) for b in batches[n][args.warmup:]) for n in layouts}
+        computed = {n: sum(_computed_tokens(item) for item in batches[n][args.warmup:]) for n in layouts}
         ratios = {f"{n}_over_padded": med[n] / med["padded"] for n in layouts} | \
                  {f"{n}_over_peft_padded": med[n] / med["peft_qlora_padded"] for n in layouts}
         f.write(json.dumps({**meta, "part": "layout_summary", "median_useful_tokens_per_s": {k: round(v, 2) for k, v in med.items()},
@@ -361,6 +347,11 @@ def main_layouts(args, factory, device, meta) -> int:
         print(f"peak {where} memory of a step above what was resident before it (MiB, median / max): "
               + ", ".join(f"{n} {statistics.median(v) / 2**20:.0f} / {max(v) / 2**20:.0f}" for n, v in peak.items()))
     return 0
+
+
+def _computed_tokens(item: dict) -> int:
+    """Positions the model computes for a step (padding included)."""
+    return sum(int(b["input_ids"].numel()) for b in item["micro_batches"])
 
 
 def _flop_counter():
@@ -408,10 +399,11 @@ def main(argv=None) -> int:
     quiet()
     args = parse_args(argv)
     from qlora_ga.model import as_device
+    from qlora_ga.train import step_item
 
     device = as_device(args.device)
     torch.manual_seed(args.seed)
-    factory = ModelFactory(args, device)
+    factory = ModelFactory(device, model=args.model, tiny=args.tiny, seed=args.seed)
     if args.data is not None:
         b, t = args.shape
         meta = {"bench": "step_layout", "model": factory.label, "data": Path(args.data).name, "device": device_name(device),
@@ -425,7 +417,7 @@ def main(argv=None) -> int:
     dtype = factory.compute_dtype
     impls = build(factory, args, device)
     b, t = args.shape
-    batch = random_batch(b, t, factory.vocab_size, args.seed + 1, device)
+    item = step_item([random_batch(b, t, factory.vocab_size, args.seed + 1, device)])  # the training loop's form
     meta = {"bench": "step", "model": factory.label, "device": device_name(device), "device_type": device.type,
             "shape": f"{b}x{t}", "rank": args.rank, "optim": args.optim, "rounds": args.rounds, "warmup": args.warmup,
             **{f"{k}_version": v for k, v in _versions().items()},
@@ -436,16 +428,16 @@ def main(argv=None) -> int:
     names = IMPLS + (("qlora_ga_compiled",) if args.compile else ()) + (("qlora_ga_fused",) if args.fused else ()) \
         + (("qlora_ga_fused_compiled",) if args.fused and args.compile else ()) + (("qlora_ga_liger",) if args.liger else ())
     if args.fused:
-        meta["fused"] = fused_difference(impls, batch, device, dtype)
+        meta["fused"] = fused_difference(impls, item, device, dtype)
     if args.compile:
-        meta["compile"] = add_compiled(impls, batch, device, dtype, fused=args.fused)
+        meta["compile"] = add_compiled(impls, item, device, dtype, fused=args.fused)
     for name, (model, opt, setup) in list(impls.items()):
         if name != "qlora_ga_liger":
             impls[name] = (model, opt, _after_liger(setup))
     for name in names:
         model, opt, setup = impls[name]
         setup()
-        train_steps(model, opt, batch, device, dtype, args.warmup)
+        train_steps(model, opt, item, device, dtype, args.warmup)
     tps = {name: [] for name in names}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "a", encoding="utf-8") as f:
@@ -455,7 +447,7 @@ def main(argv=None) -> int:
                 setup()
                 sync(device)
                 t0 = time.perf_counter()
-                train_steps(model, opt, batch, device, dtype, 1)
+                train_steps(model, opt, item, device, dtype, 1)
                 sync(device)
                 tps[name].append(b * t / (time.perf_counter() - t0))
                 f.write(json.dumps({**meta, "part": "step", "impl": name, "round": r, "tokens_per_s": round(tps[name][-1], 2)}) + "\n")
@@ -471,7 +463,7 @@ def main(argv=None) -> int:
                            f"{key}_over_eager_paired": statistics.median(c / e for c, e in zip(tps[name], tps["qlora_ga"])),
                            f"{key}_over_peft": med[name] / med["peft_qlora"],
                            f"{key}_over_peft_no_prepare": med[name] / med["peft_qlora_no_prepare"]})
-        profile = profile_tables(impls, batch, device, dtype, factory) if args.profile else None
+        profile = profile_tables(impls, item, device, dtype, factory) if args.profile else None
         f.write(json.dumps({**meta, "part": "summary", "median_tokens_per_s": {k: round(v, 2) for k, v in med.items()},
                             "quartiles_tokens_per_s": quartiles, **{k: round(v, 4) for k, v in ratios.items()},
                             **({"profile": profile} if profile else {})}) + "\n")
@@ -503,31 +495,33 @@ def main(argv=None) -> int:
     return 0
 
 
-def _loss_and_grads(model, batch, device, dtype):
-    from qlora_ga.train import trainable_parameters
-    from qlora_ga.model import autocast
+def _loss_and_grads(model, item, device, dtype):
+    """The loss of ``item`` and the trainable parameters' gradients (flattened, fp32) from the training loop's
+    ``accumulate_gradients``; the gradients are cleared before and after."""
+    from qlora_ga.train import accumulate_gradients, trainable_parameters
 
     params = trainable_parameters(model)
-    with autocast(device, dtype):
-        loss = model(**batch).loss
-    grads = torch.autograd.grad(loss, params)
-    return float(loss), torch.cat([g.flatten().float() for g in grads])
+    model.zero_grad(set_to_none=True)
+    loss = accumulate_gradients(model, item, device, dtype)
+    grads = torch.cat([p.grad.flatten().float() for p in params])
+    model.zero_grad(set_to_none=True)
+    return float(loss), grads
 
 
 def _rel(a, b) -> float:
     return float((a - b).abs().max() / b.abs().max()) if isinstance(a, torch.Tensor) else abs(a - b) / abs(b)
 
 
-def fused_difference(impls: dict, batch: dict, device, dtype) -> dict:
+def fused_difference(impls: dict, item: dict, device, dtype) -> dict:
     """The fused step's loss and gradients against PEFT's forward, from the same weights (before any timed step)."""
     from qlora_ga.fused import _lora_4bit_layers
 
     model, _, eager = impls["qlora_ga"]
     _, _, fused = impls["qlora_ga_fused"]
     eager()
-    loss_e, grad_e = _loss_and_grads(model, batch, device, dtype)
+    loss_e, grad_e = _loss_and_grads(model, item, device, dtype)
     fused()
-    loss_f, grad_f = _loss_and_grads(model, batch, device, dtype)
+    loss_f, grad_f = _loss_and_grads(model, item, device, dtype)
     eager()
     return {"layers": len(_lora_4bit_layers(model)), "loss_rel_diff": _rel(loss_f, loss_e), "grad_rel_diff": _rel(grad_f, grad_e)}
 
@@ -541,9 +535,9 @@ def _after_liger(setup):
     return run
 
 
-def add_compiled(impls: dict, batch: dict, device, dtype, fused: bool = False) -> dict:
+def add_compiled(impls: dict, item: dict, device, dtype, fused: bool = False) -> dict:
     """``impls["qlora_ga_compiled"]`` (and with ``fused``, ``qlora_ga_fused_compiled``): the qlora_ga model with its
-    decoder blocks compiled (qlora_ga.compile), toggled per step (``qlora_ga`` runs them eager). First, on ``batch``:
+    decoder blocks compiled (qlora_ga.compile), toggled per step (``qlora_ga`` runs them eager). First, on ``item``:
     one eager and one compiled forward + backward from the same weights (the loss's and the gradients' relative
     differences), and the compile time."""
     from qlora_ga.compile import compile_blocks, compile_stats, compiled_switch, dynamo_settings
@@ -559,12 +553,12 @@ def add_compiled(impls: dict, batch: dict, device, dtype, fused: bool = False) -
         return set_up
 
     toggle(False)()
-    loss_e, grad_e = _loss_and_grads(model, batch, device, dtype)
+    loss_e, grad_e = _loss_and_grads(model, item, device, dtype)
     toggle(True)()
     sync(device)
     t0 = time.perf_counter()
     dynamo_settings().__enter__()  # for the rest of the process (recompiles in the timed rounds too)
-    loss_c, grad_c = _loss_and_grads(model, batch, device, dtype)  # compiles here
+    loss_c, grad_c = _loss_and_grads(model, item, device, dtype)  # compiles here
     sync(device)
     first = time.perf_counter() - t0
     compile_stats(report)
@@ -577,7 +571,7 @@ def add_compiled(impls: dict, batch: dict, device, dtype, fused: bool = False) -
             "grad_rel_diff": _rel(grad_c, grad_e)}
 
 
-def profile_tables(impls: dict, batch: dict, device, dtype, factory) -> dict:
+def profile_tables(impls: dict, item: dict, device, dtype, factory) -> dict:
     """``{title: table}``: torch.profiler's top 15 ops by self device time (CPU time on a CPU) and by call count, for
     one qlora_ga training step (eager) and for the gradient pass over the step's batch (a fresh 4-bit model; its
     totals over all decoder blocks, which run the same ops)."""
@@ -593,12 +587,13 @@ def profile_tables(impls: dict, batch: dict, device, dtype, factory) -> dict:
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     out = {}
     with profile(activities=activities) as prof:
-        train_steps(model, opt, batch, device, dtype, 1)
+        train_steps(model, opt, item, device, dtype, 1)
         sync(device)
     out["one training step (qlora_ga eager), by self time"] = prof.key_averages().table(sort_by=key, row_limit=15)
     out["one training step (qlora_ga eager), by count"] = prof.key_averages().table(sort_by="count", row_limit=15)
     base = factory.quantized()
     blocks = len(find_decoder_layers(unwrap(base))[1])
+    batch = item["micro_batches"][0]
     b, t = batch["input_ids"].shape
     examples = [{"input_ids": ids, "labels": ids} for ids in batch["input_ids"].tolist()]
     with profile(activities=activities) as prof:

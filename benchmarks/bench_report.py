@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """Pool the rows of several ``bench_convergence.py`` runs into one markdown table, mean and spread over seeds.
 
-    python scripts/bench_report.py docs/benchmarks/convergence-cpu*.jsonl
-    python scripts/bench_report.py --out docs/benchmarks/summary.md docs/benchmarks/*.jsonl
-    python scripts/bench_report.py --plot curves.png --plot-best-only docs/benchmarks/*.jsonl
+    python benchmarks/bench_report.py docs/benchmarks/convergence-cpu*.jsonl
+    python benchmarks/bench_report.py --out docs/benchmarks/summary.md docs/benchmarks/*.jsonl
+    python benchmarks/bench_report.py --plot curves.png --plot-best-only docs/benchmarks/*.jsonl
 
 Runs are grouped by their setting (method, base, optimizer, gradient-sample size, ``--gamma`` override,
 steps, tokens per step, held-out size) and lr; a group's seeds are pooled, whichever file or process they came from. Only

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """How accurate the init's randomized SVD is, and what it costs, per setting: principal angles against the exact SVD.
 
-    python scripts/bench_svd.py --model SmolLM2.gguf --data gsm8k/train.jsonl --samples 32 --rank 8
+    python benchmarks/bench_svd.py --model SmolLM2.gguf --data gsm8k/train.jsonl --samples 32 --rank 8
 
 The gradient pass runs once over ``--samples`` sequences (``--max-length`` tokens at most); each target linear's
 exact G then goes through ``torch.linalg.svd`` (the reference) and through ``qlora_ga.estimate.truncated_svd``
