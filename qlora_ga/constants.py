@@ -1,6 +1,6 @@
 """Names that several modules share, each defined once here.
 
-Torch-free on purpose: ``config.py`` imports it to parse and check the settings before anything heavy loads.
+Torch-free on purpose: ``qlora_ga.config`` imports it to parse and check the settings before anything heavy loads.
 """
 
 #: label of a token that gets no loss (prompt tokens, padding); the ``ignore_index`` of torch's cross-entropy

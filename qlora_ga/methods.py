@@ -1,7 +1,8 @@
 """The adapter init methods and their default settings, in one table.
 
-Torch-free on purpose: ``config.py`` reads it to parse and check the settings before anything heavy
-loads. The formulas of the methods are in ``init.py`` (docs/DESIGN.md section 3).
+Torch-free on purpose: ``qlora_ga.config`` reads it to parse and check the settings before anything heavy
+loads. The formulas of the methods are in ``init.py``'s registry (``INITS``; docs/DESIGN.md section 3); a test
+keeps the two tables naming the same methods.
 """
 
 from __future__ import annotations

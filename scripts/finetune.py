@@ -5,7 +5,7 @@
     python scripts/finetune.py --model meta-llama/Llama-2-7b-hf --rank 8 --dataset data.jsonl
     python scripts/finetune.py --config configs/llama2-7b-24gb.yaml --lr 1e-4
 
-All options: --help. The logic lives in qlora_ga/cli.py.
+All options: --help. The steps run in qlora_ga/finetune.py (the command itself: qlora_ga/cli.py, also `qlora-ga finetune`).
 """
 
 import os

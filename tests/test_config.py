@@ -324,6 +324,8 @@ def test_the_steps_settings_come_from_the_run_settings_by_name():
     assert isinstance(cfg.train_settings(), TrainSettings) and isinstance(cfg.data_config(), DataConfig)
     assert FinetuneConfig(eval_split="0.05").data_config().eval_split == 0.05
     assert FinetuneConfig().train_settings().gradient_checkpointing is True
+    with pytest.raises(TypeError):  # by name only: the fields follow FinetuneConfig's order, not a signature
+        TrainSettings(8, 4)
 
 
 def test_method_defaults_are_the_documented_ones():
@@ -422,7 +424,7 @@ def test_qlora_ga_subcommands_finetune_export_evaluate(capsys, tmp_path):
                               (["--help"], "usage: ", "qlora-ga export --help")):  # no subcommand: finetune
         with pytest.raises(SystemExit) as e:
             main(argv)
-        out = capsys.readouterr().out
+        out = " ".join(capsys.readouterr().out.split())  # (argparse wraps to the terminal's width)
         assert e.value.code == 0 and out.startswith(usage) and flag in out, argv
     assert main(["evaluate", "--data", str(tmp_path / "missing.jsonl")]) == 2  # each one's own one-line error
     assert capsys.readouterr().err.count("\n") == 1

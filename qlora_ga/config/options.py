@@ -299,7 +299,8 @@ def step_settings(name: str, step: str, module: str, doc: str, own: list[tuple] 
     replaced = {spec[0]: spec for spec in own}
     specs = [replaced.pop(f.name, None) or (f.name, f.type, field(default=f.default, metadata=f.metadata))
              for f in dataclasses.fields(FinetuneConfig) if any(f is g for g in _STEP_FIELDS[step])]
-    cls = dataclasses.make_dataclass(name, specs + list(replaced.values()))
+    cls = dataclasses.make_dataclass(name, specs + list(replaced.values()), kw_only=True)  # (by name only: the order is
+    # FinetuneConfig's, not a signature to rely on)
     cls.__module__, cls.__doc__ = module, doc  # (pickled by name, e.g. into DataLoader workers)
     return cls
 

@@ -78,7 +78,7 @@ _EXPORT_FILES = {
                re.compile(r"model(-\d+-of-\d+)?\.safetensors")),
     "gguf": ("Modelfile", METADATA_FILE, re.compile(r"model-\w+\.gguf")),
 }
-#: what finetune.py writes into its --output-dir (qlora_ga/cli.py), to name a training run
+#: what finetune.py writes into its --output-dir (qlora_ga/outdir.py), to name a training run
 RUN_FILES = ("run_config.yaml", "checkpoints", "metrics.jsonl", "init_report.json", "summary.json")
 _MODEL_FILE = re.compile(r".*\.(safetensors|gguf|bin|pt|pth)")
 
