@@ -57,7 +57,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import gc
 import json
 import os
 import shlex
@@ -73,7 +72,7 @@ from bench_common import device_name, quiet, versions as _versions  # noqa: E402
 
 import torch  # noqa: E402
 
-from qlora_ga.synthetic import ARCHS, ModelFactory, random_batch, random_sequences  # noqa: E402
+from qlora_ga.synthetic import ARCHS, ModelFactory, free_memory, random_batch, random_sequences  # noqa: E402
 
 GIB = 2**30
 FULL_DEFAULTS = dict(init_shapes="64x512,128x1024", train_shapes="1x1024,4x512,4x1024", warmup=2, steps=5)
@@ -213,12 +212,6 @@ def _rss_peak_bytes() -> int | None:
 def sync(device: torch.device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def free_memory(device: torch.device):
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 def is_oom(e: BaseException) -> bool:

@@ -19,11 +19,12 @@ compute dtype (~0.4 GB for 7B), so the 7B shape builds on a 24 GB card. The mode
 from __future__ import annotations
 
 import gc
-import os
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from .fileio import atomic_dir
 
 LLAMA2_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                  num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096)
@@ -145,11 +146,12 @@ def build_random_llama(cfg, device: torch.device, dtype: torch.dtype, quantize: 
     if quantize:
         _mark_4bit(model, compute_dtype)
     model.eval()
-    _free_memory(device)
+    free_memory(device)
     return model
 
 
-def _free_memory(device: torch.device):
+def free_memory(device: torch.device):
+    """Give back what dropped models held: Python's garbage, and on CUDA the allocator's cached blocks."""
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -165,13 +167,12 @@ def save_random_llama(cfg, folder: Path, seed: int, say=print) -> Path:
 
     say(f"writing the random model to {folder} (once) ...")
     model = build_random_llama(cfg, torch.device("cpu"), torch.bfloat16, quantize=False, seed=seed)
-    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
     model.config.dtype = torch.bfloat16
-    model.save_pretrained(tmp)
-    make_tiny_tokenizer().save_pretrained(tmp)  # load_model wants a tokenizer; the benchmarks feed random ids
+    with atomic_dir(folder, keep_existing=True) as tmp:  # (another process may have written it meanwhile)
+        model.save_pretrained(tmp)
+        make_tiny_tokenizer().save_pretrained(tmp)  # load_model wants a tokenizer; the benchmarks feed random ids
     del model
-    gc.collect()
-    os.replace(tmp, folder)
+    free_memory(torch.device("cpu"))
     return folder
 
 

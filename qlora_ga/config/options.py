@@ -289,7 +289,7 @@ def _as_float(s: str | None) -> float | None:
 FIELD_NAMES = tuple(f.name for f in dataclasses.fields(FinetuneConfig))
 
 
-def step_settings(name: str, step: str, module: str, doc: str, own: list[tuple] = ()) -> type:
+def step_settings(name: str, step: str, doc: str, own: list[tuple] = ()) -> type:
     """A step's settings dataclass: every option of :class:`FinetuneConfig` tagged with ``step`` (its name, type,
     default and help), in the order declared there, then ``own`` (``(name, type, field)`` tuples: the step's settings
     that are no option of the command, or an option's derived form under its own name, which then replaces it).
@@ -301,7 +301,7 @@ def step_settings(name: str, step: str, module: str, doc: str, own: list[tuple] 
              for f in dataclasses.fields(FinetuneConfig) if any(f is g for g in _STEP_FIELDS[step])]
     cls = dataclasses.make_dataclass(name, specs + list(replaced.values()), kw_only=True)  # (by name only: the order is
     # FinetuneConfig's, not a signature to rely on)
-    cls.__module__, cls.__doc__ = module, doc  # (pickled by name, e.g. into DataLoader workers)
+    cls.__module__, cls.__doc__ = __name__, doc  # (pickled by name, e.g. into DataLoader workers)
     return cls
 
 
@@ -309,8 +309,8 @@ def settings_for(cfg: FinetuneConfig, cls, **derived):
     """An instance of the dataclass ``cls`` (a step's own settings, e.g. ``DataConfig``, ``TrainSettings``) with every
     field that ``FinetuneConfig`` has under the same name taken from ``cfg``, and ``derived`` for the others.
 
-    The one mapping from the run's settings to the steps': an option is added to ``FinetuneConfig`` and to the
-    step that uses it, under the same name, and nothing copies it by hand.
+    The one mapping from the run's settings to the steps': the steps' fields are the options themselves
+    (:func:`step_settings`), and nothing copies one by hand.
     """
     shared = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls) if f.name in FIELD_NAMES and f.name not in derived}
     return cls(**shared, **derived)
@@ -330,7 +330,7 @@ def resolved(cfg: FinetuneConfig) -> FinetuneConfig:
 # ---- the steps' own settings (filled by settings_for) ----
 
 #: the training step's settings: the options declared with ``steps=("train", ...)``, plus the step's own fields below
-TrainSettings = step_settings("TrainSettings", "train", __name__, """The training step's settings (see
+TrainSettings = step_settings("TrainSettings", "train", """The training step's settings (see
 :func:`step_settings`): the run's options tagged ``train`` and the loop's own fields.""", own=[
     ("lr", "float", field(default=5e-5)),  # the peak lr as a number ('auto' and the method default are resolved before)
     ("gradient_checkpointing", "bool", field(default=True)),  # from --no_gradient_checkpointing
@@ -340,7 +340,7 @@ TrainSettings = step_settings("TrainSettings", "train", __name__, """The trainin
 
 #: where the examples come from and how they become token ids: the options declared with ``steps=("data", ...)``,
 #: plus the step's own fields below
-DataConfig = step_settings("DataConfig", "data", __name__, """Where the examples come from and how they are turned into token ids.
+DataConfig = step_settings("DataConfig", "data", """Where the examples come from and how they are turned into token ids.
 
     ``dataset``: None -> the built-in arithmetic set (``make_arithmetic_examples(n_builtin, seed=0)``);
     a local .json/.jsonl/.csv/.parquet file or a folder of such files; or a hub id (``"id"`` or
