@@ -43,7 +43,7 @@ def _write_gsm8k(folder: Path):
                                     "answer": f"She has {a} + {b} = <<{a}+{b}={a + b}>>{a + b} coins.\n#### {a + b}"}) + "\n")
 
 
-def test_bench_convergence_quick(tmp_path, tiny_model_dir):
+def test_bench_convergence_quick(tmp_path, tiny_model_dir, capsys):
     data = tmp_path / "gsm8k"
     _write_gsm8k(data)
     out, png = tmp_path / "bench" / "convergence.jsonl", tmp_path / "bench" / "convergence.png"
@@ -70,9 +70,10 @@ def test_bench_convergence_quick(tmp_path, tiny_model_dir):
     assert (tmp_path / "work").is_dir() and not any((tmp_path / "work").iterdir())
     # the pooled report reads the same file: one row per (method, lr), the run's own final held-out loss
     pooled_png = tmp_path / "pooled.png"
-    rep = _run([str(ROOT / "benchmarks" / "bench_report.py"), str(out), "--plot", str(pooled_png), "--plot-best-only"], tmp_path)
+    capsys.readouterr()
+    assert _load_report().main([str(out), "--plot", str(pooled_png), "--plot-best-only"]) == 0
     assert pooled_png.is_file() and pooled_png.stat().st_size > 1000
-    table = [line for line in rep.stdout.splitlines() if line.startswith("| gaussian") or line.startswith("| lora-ga")]
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| gaussian") or line.startswith("| lora-ga")]
     assert len(table) == 2
     assert all(r["gamma_override"] == 8.0 for r in rows)  # --gamma: lora-ga's scale; vanilla LoRA has none
     for r in runs:

@@ -40,8 +40,7 @@ def assert_clean_error(res_or_code, stderr, pattern):
 
 def test_training_lowers_the_loss_and_writes_the_documented_layout(tiny_model_dir, tmp_path):
     out = tmp_path / "run"
-    res = run_cli(base_args(tiny_model_dir, out, "--max-steps", "10", "--lr", "3e-3", "--eval-split", "0.1", "--eval-every", "5"))
-    assert res.returncode == 0, res.stderr[-3000:]
+    assert main(base_args(tiny_model_dir, out, "--max-steps", "10", "--lr", "3e-3", "--eval-split", "0.1", "--eval-every", "5")) == 0
     rows = read_metrics(out / "metrics.jsonl")
     assert rows[0] == {"step": 0, "eval_loss": rows[0]["eval_loss"]}  # the held-out loss at init
     rows = rows[1:]
@@ -113,17 +112,17 @@ def test_max_steps_zero_writes_an_adapter_that_keeps_the_function(tiny_model_dir
 # ------------------------------------------------------------------ bad input: exit 2, one line, nothing lost
 
 
-def test_bad_inputs_exit_2_with_one_line_via_subprocess(tiny_model_dir, tmp_path):
-    res = run_cli(["--model", str(tmp_path / "missing-model"), "--output-dir", str(tmp_path / "o")])
-    assert_clean_error(res.returncode, res.stderr, r"does not exist")
+def test_bad_input_through_the_script_exits_2_with_one_line_and_nothing_else(tmp_path):
+    """The real process: exit status 2 and one line on stderr, no library warnings (export.py: test_export.py)."""
     res = run_cli(["--rank", "0", "--output-dir", str(tmp_path / "o")])
     assert_clean_error(res.returncode, res.stderr, r"rank")
     assert len(res.stderr.strip().splitlines()) == 1, res.stderr  # nothing but the line (no library warnings)
-    res = subprocess.run([sys.executable, str(ROOT / "scripts" / "export.py"), "--adapter", str(tmp_path / "none"),
-                          "--out", str(tmp_path / "x")], capture_output=True, text=True, cwd=ROOT, timeout=300,
-                         env=dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1"))
-    assert_clean_error(res.returncode, res.stderr, r"does not exist")
-    assert len(res.stderr.strip().splitlines()) == 1, res.stderr
+
+
+def test_a_missing_model_folder_is_one_line(tmp_path, capsys):
+    code = main(["--model", str(tmp_path / "missing-model"), "--output-dir", str(tmp_path / "o")])
+    assert_clean_error(code, capsys.readouterr().err, r"does not exist")
+    assert not (tmp_path / "o").exists()
 
 
 def _write(path, text):
@@ -210,15 +209,15 @@ def test_out_of_memory_is_a_one_line_error(tiny_model_dir, tmp_path, capsys, mon
     assert_clean_error(code, capsys.readouterr().err, r"out of GPU memory.*lower --batch-size")
 
 
-def test_a_truncated_checkpoint_is_a_one_line_error_naming_the_file(tiny_model_dir, tmp_path):
+def test_a_truncated_checkpoint_is_a_one_line_error_naming_the_file(tiny_model_dir, tmp_path, capsys):
     import shutil
 
     broken = tmp_path / "broken-model"
     shutil.copytree(tiny_model_dir, broken)
     weights = broken / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # an interrupted download
-    res = run_cli(base_args(broken, tmp_path / "o", "--max-steps", "1"))
-    assert_clean_error(res.returncode, res.stderr, r"model\.safetensors' is damaged or incomplete.*download it again")
+    code = main(base_args(broken, tmp_path / "o", "--max-steps", "1"))
+    assert_clean_error(code, capsys.readouterr().err, r"model\.safetensors' is damaged or incomplete.*download it again")
 
 
 def test_phi3_trains_with_its_fused_projections_through_the_cli(tmp_path, capsys):

@@ -353,10 +353,10 @@ def test_lora_one_moves_the_function_by_a_gradient_step(fresh_model):
 # ------------------------------------------------------------------ the real SmolLM2 GGUF
 
 
-def test_smollm2_gguf_gradient_pass_and_init(tmp_path, monkeypatch):
+def test_smollm2_gguf_gradient_pass_and_init(tmp_path):
     from qlora_ga.model import default_model_path
 
-    monkeypatch.setenv("QLORA_GA_CACHE", str(tmp_path / "cache"))
+    # the suite's cache ($QLORA_GA_CACHE): the GGUF's conversion, made by the first test that loads it, is shared
     model, tok = load_model(default_model_path())
     assert len(find_decoder_layers(model)[1]) == 30
     msgs = ["What is 2 + 3?", "Name a colour.", "Count to three."]

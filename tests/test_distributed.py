@@ -24,12 +24,14 @@ def torchrun(nproc: int, *args, timeout: int = 600, env: dict | None = None) -> 
 
 
 def test_two_process_gradient_pass_equals_one_process(tiny_model_dir, tmp_path):
-    worker = str(ROOT / "tests" / "_dist_pass.py")
-    # 10 sequences; one process in micro-batches of 2, two in micro-batches of up to 16: 5 sequences each (the
-    # sample splits by sequences whatever the micro-batch size; it used to stop, "1 micro-batches for 2 processes")
-    for n, micro_batch in ((1, "2"), (2, "16")):
-        res = torchrun(n, worker, str(tiny_model_dir), str(tmp_path / f"p{n}"), micro_batch)
-        assert res.returncode == 0, res.stderr[-3000:]
+    from _dist_pass import main as one_process
+
+    # 10 sequences; one process (this one, no launcher) in micro-batches of 2, two in micro-batches of up to 16:
+    # 5 sequences each (the sample splits by sequences whatever the micro-batch size; it used to stop,
+    # "1 micro-batches for 2 processes")
+    one_process(str(tiny_model_dir), str(tmp_path / "p1"), "2")
+    res = torchrun(2, str(ROOT / "tests" / "_dist_pass.py"), str(tiny_model_dir), str(tmp_path / "p2"), "16")
+    assert res.returncode == 0, res.stderr[-3000:]
     one = torch.load(tmp_path / "p1.rank0")
     two = [torch.load(tmp_path / f"p2.rank{r}") for r in (0, 1)]
     assert one["world"] == 1 and two[0]["world"] == 2
@@ -68,14 +70,13 @@ def runs(tiny_model_dir, tmp_path_factory):
     processes stopped after their first checkpoint, then resumed. All with --lr auto: each process searches
     on the whole first step's sequences and trains with the main process's lr; the resumed run takes it from
     its checkpoint."""
+    from qlora_ga.cli import main as finetune
+
     root = tmp_path_factory.mktemp("dist")
     # vanilla LoRA: the LoRA-GA init over 2 processes is only as close as the SVD of a G summed in
-    # another order allows (test above); here the training itself is compared
-    one = subprocess.run([sys.executable, FINETUNE, *finetune_args(tiny_model_dir, root / "one", "--batch-size", "2",
-                                                                   "--grad-accum", "2", "--init", "gaussian", "--lr", "auto")],
-                         capture_output=True, text=True, cwd=ROOT, timeout=600,
-                         env=dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", CUDA_VISIBLE_DEVICES=""))
-    assert one.returncode == 0, one.stderr[-3000:]
+    # another order allows (test above); here the training itself is compared. One process: this one.
+    assert finetune(finetune_args(tiny_model_dir, root / "one", "--batch-size", "2", "--grad-accum", "2",
+                                  "--init", "gaussian", "--lr", "auto", "--device", "cpu")) == 0
     two_args = ("--batch-size", "2", "--grad-accum", "1", "--init", "gaussian", "--lr", "auto")
     two = torchrun(2, FINETUNE, *finetune_args(tiny_model_dir, root / "two", *two_args))
     assert two.returncode == 0, two.stderr[-3000:]
