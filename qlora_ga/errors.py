@@ -16,3 +16,10 @@ def did_you_mean(word: str, options) -> str:
 
     close = difflib.get_close_matches(word, list(options), n=1)
     return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def system_error_line(e: OSError | MemoryError) -> str:
+    """The one line a command prints for an error of the system (disk full, permission, out of host memory)."""
+    msg = getattr(e, "strerror", None) or str(e) or type(e).__name__
+    where = getattr(e, "filename", None)
+    return f"error: {msg}{f' ({where})' if where else ''}"

@@ -33,7 +33,7 @@ from .data.batch import collate, count_label_tokens
 from .data.config import DataConfig
 from .data.tokenize import prompt_ids as data_prompt_ids
 from .data.tokenize import tokenize_example
-from .errors import QloraGaError
+from .errors import QloraGaError, system_error_line
 from .fileio import atomic_write
 from .log import quiet_libraries
 from .model import autocast
@@ -414,8 +414,6 @@ def main(argv=None, prog: str = "evaluate.py") -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except (OSError, MemoryError) as e:
-        msg = getattr(e, "strerror", None) or str(e) or type(e).__name__
-        where = getattr(e, "filename", None)
-        print(f"error: {msg}{f' ({where})' if where else ''}", file=sys.stderr)
+        print(system_error_line(e), file=sys.stderr)
         return 2
     return 0

@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from ..errors import QloraGaError
+from ..errors import QloraGaError, system_error_line
 from ..log import quiet_libraries
 from .adapter import export_adapter
 from .gguf import gguf_export
@@ -55,9 +55,7 @@ def main(argv=None, prog: str = "export.py") -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except (OSError, MemoryError) as e:
-        msg = getattr(e, "strerror", None) or str(e) or type(e).__name__
-        where = getattr(e, "filename", None)
-        print(f"error: {msg}{f' ({where})' if where else ''}", file=sys.stderr)
+        print(system_error_line(e), file=sys.stderr)
         return 2
     print(written)
     return 0
