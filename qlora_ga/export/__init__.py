@@ -17,13 +17,37 @@ folder next to ``out_dir`` and renamed into place only when complete; an existin
 replaced only after the new one is fully written.
 """
 
-from .adapter import config_scaling, export_adapter, fold_residuals, load_adapter_dir, save_adapter
-from .base import resolve_base_folder
-from .cli import build_parser, main
-from .files import METADATA_FILE, RESIDUAL_FILE, RESIDUAL_FILES, read_metadata
-from .gguf import GgufStats, gguf_export
-from .merge import MergeStats, merge_export, parse_dtype, parse_size
-from .modelfile import modelfile_text, ollama_chat
+_LAZY = {
+    "config_scaling": "adapter",
+    "export_adapter": "adapter",
+    "fold_residuals": "adapter",
+    "load_adapter_dir": "adapter",
+    "save_adapter": "adapter",
+    "resolve_base_folder": "base",
+    "build_parser": "cli",
+    "main": "cli",
+    "METADATA_FILE": "files",
+    "RESIDUAL_FILE": "files",
+    "RESIDUAL_FILES": "files",
+    "read_metadata": "files",
+    "GgufStats": "gguf",
+    "gguf_export": "gguf",
+    "MergeStats": "merge",
+    "merge_export": "merge",
+    "parse_dtype": "merge",
+    "parse_size": "merge",
+    "modelfile_text": "modelfile",
+    "ollama_chat": "modelfile",
+}
+
+
+def __getattr__(name: str):  # PEP 562: torch loads on first use, after the command line is checked
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "config_scaling", "export_adapter", "fold_residuals", "load_adapter_dir", "save_adapter",

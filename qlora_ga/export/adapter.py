@@ -44,6 +44,7 @@ from .files import (
     RESIDUAL_FILE,
     RESIDUAL_FILES,
     TOKENIZER_FILES,
+    check_adapter_dir,
     check_out_dir,
     check_out_not_over,
     copy_present,
@@ -304,10 +305,7 @@ def load_adapter_dir(adapter_dir) -> tuple:
 def _read_lora_config(d: Path):
     from peft import LoraConfig
 
-    if not d.is_dir():
-        raise QloraGaError(f"adapter folder '{d}' does not exist: pass the folder written by the trainer or save_adapter")
-    if not (d / ADAPTER_CONFIG).is_file():
-        raise QloraGaError(f"'{d}' has no {ADAPTER_CONFIG}: pass a PEFT adapter folder")
+    check_adapter_dir(d)
     try:
         config = LoraConfig.from_pretrained(str(d))
     except (TypeError, ValueError, json.JSONDecodeError) as e:

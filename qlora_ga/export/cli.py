@@ -6,11 +6,11 @@ import argparse
 import logging
 import sys
 
+from pathlib import Path
+
 from ..errors import QloraGaError, system_error_line
 from ..log import quiet_libraries
-from .adapter import export_adapter
-from .gguf import gguf_export
-from .merge import MERGE_BASES, merge_export
+from .files import MERGE_BASES, check_adapter_dir
 
 
 class _Parser(argparse.ArgumentParser):
@@ -62,7 +62,13 @@ def main(argv=None, prog: str = "export.py") -> int:
 
 
 def _export(args) -> str:
-    """Run the export the arguments ask for; the line that says what was written."""
+    """Run the export the arguments ask for; the line that says what was written. The adapter folder is checked
+    before torch loads (a mistyped path answers at once)."""
+    check_adapter_dir(Path(args.adapter).expanduser())
+    from .adapter import export_adapter
+    from .gguf import gguf_export
+    from .merge import merge_export
+
     if args.gguf is not None:
         g = gguf_export(args.adapter, args.out, args.gguf, llama_cpp=args.llama_cpp, base=args.base,
                         merge_base=args.merge_base, dtype=args.dtype, max_shard_size=args.max_shard_size,

@@ -15,13 +15,17 @@ import os
 import re
 import shutil
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..constants import ADAPTER_WEIGHTS, CHECKPOINT_RESIDUAL
 from ..errors import QloraGaError
 
+if TYPE_CHECKING:  # torch-free at import: the export command checks its arguments before torch loads
+    import torch
+
 ADAPTER_CONFIG = "adapter_config.json"
+#: what ``merge_export`` merges into: the original 16-bit weights, or deQ(Q(W)) (the exact trained function)
+MERGE_BASES = ("original", "dequantized")
 ADAPTER_WEIGHTS_BIN = "adapter_model.bin"
 METADATA_FILE = "qlora_ga.json"
 #: Optional file next to a rank-r PEFT adapter (e.g. a training checkpoint) holding
@@ -35,6 +39,7 @@ TOKENIZER_FILES = (
     "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt", "merges.txt",
     "chat_template.jinja", "chat_template.json",
 )
+
 GENERATION_CONFIG = "generation_config.json"
 
 
@@ -166,3 +171,11 @@ def check_out_not_over(out, inputs: dict, *, may_be_inside: bool = False) -> Non
                                f"(it {'is' if o == f else 'holds'} the {what} folder '{folder}'): choose another --out")
         if f in o.parents and not may_be_inside:
             raise QloraGaError(f"--out '{out}' is inside the {what} folder '{folder}': choose another --out")
+
+
+def check_adapter_dir(d: Path) -> None:
+    """A folder holding a PEFT adapter's config, or one line saying what is wrong."""
+    if not d.is_dir():
+        raise QloraGaError(f"adapter folder '{d}' does not exist: pass the folder written by the trainer or save_adapter")
+    if not (d / ADAPTER_CONFIG).is_file():
+        raise QloraGaError(f"'{d}' has no {ADAPTER_CONFIG}: pass a PEFT adapter folder")

@@ -42,6 +42,7 @@ from .adapter import LORA_KEY, config_scaling, load_adapter_dir, module_key
 from .base import BaseTensor, ShardReader, base_tensors, quantized_weight_names, resolve_base_folder
 from .files import (
     GENERATION_CONFIG,
+    MERGE_BASES,
     METADATA_FILE,
     TOKENIZER_FILES,
     check_out_dir,
@@ -58,7 +59,6 @@ DTYPES = {
 }
 DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
 FP16_MAX = 65504.0
-MERGE_BASES = ("original", "dequantized")
 
 
 def parse_dtype(dtype) -> torch.dtype:
