@@ -1,4 +1,5 @@
-"""Run by tests/test_distributed.py under torchrun (and alone): the gradient pass, saved by every process."""
+"""The gradient pass, saved by every process: run by tests/test_distributed.py under torchrun, and its ``main``
+called in the test's own process for the one-process run."""
 
 import sys
 

@@ -1,4 +1,5 @@
-"""Smoke tests of the benchmark scripts (tiny settings, CPU, subprocesses): they run end to end and write
+"""Smoke tests of the benchmark scripts (tiny settings, CPU; bench_convergence in a subprocess, the others in this
+process): they run end to end and write
 JSONL rows with the expected keys. The numbers themselves are not checked (a CPU run is no evidence).
 bench_memory.py and bench_step.py run in tests/test_gpu_check.py's end-to-end test (its bench, layouts, step and
 big stages), which checks their rows."""

@@ -356,7 +356,8 @@ def test_lora_one_moves_the_function_by_a_gradient_step(fresh_model):
 def test_smollm2_gguf_gradient_pass_and_init(tmp_path):
     from qlora_ga.model import default_model_path
 
-    # the suite's cache ($QLORA_GA_CACHE): the GGUF's conversion, made by the first test that loads it, is shared
+    # the suite's cache ($QLORA_GA_CACHE): the GGUF's conversion is made here on a cold cache (a clean clone: CI, where
+    # this is the first test to load it) and shared with test_gguf.py's runs; on a warm cache it is read back
     model, tok = load_model(default_model_path())
     assert len(find_decoder_layers(model)[1]) == 30
     msgs = ["What is 2 + 3?", "Name a colour.", "Count to three."]

@@ -1,4 +1,5 @@
-"""Data parallelism on torch.distributed: 2 processes (gloo, CPU) against 1, through the real launcher."""
+"""Data parallelism on torch.distributed: 2 processes (gloo, CPU) through the real launchers (torchrun, accelerate
+launch) against 1 (this process, no launcher)."""
 
 import json
 import os
@@ -23,9 +24,16 @@ def torchrun(nproc: int, *args, timeout: int = 600, env: dict | None = None) -> 
     return subprocess.run(cmd, capture_output=True, text=True, env=e, cwd=ROOT, timeout=timeout)
 
 
-def test_two_process_gradient_pass_equals_one_process(tiny_model_dir, tmp_path):
+def _one_process(monkeypatch):
+    """This process as the one-process run: no launcher's variables (a leftover WORLD_SIZE would make it join a group)."""
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_two_process_gradient_pass_equals_one_process(tiny_model_dir, tmp_path, monkeypatch):
     from _dist_pass import main as one_process
 
+    _one_process(monkeypatch)
     # 10 sequences; one process (this one, no launcher) in micro-batches of 2, two in micro-batches of up to 16:
     # 5 sequences each (the sample splits by sequences whatever the micro-batch size; it used to stop,
     # "1 micro-batches for 2 processes")
@@ -40,7 +48,7 @@ def test_two_process_gradient_pass_equals_one_process(tiny_model_dir, tmp_path):
         assert all(torch.equal(two[0][k][n], two[1][k][n]) for n in one[k])
 
     for n in one["G"]:
-        # G: the same sum in another order (measured 7e-7 of its largest entry)
+        # G: the same sum in another order (measured 7e-7 of its largest entry, one thread per process)
         assert_close_rel(two[0]["G"][n], one["G"][n], 1e-5, "G")
         # LoRA-GA's B0 A0 pairs u_(r+i) with v_i, so it moves by |dG| / (gap between singular values):
         # measured 1.6e-5 (without AVX) for that change of G on this model
@@ -70,13 +78,15 @@ def runs(tiny_model_dir, tmp_path_factory):
     processes stopped after their first checkpoint, then resumed. All with --lr auto: each process searches
     on the whole first step's sequences and trains with the main process's lr; the resumed run takes it from
     its checkpoint."""
-    from qlora_ga.cli import main as finetune
+    from qlora_ga.cli import finetune
 
     root = tmp_path_factory.mktemp("dist")
+    with pytest.MonkeyPatch.context() as mp:
+        _one_process(mp)
     # vanilla LoRA: the LoRA-GA init over 2 processes is only as close as the SVD of a G summed in
     # another order allows (test above); here the training itself is compared. One process: this one.
-    assert finetune(finetune_args(tiny_model_dir, root / "one", "--batch-size", "2", "--grad-accum", "2",
-                                  "--init", "gaussian", "--lr", "auto", "--device", "cpu")) == 0
+        assert finetune(finetune_args(tiny_model_dir, root / "one", "--batch-size", "2", "--grad-accum", "2",
+                                      "--init", "gaussian", "--lr", "auto", "--device", "cpu")) == 0
     two_args = ("--batch-size", "2", "--grad-accum", "1", "--init", "gaussian", "--lr", "auto")
     two = torchrun(2, FINETUNE, *finetune_args(tiny_model_dir, root / "two", *two_args))
     assert two.returncode == 0, two.stderr[-3000:]

@@ -296,15 +296,54 @@ def test_export_cli(trained, tmp_path, capsys):
 
 
 def test_export_script_bad_adapter_exits_2_with_one_line(tmp_path):
+    """The real process, once the libraries are loaded (a config that is not JSON: read through peft): exit 2 and
+    one line on stderr, no library warnings."""
+    bad = tmp_path / "adapter"
+    bad.mkdir()
+    (bad / "adapter_config.json").write_text("{not json")
     proc = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "export.py"), "--adapter", str(tmp_path / "missing"), "--out",
-         str(tmp_path / "out")],
+        [sys.executable, str(REPO / "scripts" / "export.py"), "--adapter", str(bad), "--out", str(tmp_path / "out")],
         capture_output=True, text=True, timeout=120, env=dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1"),
     )
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()  # nothing but the line (no library warnings)
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "does not exist" in lines[0], proc.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: cannot read ") and "adapter_config.json" in lines[0], proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_missing_adapter_is_answered_before_torch_loads(tmp_path):
+    code = ("import sys; from qlora_ga.export import main; code = main(sys.argv[1:]); "
+            "print('torch loaded' if 'torch' in sys.modules else 'torch not loaded'); sys.exit(code)")
+    proc = subprocess.run([sys.executable, "-c", code, "--adapter", str(tmp_path / "missing"), "--out", str(tmp_path / "o")],
+                          capture_output=True, text=True, timeout=120, cwd=REPO,
+                          env=dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1"))
+    assert proc.returncode == 2 and proc.stdout.strip() == "torch not loaded", (proc.stdout, proc.stderr)
+    assert proc.stderr.strip() == (f"error: adapter folder '{tmp_path / 'missing'}' does not exist: pass the folder written "
+                                   "by the trainer or save_adapter")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--gguf", "q5_x"], "unknown GGUF type 'q5_x'"),
+    (["--llama-cpp", "somewhere"], "--llama-cpp only applies with --gguf"),
+    (["--dtype", "bf16"], "--dtype, --merge-base and --base only apply with --merge or --gguf"),
+    (["--merge", "--max-shard-size", "2XB"], "cannot parse size '2XB'"),
+])
+def test_a_wrong_flag_is_named_before_a_missing_adapter(tmp_path, capsys, flags, message):
+    """The flags are checked first (as finetune checks its options before its files)."""
+    assert export.main(["--adapter", str(tmp_path / "missing"), "--out", str(tmp_path / "o"), *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: {message}"), err
+
+
+def test_a_system_error_is_one_line_naming_the_file():
+    import errno
+
+    from qlora_ga.errors import system_error_line
+
+    assert system_error_line(OSError(errno.ENOSPC, "No space left on device", "/out/x")) == \
+        "error: No space left on device (/out/x)"
+    assert system_error_line(OSError("cannot map the file")) == "error: cannot map the file"
+    assert system_error_line(MemoryError()) == "error: MemoryError"
 
 
 def test_base_tensor_dtypes_come_from_the_shard_headers(tmp_path):

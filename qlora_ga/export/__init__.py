@@ -35,7 +35,7 @@ _LAZY = {
     "MergeStats": "merge",
     "merge_export": "merge",
     "parse_dtype": "merge",
-    "parse_size": "merge",
+    "parse_size": "files",
     "modelfile_text": "modelfile",
     "ollama_chat": "modelfile",
 }

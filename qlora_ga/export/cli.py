@@ -5,12 +5,11 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-
 from pathlib import Path
 
 from ..errors import QloraGaError, system_error_line
 from ..log import quiet_libraries
-from .files import MERGE_BASES, check_adapter_dir
+from .files import MERGE_BASES, check_adapter_dir, check_type, parse_size
 
 
 class _Parser(argparse.ArgumentParser):
@@ -61,10 +60,23 @@ def main(argv=None, prog: str = "export.py") -> int:
     return 0
 
 
-def _export(args) -> str:
-    """Run the export the arguments ask for; the line that says what was written. The adapter folder is checked
-    before torch loads (a mistyped path answers at once)."""
+def _check_arguments(args) -> None:
+    """What needs neither torch nor the adapter's files first (the flags, their values), then the adapter folder:
+    a mistake is answered before torch loads, in about a second."""
+    if args.gguf is not None:
+        check_type(args.gguf)
+    elif args.llama_cpp is not None:
+        raise QloraGaError("--llama-cpp only applies with --gguf")
+    elif not args.merge and (args.dtype is not None or args.merge_base != "original" or args.base):
+        raise QloraGaError("--dtype, --merge-base and --base only apply with --merge or --gguf")
+    if args.gguf is not None or args.merge:
+        parse_size(args.max_shard_size)
     check_adapter_dir(Path(args.adapter).expanduser())
+
+
+def _export(args) -> str:
+    """Run the export the arguments ask for; the line that says what was written."""
+    _check_arguments(args)
     from .adapter import export_adapter
     from .gguf import gguf_export
     from .merge import merge_export
@@ -75,14 +87,10 @@ def _export(args) -> str:
                         overwrite=args.overwrite)
         return (f"GGUF {g.gguf_type} written to {g.gguf_file} ({g.bytes / 1e6:.1f} MB) with an Ollama Modelfile "
                 f"({'chat template: ' + g.chat_format if g.chat_format else 'no chat template: see the warning in it'})")
-    if args.llama_cpp is not None:
-        raise QloraGaError("--llama-cpp only applies with --gguf")
     if args.merge:
         stats = merge_export(args.adapter, args.out, base=args.base, dtype=args.dtype or "fp16",
                              merge_base=args.merge_base, max_shard_size=args.max_shard_size, overwrite=args.overwrite)
         return (f"merged model written to {stats.out_dir}: {stats.tensors_written} tensors "
                 f"({stats.tensors_merged} merged) in {stats.shards} shard(s), {stats.total_bytes / 1e6:.1f} MB, "
                 f"peak {stats.peak_bytes / 1e6:.1f} MB held")
-    if args.dtype is not None or args.merge_base != "original" or args.base:
-        raise QloraGaError("--dtype, --merge-base and --base only apply with --merge or --gguf")
     return f"adapter written to {export_adapter(args.adapter, args.out, overwrite=args.overwrite)}"

@@ -1,4 +1,6 @@
-"""The files of an export folder: their names, the two writers, the ``qlora_ga.json`` reader, and the checks of ``--out``.
+"""The files of an export folder: their names, the two writers, the ``qlora_ga.json`` reader, the checks of ``--out``
+and ``--adapter``, and of the command line's values (``--gguf``, ``--max-shard-size``); torch-free, so that the export
+command answers a mistake before torch loads.
 
 Every export form writes into a temporary folder (``fileio.atomic_dir``) that is renamed into place
 when complete, so these writers write plain files and need no atomicity of their own.
@@ -17,10 +19,11 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..config import GGUF_TYPES
 from ..constants import ADAPTER_WEIGHTS, CHECKPOINT_RESIDUAL
 from ..errors import QloraGaError
 
-if TYPE_CHECKING:  # torch-free at import: the export command checks its arguments before torch loads
+if TYPE_CHECKING:
     import torch
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -179,3 +182,29 @@ def check_adapter_dir(d: Path) -> None:
         raise QloraGaError(f"adapter folder '{d}' does not exist: pass the folder written by the trainer or save_adapter")
     if not (d / ADAPTER_CONFIG).is_file():
         raise QloraGaError(f"'{d}' has no {ADAPTER_CONFIG}: pass a PEFT adapter folder")
+
+
+# ----------------------------------------------------------------------------- the command line's values, checked before torch loads
+
+
+def check_type(gguf_type: str) -> str:
+    if gguf_type not in GGUF_TYPES:
+        raise QloraGaError(f"unknown GGUF type '{gguf_type}': use one of {', '.join(GGUF_TYPES)}")
+    return gguf_type
+
+
+def parse_size(size) -> int:
+    """``"2GB"`` -> 2_000_000_000, ``"500MiB"`` -> 524_288_000, ``123`` -> 123 (bytes)."""
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)?\s*", str(size).upper())
+    if not m:
+        raise QloraGaError(f"cannot parse size '{size}': write e.g. 2GB, 500MB or 800MiB")
+    unit = m.group(2) or "B"
+    unit = unit if unit.endswith("B") else unit + "B"
+    base = 1024 if "I" in unit else 1000
+    power = {"B": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit[0]]
+    n = int(float(m.group(1)) * base**power)
+    if n <= 0:
+        raise QloraGaError(f"size '{size}' must be positive")
+    return n

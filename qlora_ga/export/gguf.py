@@ -46,7 +46,7 @@ from ..config import GGUF_TYPES
 from ..errors import QloraGaError
 from ..fileio import atomic_dir
 from .adapter import load_adapter_dir
-from .files import METADATA_FILE, check_out_dir, check_out_not_over, read_metadata
+from .files import METADATA_FILE, check_out_dir, check_out_not_over, check_type, read_metadata
 from .merge import merge_export, resolve_base_folder
 from .modelfile import model_chat, modelfile_text
 
@@ -71,12 +71,6 @@ QUANTIZED_BY_LLAMA_CPP = {"q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M"}
 PIP_LLAMA_CPP = f"pip install llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}"
 
 assert set(OUTTYPES) == set(GGUF_TYPES)
-
-
-def check_type(gguf_type: str) -> str:
-    if gguf_type not in GGUF_TYPES:
-        raise QloraGaError(f"unknown GGUF type '{gguf_type}': use one of {', '.join(GGUF_TYPES)}")
-    return gguf_type
 
 
 def check_quantizer(gguf_type: str) -> None:

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -48,6 +47,7 @@ from .files import (
     check_out_dir,
     check_out_not_over,
     copy_present,
+    parse_size,
     save_safetensors,
     write_json,
 )
@@ -71,23 +71,6 @@ def parse_dtype(dtype) -> torch.dtype:
     if d is None:
         raise QloraGaError(f"unknown dtype '{dtype}': use fp16, bf16 or fp32")
     return d
-
-
-def parse_size(size) -> int:
-    """``"2GB"`` -> 2_000_000_000, ``"500MiB"`` -> 524_288_000, ``123`` -> 123 (bytes)."""
-    if isinstance(size, int):
-        return size
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)?\s*", str(size).upper())
-    if not m:
-        raise QloraGaError(f"cannot parse size '{size}': write e.g. 2GB, 500MB or 800MiB")
-    unit = m.group(2) or "B"
-    unit = unit if unit.endswith("B") else unit + "B"
-    base = 1024 if "I" in unit else 1000
-    power = {"B": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit[0]]
-    n = int(float(m.group(1)) * base**power)
-    if n <= 0:
-        raise QloraGaError(f"size '{size}' must be positive")
-    return n
 
 
 def _nbytes(t: torch.Tensor) -> int:
