@@ -20,5 +20,9 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+def __dir__() -> list[str]:  # the lazy names too (tab completion, help())
+    return sorted(set(globals()) | set(_LAZY))
+
+
 __all__ = ["QloraGaError", "Factors", "PassReport", "estimate_factors", "gradient_pass", "init_adapters", "load_model"]
 __version__ = "0.1.0"

@@ -76,3 +76,14 @@ def test_package_layout_one_job_per_file_and_an_acyclic_import_graph():
 
     for m in sorted(graph):
         visit(m, [])
+
+
+def test_the_lazy_packages_name_everything_they_export():
+    """``qlora_ga`` and ``qlora_ga.export`` import their names on first use (the commands check their arguments before
+    torch loads): every name in ``__all__`` resolves, and ``dir()`` lists it."""
+    import importlib
+
+    for name in ("qlora_ga", "qlora_ga.export"):
+        mod = importlib.import_module(name)
+        assert set(mod.__all__) <= set(dir(mod)), name
+        assert all(getattr(mod, n) is not None for n in mod.__all__), name

@@ -49,6 +49,10 @@ def __getattr__(name: str):  # PEP 562: torch loads on first use, after the comm
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+def __dir__() -> list[str]:  # the lazy names too (tab completion, help())
+    return sorted(set(globals()) | set(_LAZY))
+
+
 __all__ = [
     "config_scaling", "export_adapter", "fold_residuals", "load_adapter_dir", "save_adapter",
     "resolve_base_folder", "build_parser", "main", "METADATA_FILE", "RESIDUAL_FILE", "RESIDUAL_FILES",
