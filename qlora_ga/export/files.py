@@ -27,8 +27,6 @@ if TYPE_CHECKING:
     import torch
 
 ADAPTER_CONFIG = "adapter_config.json"
-#: what ``merge_export`` merges into: the original 16-bit weights, or deQ(Q(W)) (the exact trained function)
-MERGE_BASES = ("original", "dequantized")
 ADAPTER_WEIGHTS_BIN = "adapter_model.bin"
 METADATA_FILE = "qlora_ga.json"
 #: Optional file next to a rank-r PEFT adapter (e.g. a training checkpoint) holding
@@ -42,8 +40,9 @@ TOKENIZER_FILES = (
     "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt", "merges.txt",
     "chat_template.jinja", "chat_template.json",
 )
-
 GENERATION_CONFIG = "generation_config.json"
+#: what ``merge_export`` merges into: the original 16-bit weights, or deQ(Q(W)) (the exact trained function)
+MERGE_BASES = ("original", "dequantized")
 
 
 def save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
