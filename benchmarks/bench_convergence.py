@@ -15,7 +15,8 @@ pure function of data, seed and step). The held-out loss (first ``--eval-example
 test split) is computed at step 0, every ``--eval-every`` steps and at the end.
 
 Output: one JSONL row per (method, lr, seed, step) in ``--out`` (``kind: "step"``; step 0 holds the
-initial held-out loss) and one ``kind: "run"`` row per run; the summary table of ``bench_report.py``
+initial held-out loss) and one ``kind: "run"`` row per run, which alone carries the setting, versions and
+command (a step row names its run by ``run_id``); the summary table of ``bench_report.py``
 for this invocation's runs (held-out loss at 0 / half / end as mean +- std over seeds, best lr per
 method, and per seed the steps each run needs to reach vanilla LoRA's final training loss at its best
 lr, on a moving average of ``--smooth`` steps); and one PNG with all curves (``--plot``). Pool the rows
@@ -197,7 +198,10 @@ class Recorder:
         self.rows: list[dict] = []  # this invocation's rows, for the summary
 
     def add(self, **row) -> dict:
-        row = {"bench": "convergence", **row, **self.meta}
+        """Append one row. A step row carries only its run's ``run_id`` of the metadata: the setting, versions
+        and command are on the run's ``kind: "run"`` row (the same ``run_id``), not repeated on every step."""
+        meta = {"run_id": self.meta["run_id"]} if row.get("kind") == "step" else self.meta
+        row = {"bench": "convergence", **row, **meta}
         line = json.dumps(row, default=str)
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(line + "\n")

@@ -52,8 +52,11 @@ def test_bench_convergence_quick(tmp_path, tiny_model_dir, capsys):
                  "--data-dir", str(data), "--methods", "gaussian,lora-ga", "--steps", "2", "--gamma", "8", "--out", str(out),
                  "--plot", str(png), "--workdir", str(tmp_path / "work")], tmp_path)
     rows = _rows(out)
-    assert rows and all(META_KEYS <= set(r) for r in rows)
-    steps = [r for r in rows if r["kind"] == "step"]
+    steps, runs = [r for r in rows if r["kind"] == "step"], [r for r in rows if r["kind"] == "run"]
+    # the metadata once per run, on its run row; a step row names its run by run_id only
+    assert runs and all(META_KEYS <= set(r) for r in runs)
+    assert all(set(r) & META_KEYS == {"bench", "run_id"} for r in steps)
+    assert {r["run_id"] for r in steps} == {r["run_id"] for r in runs}
     # exactly one row per (method, step): step 0 (before training) once, with no training loss
     assert sorted((r["method"], r["step"]) for r in steps) == [(m, s) for m in ("gaussian", "lora-ga") for s in (0, 1, 2)]
     for r in steps:
@@ -64,7 +67,6 @@ def test_bench_convergence_quick(tmp_path, tiny_model_dir, capsys):
     s0 = {r["method"]: r["eval_loss"] for r in steps if r["step"] == 0}
     assert_close_rel(s0["lora-ga"], s0["gaussian"], 1e-5, "held-out loss at step 0")  # measured 0
     assert all(r["eval_loss"] is not None for r in steps if r["step"] == 2)
-    runs = [r for r in rows if r["kind"] == "run"]
     assert len(runs) == 2 and all(r["error"] is None and r["final_eval_loss"] > 0 for r in runs)
     assert png.is_file() and png.stat().st_size > 1000
     # each run trained in its own folder under --workdir, removed once its rows were read (no --keep-runs)
@@ -76,7 +78,7 @@ def test_bench_convergence_quick(tmp_path, tiny_model_dir, capsys):
     assert pooled_png.is_file() and pooled_png.stat().st_size > 1000
     table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| gaussian") or line.startswith("| lora-ga")]
     assert len(table) == 2
-    assert all(r["gamma_override"] == 8.0 for r in rows)  # --gamma: lora-ga's scale; vanilla LoRA has none
+    assert all(r["gamma_override"] == 8.0 for r in runs)  # --gamma: lora-ga's scale; vanilla LoRA has none
     for r in runs:
         name = r["method"] + (" (gamma 8)" if r["method"] == "lora-ga" else "")
         line = next(line for line in table if line.startswith(f"| {name} |"))
@@ -95,7 +97,8 @@ def _load_report():
 
 
 def _synthetic_runs(path: Path, runs: list[tuple], found: tuple = (), **extra):
-    """runs: (run_id, method, lr, seed, train losses, {step: eval}); 4 steps per run, as bench_convergence writes;
+    """runs: (run_id, method, lr, seed, train losses, {step: eval}); 4 steps per run, with the metadata on every
+    step row as bench_convergence wrote it before step rows carried only ``run_id`` (the committed files have both);
     ``found``: the lr each ``lr="auto"`` run chose, in order."""
     extra_found = list(found)
     meta = dict(bench="convergence", total_steps=4, batch_size=2, grad_accum=1, max_length=64, eval_examples=3, rank=8,
