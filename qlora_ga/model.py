@@ -114,14 +114,22 @@ def resolve_model_source(name_or_path: str | None) -> str:
     return name_or_path
 
 
+def gguf_cache_dir(gguf_path: Path) -> Path:
+    """Where the conversion of ``gguf_path`` lives: keyed by the file (path, size, modification time) and by the
+    transformers version that dequantizes it, so a new file or a new converter never reuses an old conversion."""
+    import transformers
+
+    st = gguf_path.stat()
+    key = hashlib.sha1(f"{gguf_path}:{st.st_size}:{st.st_mtime_ns}:{transformers.__version__}".encode()).hexdigest()[:12]
+    return cache_dir() / "gguf" / f"{gguf_path.stem}-{key}"
+
+
 def gguf_to_safetensors(gguf_path: str | os.PathLike) -> Path:
     """Dequantize a GGUF checkpoint once into a bf16 safetensors folder under the cache; return it."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf_path = Path(gguf_path).resolve()
-    st = gguf_path.stat()
-    key = hashlib.sha1(f"{gguf_path}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
-    out = cache_dir() / "gguf" / f"{gguf_path.stem}-{key}"
+    out = gguf_cache_dir(gguf_path)
     if (out / "config.json").is_file():
         return out
     log.info("converting %s to safetensors in %s (once)", gguf_path.name, out)

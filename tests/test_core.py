@@ -1,6 +1,7 @@
 """Core engine: 4-bit loading, the serial gradient pass, the inits and the residual."""
 
 import math
+import os
 
 import pytest
 import torch
@@ -60,6 +61,23 @@ def test_load_quantizes_every_target_linear(qmodel):
     assert not isinstance(model.lm_head, bnb.nn.Linear4bit)
     assert tok.pad_token is not None
     assert find_decoder_layers(model)[0] == "model.layers"
+
+
+def test_a_gguf_conversion_is_reused_only_for_the_same_file_and_transformers(tmp_path, monkeypatch):
+    import transformers
+
+    from qlora_ga.model import gguf_cache_dir
+
+    monkeypatch.setenv("QLORA_GA_CACHE", str(tmp_path / "cache"))
+    f = tmp_path / "m.gguf"
+    f.write_bytes(b"GGUF" + bytes(60))
+    first = gguf_cache_dir(f)
+    assert gguf_cache_dir(f) == first and first.parent == tmp_path / "cache" / "gguf" and first.name.startswith("m-")
+    monkeypatch.setattr(transformers, "__version__", transformers.__version__ + ".post1")
+    newer = gguf_cache_dir(f)  # a new converter: converted again
+    assert newer != first
+    os.utime(f, ns=(0, f.stat().st_mtime_ns + 10**9))  # the file replaced (e.g. downloaded again)
+    assert gguf_cache_dir(f) not in (first, newer)
 
 
 def test_missing_model_is_a_clear_error(tmp_path):
