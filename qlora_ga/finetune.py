@@ -256,7 +256,7 @@ def _learning_rate(cfg: FinetuneConfig, pm, tok, data, ckpt) -> tuple[FinetuneCo
                      steps=total_steps(len(data.train), s, world, data.train),
                      batch_size=cfg.batch_size, compute_dtype=_compute_dtype(pm), gradient_checkpointing=s.gradient_checkpointing)
     lr = distributed.gather_objects(search.lr)[0]  # every process trains with the main process's lr
-    say(search.line())
+    say(f"{search.line()} (--lr NUMBER sets it instead)")
     return replace(cfg, lr=lr), search.as_dict()
 
 

@@ -89,13 +89,17 @@ def test_the_lr_is_factor_times_eta_at_any_horizon_and_the_search_is_determinist
     assert abs(math.log2(far.eta / short.eta)) < 0.5
 
 
-def test_cli_lr_auto_trains_with_the_found_lr_and_resumes_with_it(tiny_model_dir, tmp_path):
+def test_cli_lr_auto_trains_with_the_found_lr_and_resumes_with_it(tiny_model_dir, tmp_path, capsys):
+    """LoRA-GA's default lr is --lr auto's (the full run leaves --lr out; the interrupted one passes --lr auto)."""
     import os
 
-    common = ("--max-steps", "4", "--warmup", "0", "--lr", "auto", "--eval-split", "0.1")
+    common = ("--max-steps", "4", "--warmup", "0", "--eval-split", "0.1")
     full, part = tmp_path / "full", tmp_path / "part"
-    assert main(base_args(tiny_model_dir, full, *common)) == 0
+    assert main(base_args(tiny_model_dir, full, *common)) == 0  # --init lora-ga, no --lr: the default
+    printed = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("lr auto: "))
+    assert printed.endswith("s (--lr NUMBER sets it instead)")  # the lr, why, the search's time, how to override
     search = json.loads((full / "lr_search.json").read_text())
+    assert f"{search['lr']:.3g}" in printed and f"{search['seconds']:.1f} s" in printed
     assert search["lr"] > 0 and search["lr"] == pytest.approx(LR_FACTOR * search["eta"], rel=1e-3)
     assert search["sequences"] == 8  # the first optimizer step's: batch 4 x grad-accum 2
     assert search["rule_version"] == 2 and search["seconds"] > 0 and len(search["points"]) >= 3
@@ -106,9 +110,10 @@ def test_cli_lr_auto_trains_with_the_found_lr_and_resumes_with_it(tiny_model_dir
     assert "lr: auto" in (full / "run_config.yaml").read_text()  # the setting as given; the value is in lr_search.json
     os.environ["QLORA_GA_STOP_AFTER"] = "2"
     try:
-        assert main(base_args(tiny_model_dir, part, *common)) == 130
+        assert main(base_args(tiny_model_dir, part, *common, "--lr", "auto")) == 130
     finally:
         del os.environ["QLORA_GA_STOP_AFTER"]
+    assert json.loads((part / "lr_search.json").read_text())["lr"] == search["lr"]  # the same search as the default's
     assert main(base_args(tiny_model_dir, part, *common, "--resume")) == 0  # the checkpoint's lr, no new search
     keys = ("step", "loss", "lr", "grad_norm", "eval_loss")
     assert [{k: r.get(k) for k in keys} for r in read_metrics(part / "metrics.jsonl")] == \

@@ -20,6 +20,7 @@ from qlora_ga.config import (
     save_yaml,
 )
 from qlora_ga.errors import QloraGaError
+from qlora_ga.methods import AUTO_LR_DEFAULT
 
 REPO = Path(__file__).resolve().parents[1]
 FIELDS = [f for f in dataclasses.fields(FinetuneConfig) if f.name != "config"]
@@ -332,15 +333,17 @@ def test_method_defaults_are_the_documented_ones():
     # the README and --help state every method's default lr: they must say what the table holds
     readme = " ".join((REPO / "README.md").read_text().split())
     stated = re.search(r"Per-method learning-rate defaults \(.*?\): (.*?) \(`--lr` overrides\)", readme).group(1)
-    lrs = {m: float(lr) for part in stated.split(", ") for names, lr in [part.rsplit(" ", 1)] for m in names.split("/")}
-    assert lrs == {m: d["lr"] for m, d in METHOD_DEFAULTS.items()}
+    lrs = {m: lr if lr == "auto" else float(lr) for part in stated.split(", ") for names, lr in [part.rsplit(" ", 1)]
+           for m in names.split("/")}
+    assert lrs == {m: "auto" if m in AUTO_LR_DEFAULT else d["lr"] for m, d in METHOD_DEFAULTS.items()}
+    assert AUTO_LR_DEFAULT and set(AUTO_LR_DEFAULT) <= set(METHODS)
     assert stated in next(f.metadata["help"] for f in FIELDS if f.name == "lr")  # what --help prints for --lr
     # the gradient inits (and only they) run the gradient pass and use rsLoRA scaling; vanilla LoRA has no gamma
     for m in METHODS:
         d, cfg = method_defaults(m), FinetuneConfig(init=m)
         assert cfg.is_gradient_init == (d["gamma"] is not None) == cfg.use_rslora == (m not in ("gaussian", "kaiming"))
     method_defaults("lora-ga")["lr"] = 1.0  # a copy: the table is not changed
-    assert METHOD_DEFAULTS["lora-ga"]["lr"] == lrs["lora-ga"]
+    assert METHOD_DEFAULTS["lora-ga"]["lr"] == 5e-5
     with pytest.raises(QloraGaError, match=r"did you mean 'lora-one'"):
         method_defaults("lora-onw")
 
@@ -349,7 +352,9 @@ def test_method_defaults_are_the_documented_ones():
 def test_resolved_fills_method_defaults(init):
     d = method_defaults(init)
     cfg = resolved(parse_config(["--init", init]))
-    assert (cfg.lr, cfg.alpha, cfg.gamma) == (d["lr"], d["alpha"], d["gamma"])
+    assert (cfg.lr, cfg.alpha, cfg.gamma) == ("auto" if init in AUTO_LR_DEFAULT else d["lr"], d["alpha"], d["gamma"])
+    # an 'auto' default only with the optimizers the search follows; the fixed lr with lora-one-precond
+    assert resolved(parse_config(["--init", init, "--optim", "lora-one-precond"])).lr == d["lr"]
     assert cfg.use_rslora == d["use_rslora"]
     assert cfg.is_gradient_init == (init not in ("gaussian", "kaiming"))
     # explicit values win
@@ -361,7 +366,7 @@ def test_resolved_fills_method_defaults(init):
 def test_shipped_configs_parse(path):
     cfg = resolved(parse_config(["--config", str(path)]))
     cfg.validate()
-    assert cfg.lr > 0 and cfg.init in METHODS and cfg.optim in OPTIMS and cfg.format in FORMATS
+    assert (cfg.lr == "auto" or cfg.lr > 0) and cfg.init in METHODS and cfg.optim in OPTIMS and cfg.format in FORMATS
 
 
 def test_shipped_configs_content():

@@ -14,7 +14,7 @@ from typing import Any
 
 from ..constants import DEFAULT_TARGETS, FORMATS, OVERLONG
 from ..errors import QloraGaError, did_you_mean
-from ..methods import GRADIENT_METHODS, METHODS, default_lrs_text, method_defaults
+from ..methods import AUTO_LR_DEFAULT, GRADIENT_METHODS, METHODS, default_lrs_text, fixed_lrs_text, method_defaults
 
 OPTIMS = ("paged_adamw_32bit", "paged_adamw_8bit", "adamw", "lora-one-precond", "prodigy")
 RANK_ALLOCATIONS = ("uniform", "gradient")
@@ -91,7 +91,9 @@ class FinetuneConfig:
     grad_accum: int = _f(4, "gradient accumulation steps (effective batch = batch_size * grad_accum)", steps=("train",))
     lr: str | None = _f(None, f"peak learning rate, or 'auto': set from a line search along Adam's first step after the "
                             f"init (qlora_ga/train/autolr.py; costs a few training steps); default: method default "
-                            f"({default_lrs_text()}); with --optim prodigy {PRODIGY_LR:g} (a multiplier of its own step size)", steps=("train",))
+                            f"({default_lrs_text()}); an 'auto' default is the init's fixed lr "
+                            f"({fixed_lrs_text(AUTO_LR_DEFAULT)}) with --optim "
+                            f"lora-one-precond; with --optim prodigy {PRODIGY_LR:g} (a multiplier of its own step size)", steps=("train",))
     epochs: float = _f(1.0, "training epochs (used when --max_steps is -1)", steps=("train",))
     max_steps: int = _f(-1, "optimizer steps; -1: use --epochs; 0: initialise the adapters and save, no training", steps=("train",))
     warmup: float = _f(0.03, "linear warmup: a fraction of the steps if < 1, else a number of steps", steps=("train",))
@@ -317,11 +319,16 @@ def settings_for(cfg: FinetuneConfig, cls, **derived):
 
 
 def resolved(cfg: FinetuneConfig) -> FinetuneConfig:
-    """A copy of ``cfg`` with ``lr``, ``alpha`` and ``gamma`` left at None filled from :func:`method_defaults`."""
+    """A copy of ``cfg`` with ``lr``, ``alpha`` and ``gamma`` left at None filled from :func:`method_defaults` (the lr of
+    an init in :data:`AUTO_LR_DEFAULT` is ``"auto"`` with the optimizers the search follows)."""
     d = method_defaults(cfg.init)
+    lr = cfg.lr
+    if lr is None:
+        auto = cfg.init in AUTO_LR_DEFAULT and cfg.optim in AUTO_LR_OPTIMS
+        lr = PRODIGY_LR if cfg.optim == "prodigy" else AUTO_LR if auto else d["lr"]
     return dataclasses.replace(
         cfg,
-        lr=(PRODIGY_LR if cfg.optim == "prodigy" else d["lr"]) if cfg.lr is None else cfg.lr,
+        lr=lr,
         alpha=d["alpha"] if cfg.alpha is None else cfg.alpha,
         gamma=d["gamma"] if cfg.gamma is None else cfg.gamma,
     )
