@@ -4,6 +4,7 @@
     python benchmarks/bench_report.py docs/benchmarks/convergence-cpu*.jsonl
     python benchmarks/bench_report.py --out docs/benchmarks/summary.md docs/benchmarks/*.jsonl
     python benchmarks/bench_report.py --plot curves.png --plot-best-only docs/benchmarks/*.jsonl
+    python benchmarks/bench_report.py --auto-vs-grid docs/benchmarks/convergence-cpu-oos.jsonl
 
 Runs are grouped by their setting (method, base, optimizer, gradient-sample size, ``--gamma`` override,
 steps, tokens per step, held-out size) and lr; a group's seeds are pooled, whichever file or process they came from. Only
@@ -14,7 +15,9 @@ and the seeds), and, per seed, the first step at which the training loss smoothe
 steps reaches the final smoothed training loss of the baseline (vanilla LoRA, ``gaussian``, at its
 best lr within the same steps / tokens-per-step / held-out setting) on the same seed: every seed has
 its own data order, so curves are only compared within a seed.
-No torch import: it reads JSON only.
+``--auto-vs-grid``: instead, the ``--lr auto`` runs against the method's fixed default lr and the grid
+of fixed lrs of the same setting, with paired gaps (:func:`auto_table`).
+No torch import: it reads JSON (and the package's table of default lrs) only.
 """
 
 from __future__ import annotations
@@ -172,6 +175,90 @@ def table(groups: dict, smooth: int) -> list[str]:
     return out
 
 
+def _default_lrs() -> dict:
+    """{init: its fixed default lr} from the package's table (``qlora_ga/methods.py``; imports no torch)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from qlora_ga.methods import METHOD_DEFAULTS
+
+    return {m: d["lr"] for m, d in METHOD_DEFAULTS.items()}
+
+
+SETTING_TEXT = ("{} steps", "micro-batch {}", "grad-accum {}", "max-length {}", "{} held-out", "rank {}")
+
+
+def auto_table(groups: dict) -> list[str]:
+    """``--lr auto`` against the fixed default lr and a grid of fixed lrs, one row per setting and variant that
+    has auto runs (RESULTS 8.4). Held-out loss at the last step, per seed in the row's seed order (- : that lr
+    has no run on that seed). Gaps are paired: the mean over the seeds both runs have of auto's loss minus the
+    other's. The best grid point is the one auto trails most, among the lrs that ran every seed auto ran (all
+    lrs when none did); it is "bracketed" when a lower and a higher lr each ended worse than it on the seeds
+    they share with it. A setting is named by what differs from the most common value of each field."""
+    defaults = _default_lrs()
+    rows = defaultdict(dict)  # (setting, variant without "lr auto") -> {lr: {seed: final held-out}}
+    found = defaultdict(dict)  # (setting, variant) -> {seed: the lr auto chose}
+    for (setting, variant, lr), runs in groups.items():
+        base = (variant[0].removesuffix(" lr auto"),) + variant[1:]
+        for r in runs:
+            if setting[0] in r["eval"]:
+                rows[(setting, base)].setdefault(lr, {})[r["seed"]] = r["eval"][setting[0]]
+                if lr == AUTO:
+                    found[(setting, base)][r["seed"]] = r.get("lr_found")
+    rows = {k: v for k, v in rows.items() if AUTO in v}
+    if not rows:
+        return []
+    weight = defaultdict(int)
+    for (setting, _), cells in rows.items():
+        weight[setting] += sum(map(len, cells.values()))
+    common = tuple(max({s[i] for s in weight}, key=lambda v: (sum(w for s, w in weight.items() if s[i] == v), str(v)))
+                   for i in range(len(SETTING)))
+
+    def name(setting):
+        return ", ".join(t.format(v) for t, v, c in zip(SETTING_TEXT, setting, common) if v != c) or "common setting"
+
+    def gap(a: dict, b: dict):
+        shared = sorted(set(a) & set(b))
+        return (statistics.fmean(a[s] - b[s] for s in shared), shared) if shared else (None, shared)
+
+    out = [f"Common setting: {', '.join(t.format(v) for t, v in zip(SETTING_TEXT, common))}.", "",
+           "| setting | init | seeds | `--lr auto`: lr found -> held-out | fixed default -> held-out | grid (held-out) "
+           "| auto - default | auto - best grid |", "|---|---|---|---|---|---|---|---|"]
+    for (setting, variant), cells in sorted(rows.items(), key=lambda kv: (name(kv[0][0]), str(kv[0][1]))):
+        method, optim, _, gamma, ranks = variant
+        auto = cells.pop(AUTO)
+        seeds = sorted(set().union(*cells.values(), auto))
+        per_seed = lambda d, f="{:.4f}": " / ".join(f.format(d[s]) if s in d else "-" for s in seeds)  # noqa: E731
+
+        def on(shared):  # which seeds a gap is over, where that is not every seed of the row
+            return "" if shared == seeds else f" (seed{'s' if len(shared) > 1 else ''} {','.join(map(str, shared))})"
+
+        label = "".join([method, f" (gamma {gamma:g})" if gamma is not None else "",
+                         f", {optim}" if "adamw" not in optim else "", f", {ranks} ranks" if ranks != "uniform" else ""])
+        chose = per_seed({s: v for s, v in found[(setting, variant)].items() if isinstance(v, (int, float))}, "{:.3g}")
+        default = defaults.get(method)
+        grid = ", ".join(f"{lr:g}: {per_seed(cells[lr])}" for lr in sorted(cells)) or "none"
+        if default in cells:
+            d_gap, shared = gap(auto, cells[default])
+            d_text = f"{default:g} -> {per_seed(cells[default])}"
+            d_gap = "-" if d_gap is None else f"{d_gap:+.4f}{on(shared)}"
+        else:
+            d_text, d_gap = f"{default:g} -> not run" if default is not None else "none", "-"
+        paired = [lr for lr in cells if gap(auto, cells[lr])[0] is not None]
+        full = [lr for lr in paired if set(auto) <= set(cells[lr])] or paired
+        if full:
+            best = max(full, key=lambda lr: (gap(auto, cells[lr])[0], -lr))
+            b_gap, shared = gap(auto, cells[best])
+            worse = [lr for lr in cells if lr != best and (gap(cells[lr], cells[best])[0] or 0) > 0]
+            bracket = ("bracketed" if any(lr < best for lr in worse) and any(lr > best for lr in worse)
+                       else "not bracketed: no worse lr on one side")
+            b_text = f"{b_gap:+.4f} (best {best:g}, {bracket}){on(shared)}"
+        else:
+            b_text = "-"
+        out.append(f"| {name(setting)} | {label} | {','.join(map(str, seeds))} | {chose} -> {per_seed(auto)} | {d_text} "
+                   f"| {grid} | {d_gap} | {b_text} |")
+    out.append("")
+    return out
+
+
 def _label(key, n_seeds: int) -> str:
     method, optim, sample, gamma, ranks = key[1]
     extra = "".join([f" gamma {gamma:g}" if gamma is not None else "", f" {optim}" if "adamw" not in optim else "",
@@ -249,6 +336,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="also write the table to this markdown file")
     p.add_argument("--plot", default=None, help="also draw the curves of every group in this PNG")
     p.add_argument("--plot-best-only", action="store_true", help="with --plot: only each variant's best lr")
+    p.add_argument("--auto-vs-grid", action="store_true",
+                   help="instead of the table: --lr auto against the fixed default and the grid, per setting (RESULTS 8.4)")
     args = p.parse_args(argv)
     missing = [f for f in args.files if not Path(f).is_file()]
     if missing:
@@ -258,7 +347,11 @@ def main(argv=None) -> int:
     if not groups:
         print("error: no finished convergence runs in these files", file=sys.stderr)
         return 2
-    text = "\n".join(table(groups, args.smooth))
+    lines = auto_table(groups) if args.auto_vs_grid else table(groups, args.smooth)
+    if not lines:
+        print("error: no finished --lr auto runs in these files", file=sys.stderr)
+        return 2
+    text = "\n".join(lines)
     print(text)
     if args.out:
         _atomic_write(args.out, lambda f: f.write((text + "\n").encode()))

@@ -102,7 +102,8 @@ def _synthetic_runs(path: Path, runs: list[tuple], found: tuple = (), **extra):
     ``found``: the lr each ``lr="auto"`` run chose, in order."""
     extra_found = list(found)
     meta = dict(bench="convergence", total_steps=4, batch_size=2, grad_accum=1, max_length=64, eval_examples=3, rank=8,
-                optim="adamw", init_samples=16, **extra)
+                optim="adamw", init_samples=16)
+    meta.update(extra)
     with open(path, "w") as f:
         for run_id, method, lr, seed, losses, evals in runs:
             base = dict(meta, run_id=run_id, method=method, init=method, lr=lr, seed=seed)
@@ -173,6 +174,57 @@ def test_bench_report_shows_lr_auto_runs_as_their_own_row_with_the_lrs_they_chos
     assert rows["gaussian lr auto"][3] == "auto (0.0017 / 0.0021)" and rows["gaussian lr auto"][4] == "0,1"
     assert rows["gaussian lr auto"][7] == "1.000 ± 0.100"
     assert rows["gaussian"][3] == "**0.002**" and "Baseline: gaussian at its best lr (0.002)" in text
+
+
+def test_bench_report_auto_vs_grid_pairs_seeds_and_says_whether_the_best_lr_is_bracketed(tmp_path, capsys):
+    rep = _load_report()
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    loss = [1.0, 1.0, 1.0, 1.0]
+    # rank 8 (the most common setting): gaussian auto on seeds 0 and 1; 1e-3 (the fixed default) on seed 0 only
+    _synthetic_runs(a, [("r1", "gaussian", "auto", 0, loss, {0: 2.0, 4: 0.92}),
+                        ("r1", "gaussian", "auto", 1, loss, {0: 2.0, 4: 0.98}),
+                        ("r1", "gaussian", 1e-3, 0, loss, {0: 2.0, 4: 1.00}),
+                        ("r1", "gaussian", 2e-3, 0, loss, {0: 2.0, 4: 0.90}),
+                        ("r1", "gaussian", 2e-3, 1, loss, {0: 2.0, 4: 1.00}),
+                        ("r1", "gaussian", 4e-3, 0, loss, {0: 2.0, 4: 0.95}),
+                        ("r1", "gaussian", 4e-3, 1, loss, {0: 2.0, 4: 0.96}),
+                        ("r1", "lora-ga", 1e-4, 0, loss, {0: 2.0, 4: 0.90})], found=(1.7e-3, 2.1e-3))
+    # rank 4: LoRA-One, its best grid point at the edge of the grid
+    _synthetic_runs(b, [("r2", "lora-one", "auto", 0, loss, {0: 2.0, 4: 0.85}),
+                        ("r2", "lora-one", 5e-4, 0, loss, {0: 2.0, 4: 0.95}),
+                        ("r2", "lora-one", 2e-3, 0, loss, {0: 2.0, 4: 0.80})], found=(3.4e-3,), rank=4)
+    assert rep.main([str(a), str(b), "--auto-vs-grid", "--out", str(tmp_path / "t.md")]) == 0
+    text = (tmp_path / "t.md").read_text()
+    assert "Common setting: 4 steps, micro-batch 2, grad-accum 1, max-length 64, 3 held-out, rank 8." in text
+    rows = {tuple(c.strip() for c in line.split("|")[1:3]): [c.strip() for c in line.split("|")[3:-1]]
+            for line in text.splitlines() if line.startswith("| ") and not line.startswith("| setting")}
+    assert set(rows) == {("common setting", "gaussian"), ("rank 4", "lora-one")}  # lora-ga ran no auto: no row
+    seeds, auto, default, grid, d_gap, b_gap = rows[("common setting", "gaussian")]
+    assert seeds == "0,1" and auto == "0.0017 / 0.0021 -> 0.9200 / 0.9800"
+    assert default == "0.001 -> 1.0000 / -" and grid == "0.001: 1.0000 / -, 0.002: 0.9000 / 1.0000, 0.004: 0.9500 / 0.9600"
+    assert d_gap == "-0.0800 (seed 0)"  # paired: only seed 0 has both
+    # the best grid point among the lrs that ran both seeds: 2e-3 (auto - it: mean(+0.02, -0.02) = 0 against
+    # 4e-3's mean(-0.03, +0.02) = -0.005); bracketed by 1e-3 (worse on seed 0) and 4e-3 (worse on both, on average)
+    assert b_gap == "+0.0000 (best 0.002, bracketed)"
+    seeds, auto, default, grid, d_gap, b_gap = rows[("rank 4", "lora-one")]
+    assert auto == "0.0034 -> 0.8500" and default == "0.0005 -> 0.9500" and d_gap == "-0.1000"
+    assert b_gap == "+0.0500 (best 0.002, not bracketed: no worse lr on one side)"
+    # files without auto runs are an error, not an empty table
+    c = tmp_path / "c.jsonl"
+    _synthetic_runs(c, [("r3", "gaussian", 1e-3, 0, loss, {0: 2.0, 4: 1.0})])
+    assert rep.main([str(c), "--auto-vs-grid"]) == 2
+    assert "no finished --lr auto runs" in capsys.readouterr().err
+
+
+def test_results_auto_vs_grid_table_is_the_report_of_the_committed_rows():
+    rep = _load_report()
+    rows = "docs/benchmarks/convergence-cpu-oos.jsonl"
+    start = f"<!-- bench_report --auto-vs-grid {rows} -->"
+    text = (ROOT / "docs" / "RESULTS.md").read_text(encoding="utf-8")
+    assert start in text, "RESULTS 8.4 lost its table's marker"
+    block = text.split(start, 1)[1].split("<!-- /bench_report -->", 1)[0]
+    want = rep.auto_table(rep.collect(rep.read_rows([str(ROOT / rows)])))
+    assert len(want) > 10 and block.strip().splitlines() == "\n".join(want).strip().splitlines()
 
 
 def test_bench_svd_measures_the_randomized_svd_against_the_exact_one(tmp_path, tiny_model_dir, capsys):
