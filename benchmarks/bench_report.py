@@ -229,7 +229,7 @@ def auto_table(groups: dict) -> list[str]:
         per_seed = lambda d, f="{:.4f}": " / ".join(f.format(d[s]) if s in d else "-" for s in seeds)  # noqa: E731
 
         def on(shared):  # which seeds a gap is over, where that is not every seed of the row
-            return "" if shared == seeds else f" (seed{'s' if len(shared) > 1 else ''} {','.join(map(str, shared))})"
+            return "" if shared == seeds else f"seed{'s' if len(shared) > 1 else ''} {','.join(map(str, shared))}"
 
         label = "".join([method, f" (gamma {gamma:g})" if gamma is not None else "",
                          f", {optim}" if "adamw" not in optim else "", f", {ranks} ranks" if ranks != "uniform" else ""])
@@ -239,7 +239,7 @@ def auto_table(groups: dict) -> list[str]:
         if default in cells:
             d_gap, shared = gap(auto, cells[default])
             d_text = f"{default:g} -> {per_seed(cells[default])}"
-            d_gap = "-" if d_gap is None else f"{d_gap:+.4f}{on(shared)}"
+            d_gap = "-" if d_gap is None else f"{d_gap:+.4f}" + (f" ({on(shared)})" if on(shared) else "")
         else:
             d_text, d_gap = f"{default:g} -> not run" if default is not None else "none", "-"
         paired = [lr for lr in cells if gap(auto, cells[lr])[0] is not None]
@@ -250,7 +250,7 @@ def auto_table(groups: dict) -> list[str]:
             worse = [lr for lr in cells if lr != best and (gap(cells[lr], cells[best])[0] or 0) > 0]
             bracket = ("bracketed" if any(lr < best for lr in worse) and any(lr > best for lr in worse)
                        else "not bracketed: no worse lr on one side")
-            b_text = f"{b_gap:+.4f} (best {best:g}, {bracket}){on(shared)}"
+            b_text = f"{b_gap:+.4f} (best {best:g}, {bracket}{'; ' + on(shared) if on(shared) else ''})"
         else:
             b_text = "-"
         out.append(f"| {name(setting)} | {label} | {','.join(map(str, seeds))} | {chose} -> {per_seed(auto)} | {d_text} "

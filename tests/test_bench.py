@@ -189,10 +189,11 @@ def test_bench_report_auto_vs_grid_pairs_seeds_and_says_whether_the_best_lr_is_b
                         ("r1", "gaussian", 4e-3, 0, loss, {0: 2.0, 4: 0.95}),
                         ("r1", "gaussian", 4e-3, 1, loss, {0: 2.0, 4: 0.96}),
                         ("r1", "lora-ga", 1e-4, 0, loss, {0: 2.0, 4: 0.90})], found=(1.7e-3, 2.1e-3))
-    # rank 4: LoRA-One, its best grid point at the edge of the grid
+    # rank 4: LoRA-One, its grid on seed 0 only and its best point at the edge of the grid
     _synthetic_runs(b, [("r2", "lora-one", "auto", 0, loss, {0: 2.0, 4: 0.85}),
+                        ("r2", "lora-one", "auto", 1, loss, {0: 2.0, 4: 0.86}),
                         ("r2", "lora-one", 5e-4, 0, loss, {0: 2.0, 4: 0.95}),
-                        ("r2", "lora-one", 2e-3, 0, loss, {0: 2.0, 4: 0.80})], found=(3.4e-3,), rank=4)
+                        ("r2", "lora-one", 2e-3, 0, loss, {0: 2.0, 4: 0.80})], found=(3.4e-3, 3.0e-3), rank=4)
     assert rep.main([str(a), str(b), "--auto-vs-grid", "--out", str(tmp_path / "t.md")]) == 0
     text = (tmp_path / "t.md").read_text()
     assert "Common setting: 4 steps, micro-batch 2, grad-accum 1, max-length 64, 3 held-out, rank 8." in text
@@ -207,8 +208,10 @@ def test_bench_report_auto_vs_grid_pairs_seeds_and_says_whether_the_best_lr_is_b
     # 4e-3's mean(-0.03, +0.02) = -0.005); bracketed by 1e-3 (worse on seed 0) and 4e-3 (worse on both, on average)
     assert b_gap == "+0.0000 (best 0.002, bracketed)"
     seeds, auto, default, grid, d_gap, b_gap = rows[("rank 4", "lora-one")]
-    assert auto == "0.0034 -> 0.8500" and default == "0.0005 -> 0.9500" and d_gap == "-0.1000"
-    assert b_gap == "+0.0500 (best 0.002, not bracketed: no worse lr on one side)"
+    assert seeds == "0,1" and auto == "0.0034 / 0.003 -> 0.8500 / 0.8600" and default == "0.0005 -> 0.9500 / -"
+    assert d_gap == "-0.1000 (seed 0)"
+    # no grid lr ran both seeds: the best is chosen among those paired with auto on any seed, and says on which
+    assert b_gap == "+0.0500 (best 0.002, not bracketed: no worse lr on one side; seed 0)"
     # files without auto runs are an error, not an empty table
     c = tmp_path / "c.jsonl"
     _synthetic_runs(c, [("r3", "gaussian", 1e-3, 0, loss, {0: 2.0, 4: 1.0})])
