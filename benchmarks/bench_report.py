@@ -192,7 +192,8 @@ def auto_table(groups: dict) -> list[str]:
     has no run on that seed). Gaps are paired: the mean over the seeds both runs have of auto's loss minus the
     other's. The best grid point is the one auto trails most, among the lrs that ran every seed auto ran (all
     lrs when none did); it is "bracketed" when a lower and a higher lr each ended worse than it on the seeds
-    they share with it. A setting is named by what differs from the most common value of each field."""
+    they share with it. A setting is named by what differs from the most common value of each field (and an
+    init by its gradient-sample size where that is not the most common one)."""
     defaults = _default_lrs()
     rows = defaultdict(dict)  # (setting, variant without "lr auto") -> {lr: {seed: final held-out}}
     found = defaultdict(dict)  # (setting, variant) -> {seed: the lr auto chose}
@@ -212,6 +213,12 @@ def auto_table(groups: dict) -> list[str]:
     common = tuple(max({s[i] for s in weight}, key=lambda v: (sum(w for s, w in weight.items() if s[i] == v), str(v)))
                    for i in range(len(SETTING)))
 
+    samples = defaultdict(int)  # gradient-sample size -> runs
+    for (_, variant), cells in rows.items():
+        if variant[2] is not None:
+            samples[variant[2]] += sum(map(len, cells.values()))
+    common_sample = max(samples, key=lambda n: (samples[n], n)) if samples else None
+
     def name(setting):
         return ", ".join(t.format(v) for t, v, c in zip(SETTING_TEXT, setting, common) if v != c) or "common setting"
 
@@ -223,7 +230,7 @@ def auto_table(groups: dict) -> list[str]:
            "| setting | init | seeds | `--lr auto`: lr found -> held-out | fixed default -> held-out | grid (held-out) "
            "| auto - default | auto - best grid |", "|---|---|---|---|---|---|---|---|"]
     for (setting, variant), cells in sorted(rows.items(), key=lambda kv: (name(kv[0][0]), str(kv[0][1]))):
-        method, optim, _, gamma, ranks = variant
+        method, optim, sample, gamma, ranks = variant
         auto = cells.pop(AUTO)
         seeds = sorted(set().union(*cells.values(), auto))
         per_seed = lambda d, f="{:.4f}": " / ".join(f.format(d[s]) if s in d else "-" for s in seeds)  # noqa: E731
@@ -232,6 +239,7 @@ def auto_table(groups: dict) -> list[str]:
             return "" if shared == seeds else f"seed{'s' if len(shared) > 1 else ''} {','.join(map(str, shared))}"
 
         label = "".join([method, f" (gamma {gamma:g})" if gamma is not None else "",
+                         f", gradient sample {sample}" if sample not in (None, common_sample) else "",
                          f", {optim}" if "adamw" not in optim else "", f", {ranks} ranks" if ranks != "uniform" else ""])
         chose = per_seed({s: v for s, v in found[(setting, variant)].items() if isinstance(v, (int, float))}, "{:.3g}")
         default = defaults.get(method)

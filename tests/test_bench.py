@@ -194,12 +194,17 @@ def test_bench_report_auto_vs_grid_pairs_seeds_and_says_whether_the_best_lr_is_b
                         ("r2", "lora-one", "auto", 1, loss, {0: 2.0, 4: 0.86}),
                         ("r2", "lora-one", 5e-4, 0, loss, {0: 2.0, 4: 0.95}),
                         ("r2", "lora-one", 2e-3, 0, loss, {0: 2.0, 4: 0.80})], found=(3.4e-3, 3.0e-3), rank=4)
-    assert rep.main([str(a), str(b), "--auto-vs-grid", "--out", str(tmp_path / "t.md")]) == 0
+    # the same init from another gradient-sample size is a row of its own, named by it
+    c = tmp_path / "c.jsonl"
+    _synthetic_runs(c, [("r3", "lora-one", "auto", 0, loss, {0: 2.0, 4: 0.87})], found=(3.1e-3,), rank=4, init_samples=32)
+    assert rep.main([str(a), str(b), str(c), "--auto-vs-grid", "--out", str(tmp_path / "t.md")]) == 0
     text = (tmp_path / "t.md").read_text()
     assert "Common setting: 4 steps, micro-batch 2, grad-accum 1, max-length 64, 3 held-out, rank 8." in text
     rows = {tuple(c.strip() for c in line.split("|")[1:3]): [c.strip() for c in line.split("|")[3:-1]]
             for line in text.splitlines() if line.startswith("| ") and not line.startswith("| setting")}
-    assert set(rows) == {("common setting", "gaussian"), ("rank 4", "lora-one")}  # lora-ga ran no auto: no row
+    # lora-ga ran no auto: no row
+    assert set(rows) == {("common setting", "gaussian"), ("rank 4", "lora-one"), ("rank 4", "lora-one, gradient sample 32")}
+    assert rows[("rank 4", "lora-one, gradient sample 32")][1:] == ["0.0031 -> 0.8700", "0.0005 -> not run", "none", "-", "-"]
     seeds, auto, default, grid, d_gap, b_gap = rows[("common setting", "gaussian")]
     assert seeds == "0,1" and auto == "0.0017 / 0.0021 -> 0.9200 / 0.9800"
     assert default == "0.001 -> 1.0000 / -" and grid == "0.001: 1.0000 / -, 0.002: 0.9000 / 1.0000, 0.004: 0.9500 / 0.9600"
@@ -213,9 +218,9 @@ def test_bench_report_auto_vs_grid_pairs_seeds_and_says_whether_the_best_lr_is_b
     # no grid lr ran both seeds: the best is chosen among those paired with auto on any seed, and says on which
     assert b_gap == "+0.0500 (best 0.002, not bracketed: no worse lr on one side; seed 0)"
     # files without auto runs are an error, not an empty table
-    c = tmp_path / "c.jsonl"
-    _synthetic_runs(c, [("r3", "gaussian", 1e-3, 0, loss, {0: 2.0, 4: 1.0})])
-    assert rep.main([str(c), "--auto-vs-grid"]) == 2
+    d = tmp_path / "d.jsonl"
+    _synthetic_runs(d, [("r4", "gaussian", 1e-3, 0, loss, {0: 2.0, 4: 1.0})])
+    assert rep.main([str(d), "--auto-vs-grid"]) == 2
     assert "no finished --lr auto runs" in capsys.readouterr().err
 
 
