@@ -175,9 +175,16 @@ def table(groups: dict, smooth: int) -> list[str]:
     return out
 
 
+def _package():
+    """The ``qlora_ga`` package of this checkout, importable (the benchmarks run as scripts, not installed)."""
+    root = str(Path(__file__).resolve().parents[1])
+    if root not in sys.path:
+        sys.path.insert(0, root)
+
+
 def _default_lrs() -> dict:
     """{init: its fixed default lr} from the package's table (``qlora_ga/methods.py``; imports no torch)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    _package()
     from qlora_ga.methods import METHOD_DEFAULTS
 
     return {m: d["lr"] for m, d in METHOD_DEFAULTS.items()}
@@ -207,17 +214,16 @@ def auto_table(groups: dict) -> list[str]:
     rows = {k: v for k, v in rows.items() if AUTO in v}
     if not rows:
         return []
-    weight = defaultdict(int)
-    for (setting, _), cells in rows.items():
-        weight[setting] += sum(map(len, cells.values()))
-    common = tuple(max({s[i] for s in weight}, key=lambda v: (sum(w for s, w in weight.items() if s[i] == v), str(v)))
-                   for i in range(len(SETTING)))
+    n_runs = {k: sum(map(len, cells.values())) for k, cells in rows.items()}
 
-    samples = defaultdict(int)  # gradient-sample size -> runs
-    for (_, variant), cells in rows.items():
-        if variant[2] is not None:
-            samples[variant[2]] += sum(map(len, cells.values()))
-    common_sample = max(samples, key=lambda n: (samples[n], n)) if samples else None
+    def mode(pairs, tie):  # the value with the most runs, of (value, runs) pairs; ties by tie(value)
+        runs = defaultdict(int)
+        for v, n in pairs:
+            runs[v] += n
+        return max(runs, key=lambda v: (runs[v], tie(v))) if runs else None
+
+    common = tuple(mode(((s[i], n) for (s, _), n in n_runs.items()), str) for i in range(len(SETTING)))
+    common_sample = mode(((v[2], n) for (_, v), n in n_runs.items() if v[2] is not None), lambda n: n)
 
     def name(setting):
         return ", ".join(t.format(v) for t, v, c in zip(SETTING_TEXT, setting, common) if v != c) or "common setting"
@@ -233,10 +239,13 @@ def auto_table(groups: dict) -> list[str]:
         method, optim, sample, gamma, ranks = variant
         auto = cells.pop(AUTO)
         seeds = sorted(set().union(*cells.values(), auto))
-        per_seed = lambda d, f="{:.4f}": " / ".join(f.format(d[s]) if s in d else "-" for s in seeds)  # noqa: E731
+        def per_seed(d, f="{:.4f}"):
+            return " / ".join(f.format(d[s]) if s in d else "-" for s in seeds)
 
         def on(shared):  # which seeds a gap is over, where that is not every seed of the row
             return "" if shared == seeds else f"seed{'s' if len(shared) > 1 else ''} {','.join(map(str, shared))}"
+
+        vs_auto = {lr: gap(auto, cells[lr]) for lr in cells}  # lr -> (auto - it over shared seeds, shared seeds)
 
         label = "".join([method, f" (gamma {gamma:g})" if gamma is not None else "",
                          f", gradient sample {sample}" if sample not in (None, common_sample) else "",
@@ -245,16 +254,16 @@ def auto_table(groups: dict) -> list[str]:
         default = defaults.get(method)
         grid = ", ".join(f"{lr:g}: {per_seed(cells[lr])}" for lr in sorted(cells)) or "none"
         if default in cells:
-            d_gap, shared = gap(auto, cells[default])
+            d_gap, shared = vs_auto[default]
             d_text = f"{default:g} -> {per_seed(cells[default])}"
             d_gap = "-" if d_gap is None else f"{d_gap:+.4f}" + (f" ({on(shared)})" if on(shared) else "")
         else:
             d_text, d_gap = f"{default:g} -> not run" if default is not None else "none", "-"
-        paired = [lr for lr in cells if gap(auto, cells[lr])[0] is not None]
+        paired = [lr for lr in cells if vs_auto[lr][0] is not None]
         full = [lr for lr in paired if set(auto) <= set(cells[lr])] or paired
         if full:
-            best = max(full, key=lambda lr: (gap(auto, cells[lr])[0], -lr))
-            b_gap, shared = gap(auto, cells[best])
+            best = max(full, key=lambda lr: (vs_auto[lr][0], -lr))
+            b_gap, shared = vs_auto[best]
             worse = [lr for lr in cells if lr != best and (gap(cells[lr], cells[best])[0] or 0) > 0]
             bracket = ("bracketed" if any(lr < best for lr in worse) and any(lr > best for lr in worse)
                        else "not bracketed: no worse lr on one side")
@@ -324,7 +333,7 @@ def figure(groups: dict, smooth: int, title: str = "", best_only: bool = False):
 
 def _atomic_write(path: str, write) -> None:
     """The package's atomic_write (a half-written report never replaces a good one)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    _package()
     from qlora_ga.fileio import atomic_write
 
     atomic_write(path, write)
